@@ -1,0 +1,57 @@
+"""cropr: Token Cropr (CVPR 2025) Vision Transformers as a transformers model family.
+
+Importing the package registers `cropr_vit` with transformers' Auto classes and pipelines.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES,
+)
+
+from .configuration_cropr_vit import CroprViTConfig
+from .modeling_cropr_vit import (
+    CroprViTForImageClassification,
+    CroprViTForMultiLabelClassification,
+    CroprViTForSemanticSegmentation,
+    CroprViTImageClassifierOutput,
+    CroprViTModel,
+    CroprViTModelOutput,
+    CroprViTPreTrainedModel,
+    CroprViTSemanticSegmenterOutput,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(CroprViTConfig.model_type, CroprViTConfig, exist_ok=True)
+AutoModel.register(CroprViTConfig, CroprViTModel, exist_ok=True)
+AutoModelForImageClassification.register(CroprViTConfig, CroprViTForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(CroprViTConfig, CroprViTForSemanticSegmentation, exist_ok=True)
+# Pipelines check these name tables to decide whether a model supports their task.
+MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(CroprViTConfig.model_type, "CroprViTForImageClassification")
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(CroprViTConfig.model_type, "CroprViTForSemanticSegmentation")
+
+# Saved checkpoints carry the model code and an `auto_map`, so they load with `trust_remote_code=True` where this
+# package is not installed.
+CroprViTConfig.register_for_auto_class()
+CroprViTModel.register_for_auto_class("AutoModel")
+CroprViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+CroprViTForMultiLabelClassification.register_for_auto_class("AutoModelForImageClassification")
+CroprViTForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+__all__ = [
+    "CroprViTConfig",
+    "CroprViTForImageClassification",
+    "CroprViTForMultiLabelClassification",
+    "CroprViTForSemanticSegmentation",
+    "CroprViTImageClassifierOutput",
+    "CroprViTModel",
+    "CroprViTModelOutput",
+    "CroprViTPreTrainedModel",
+    "CroprViTSemanticSegmenterOutput",
+]

@@ -1,0 +1,304 @@
+"""CroprViT model configuration: a ViT backbone plus a Token Cropr pruning schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
+LEARNED_SELECTORS = ("cropr", "non_salient")
+POOLING_MODES = ("avg", "cls")
+
+
+def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    height, width = value
+    return int(height), int(width)
+
+
+@strict
+class CroprViTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CroprViTModel`]: a pre-norm Vision Transformer whose token count shrinks after chosen blocks
+    (Token Cropr, CVPR 2025). Defaults describe a ViT-B/16 at 224 px pruning 16 tokens after every block with Last
+    Layer Fusion.
+
+    Backbone:
+        image_size (`int` or `(height, width)`, defaults to 224), patch_size (`int` or pair, defaults to 16),
+        num_channels (defaults to 3), hidden_size (768), num_hidden_layers (12), num_attention_heads (12),
+        intermediate_size (`int`, *optional*): MLP width; `None` means `mlp_ratio * hidden_size`.
+        mlp_ratio (defaults to 4), hidden_act (`"gelu"`), layer_norm_eps (1e-6), qkv_bias (`True`),
+        hidden_dropout_prob / attention_probs_dropout_prob (0.0),
+        drop_path_rate (`float`, defaults to 0.0): the stochastic-depth rate of the last block; rates rise linearly
+            from 0 over depth, and the last block gets 0 when `last_layer_fusion` is on.
+        initializer_range (0.02),
+        use_cls_token (`bool`, defaults to `True`): prepend a CLS token (always kept by every pruning module).
+        layerscale_value (`float`, *optional*): initial layer-scale value (DINOv2 backbones); `None` = no layer scale.
+        interpolate_pos_encoding (`bool`, defaults to `False`): default of the forward argument of the same name;
+            checkpoints converted from DINOv2 set it, as `Dinov2Model` always interpolates.
+
+    Pruning:
+        pruning_rate (`int`, defaults to 16): tokens removed by each module of the per-block schedule (DESIGN §4):
+            one module after every block but the last (or the last two with Last Layer Fusion); the first removes one
+            more when a CLS token is present, so that kept counts stay multiples of 8 where the patch count is.
+        pruning_schedule (`list[int]`, *optional*): explicit tokens removed after each block (one entry per block,
+            0 = no module there); overrides `pruning_rate`. A stage schedule such as "50 after blocks 6, 12, 18" of a
+            24-block model is `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
+        last_layer_fusion (`bool`, defaults to `True`): restore every set-aside token before the last block so the
+            output is the full token map in raster order.
+        token_selector (`str`, defaults to `"cropr"`): one of "cropr", "random", "variance", "attention",
+            "non_salient", "none". "none" disables pruning entirely.
+        num_queries (`int`, defaults to 1): learned queries per Cropr module; the number of patches for segmentation.
+        aux_loss_weight (`float`, defaults to 1.0): total loss = main loss + weight x sum of the modules' aux losses.
+        aggregator_mlp (`bool`, defaults to `True`): residual LN + MLP on the aggregated tokens (training only).
+        pooling (`str`, defaults to `"avg"`): "avg" (mean over all output tokens, CLS included) or "cls".
+        inference_only (`bool`, defaults to `False`): set by `strip_training_modules()`; the checkpoint has no
+            queries, aggregators or auxiliary heads, only each module's aggregated query.
+        semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the segmentation losses.
+
+    Example:
+
+    ```python
+    >>> from cropr import CroprViTConfig, CroprViTForImageClassification
+    >>> config = CroprViTConfig(pruning_rate=16, num_labels=10)
+    >>> config.token_counts()[:3], round(config.flop_ceiling(), 2)
+    ([197, 180, 164], 1.62)
+    >>> model = CroprViTForImageClassification(config)
+    ```"""
+
+    model_type = "cropr_vit"
+    # Trainer drops these from eval predictions: they are diagnostics, not logits.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [
+        "hidden_states",
+        "attentions",
+        "kept_indices",
+        "aux_logits",
+        "aux_loss",
+    ]
+
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int | list[int] | tuple[int, int] = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None
+    mlp_ratio: float | int = 4
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
+    initializer_range: float = 0.02
+    use_cls_token: bool = True
+    layerscale_value: float | int | None = None
+    interpolate_pos_encoding: bool = False
+
+    pruning_rate: int = 16
+    pruning_schedule: list[int] | None = None
+    last_layer_fusion: bool = True
+    token_selector: str = "cropr"
+    num_queries: int = 1
+    aux_loss_weight: float | int = 1.0
+    aggregator_mlp: bool = True
+    pooling: str = "avg"
+    inference_only: bool = False
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
+        if isinstance(self.image_size, list):
+            self.image_size = list(_as_pair(self.image_size))
+        if isinstance(self.patch_size, list):
+            self.patch_size = list(_as_pair(self.patch_size))
+        super().__post_init__(**kwargs)
+        # Raised here, not in a strict `validate_*` hook, so that callers get a plain ValueError.
+        self.check_values()
+
+    def validate_cropr_fields(self):
+        """Part of `@strict` validation (run again at save time, after attributes may have been changed)."""
+        self.check_values()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Geometry and schedule
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def image_size_hw(self) -> tuple[int, int]:
+        return _as_pair(self.image_size)
+
+    @property
+    def patch_size_hw(self) -> tuple[int, int]:
+        return _as_pair(self.patch_size)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patches along height and width at `image_size`."""
+        (height, width), (patch_h, patch_w) = self.image_size_hw, self.patch_size_hw
+        return height // patch_h, width // patch_w
+
+    @property
+    def num_patches(self) -> int:
+        grid_h, grid_w = self.patch_grid
+        return grid_h * grid_w
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.use_cls_token else 0
+
+    @property
+    def prune_counts(self) -> list[int]:
+        """Tokens removed after each block (one entry per block) at `image_size`."""
+        depth = self.num_hidden_layers
+        if self.token_selector == "none":
+            return [0] * depth
+        if self.pruning_schedule is not None:
+            return [int(count) for count in self.pruning_schedule]
+        num_modules = max(depth - (2 if self.last_layer_fusion else 1), 0)
+        counts = [self.pruning_rate if block < num_modules else 0 for block in range(depth)]
+        if self.use_cls_token and self.pruning_rate > 0 and num_modules > 0:
+            counts[0] += 1
+        return counts
+
+    @property
+    def pruning_blocks(self) -> list[int]:
+        """Indices of the blocks followed by a pruning module."""
+        return [block for block, count in enumerate(self.prune_counts) if count > 0]
+
+    def patch_keep_counts(self, num_patches: int | None = None, fraction: float = 1.0) -> list[int]:
+        """Patch tokens left after each block's module (CLS not counted).
+
+        `fraction` scales every module's removal (the R curriculum of DESIGN §4). At a resolution other than
+        `image_size` (`num_patches` differs) each module removes the same share of the patch tokens as at
+        `image_size`, so a schedule always fits: at least one patch token is kept.
+        """
+        reference = self.num_patches
+        num_patches = reference if num_patches is None else num_patches
+        remaining, counts = num_patches, []
+        for removed in self.prune_counts:
+            if removed:
+                scaled = removed * fraction * num_patches / reference
+                remaining = max(1, remaining - round(scaled))
+            counts.append(remaining)
+        return counts
+
+    def token_counts(self, pruned: bool = True) -> list[int]:
+        """Tokens (CLS included) that each block sees at `image_size`."""
+        tokens = self.num_patches + self.num_prefix_tokens
+        counts = []
+        for block, removed in enumerate(self.prune_counts):
+            is_last = block == self.num_hidden_layers - 1
+            if pruned and is_last and self.last_layer_fusion:
+                tokens = self.num_patches + self.num_prefix_tokens
+            counts.append(tokens)
+            if pruned:
+                tokens -= removed
+        return counts
+
+    def flops(self, pruned: bool = True) -> int:
+        """Analytic multiply-adds of the backbone for one image at `image_size`.
+
+        Per block with n tokens: 4nD^2 (q, k, v, o projections) + 2n^2D (scores and weighted sum) + 2nDI (MLP);
+        plus the patch embedding and, when pruned, one n x D routing product per module.
+        """
+        width, mlp_width = self.hidden_size, self.intermediate_size
+        patch_h, patch_w = self.patch_size_hw
+        total = self.num_patches * self.num_channels * patch_h * patch_w * width
+        for tokens in self.token_counts(pruned):
+            total += 4 * tokens * width**2 + 2 * tokens**2 * width + 2 * tokens * width * mlp_width
+        if pruned:
+            counts = self.token_counts(pruned)
+            total += sum(counts[block] * width for block in self.pruning_blocks)
+        return total
+
+    def flop_ceiling(self) -> float:
+        """Unpruned over pruned multiply-adds: the speedup a perfect implementation would reach."""
+        return self.flops(pruned=False) / self.flops(pruned=True)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------------------------
+    def check_values(self) -> None:
+        """Raise a `ValueError` naming the field and the numbers when a value cannot work."""
+        positive = {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_channels": self.num_channels,
+            "intermediate_size": self.intermediate_size,
+            "num_queries": self.num_queries,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        for name, size in (("image_size", self.image_size_hw), ("patch_size", self.patch_size_hw)):
+            if min(size) < 1:
+                raise ValueError(f"`{name}` must be positive, got {size}.")
+        (height, width), (patch_h, patch_w) = self.image_size_hw, self.patch_size_hw
+        if height % patch_h or width % patch_w:
+            raise ValueError(
+                f"`image_size` {height}x{width} is not divisible by `patch_size` {patch_h}x{patch_w}: "
+                f"use e.g. {height - height % patch_h or patch_h}x{width - width % patch_w or patch_w}."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; choose one of {sorted(ACT2FN)}.")
+        if self.token_selector not in TOKEN_SELECTORS:
+            raise ValueError(f"`token_selector` must be one of {TOKEN_SELECTORS}, got {self.token_selector!r}.")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        if self.pooling == "cls" and not self.use_cls_token:
+            raise ValueError('`pooling="cls"` needs `use_cls_token=True`.')
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"`aux_loss_weight` must be >= 0, got {self.aux_loss_weight}.")
+        if self.pruning_rate < 0:
+            raise ValueError(f"`pruning_rate` must be >= 0, got {self.pruning_rate}.")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        depth = self.num_hidden_layers
+        if self.pruning_schedule is not None:
+            if len(self.pruning_schedule) != depth:
+                raise ValueError(
+                    f"`pruning_schedule` needs one entry per block ({depth}), got {len(self.pruning_schedule)}: "
+                    f"{list(self.pruning_schedule)}."
+                )
+            negative = [count for count in self.pruning_schedule if count < 0]
+            if negative:
+                raise ValueError(f"`pruning_schedule` entries must be >= 0, got {list(self.pruning_schedule)}.")
+        counts = self.prune_counts
+        if counts[-1] > 0:
+            raise ValueError(
+                f"`pruning_schedule` prunes {counts[-1]} tokens after the last block ({depth - 1}), "
+                "where no block follows: set its last entry to 0."
+            )
+        if self.last_layer_fusion and depth > 1 and counts[-2] > 0:
+            raise ValueError(
+                f"`pruning_schedule` prunes {counts[-2]} tokens after the penultimate block ({depth - 2}) but "
+                "`last_layer_fusion` restores every token before the last block: set that entry to 0."
+            )
+        removed, available = sum(counts), self.num_patches - 1
+        if removed > available:
+            raise ValueError(
+                f"The pruning schedule removes {removed} tokens ({counts}) but a {self.image_size_hw[0]}x"
+                f"{self.image_size_hw[1]} image with `patch_size` {self.patch_size_hw[0]} has "
+                f"{self.num_patches} patch tokens (+{self.num_prefix_tokens} CLS); at most {available} can be "
+                "removed so that one patch token remains. Lower `pruning_rate` or the `pruning_schedule` entries."
+            )
+
+
+__all__ = ["CroprViTConfig", "TOKEN_SELECTORS", "LEARNED_SELECTORS"]

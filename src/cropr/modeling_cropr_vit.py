@@ -1,0 +1,692 @@
+"""PyTorch CroprViT: a Vision Transformer with Token Cropr pruning and Last Layer Fusion, and its task heads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
+from .routing_cropr_vit import (
+    CroprPredictionHead,
+    CroprRouter,
+    TokenSelector,
+    gather_tokens,
+    patch_pixel_variance,
+    restore_raster_order,
+    split_tokens,
+)
+
+# Written into every saved config so that a checkpoint loads with `trust_remote_code=True` for every Auto class,
+# whichever head it was saved from.
+AUTO_MAP = {
+    "AutoConfig": "configuration_cropr_vit.CroprViTConfig",
+    "AutoModel": "modeling_cropr_vit.CroprViTModel",
+    "AutoModelForImageClassification": "modeling_cropr_vit.CroprViTForImageClassification",
+    "AutoModelForSemanticSegmentation": "modeling_cropr_vit.CroprViTForSemanticSegmentation",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class CroprViTModelOutput(ModelOutput):
+    """
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
+        Final-LayerNorm tokens. With Last Layer Fusion (or no pruning): every token, in raster order (CLS first).
+        Without it: only the tokens kept by the last module, CLS first, then by descending score.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Mean of `last_hidden_state` over tokens (`pooling="avg"`, CLS included) or its CLS token (`pooling="cls"`).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Embeddings and each block's output; lengths shrink where tokens were pruned.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Each block's attention probabilities `(batch_size, num_heads, n, n)` for its own token count n.
+    kept_indices (`tuple(torch.LongTensor)`):
+        For each pruning module, the original positions (0 = CLS when present, patches 1..) of the tokens it kept,
+        shape `(batch_size, num_kept)`, in the order the tokens leave the module.
+    aux_logits (`tuple(torch.FloatTensor)`, *optional*, training only):
+        For each Cropr module, its auxiliary head's logits `(batch_size, num_queries, num_labels)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    kept_indices: tuple[torch.LongTensor, ...] | None = None
+    aux_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CroprViTImageClassifierOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor`, *optional*, when `labels` are given): main loss + `aux_loss_weight` x `aux_loss`.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`).
+    aux_loss (`torch.FloatTensor`, *optional*): sum of the Cropr modules' auxiliary losses (training only).
+    hidden_states, attentions, kept_indices, aux_logits: see [`CroprViTModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    kept_indices: tuple[torch.LongTensor, ...] | None = None
+    aux_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CroprViTSemanticSegmenterOutput(SemanticSegmenterOutput):
+    """`SemanticSegmenterOutput` (logits at patch resolution) plus `aux_loss`, `kept_indices` and `aux_logits`."""
+
+    aux_loss: torch.FloatTensor | None = None
+    kept_indices: tuple[torch.LongTensor, ...] | None = None
+    aux_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbone pieces
+# ----------------------------------------------------------------------------------------------------------------------
+class CroprViTEmbeddings(nn.Module):
+    """Patch embedding, optional CLS token and absolute position embeddings (interpolated for other sizes)."""
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.patch_size = config.patch_size_hw
+        self.image_size = config.image_size_hw
+        self.num_channels = config.num_channels
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        num_positions = config.num_patches + config.num_prefix_tokens
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.grid_size = config.patch_grid
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Bicubic resize of the patch position embeddings to a new grid, in float32 (as transformers' DINOv2)."""
+        if (grid_height, grid_width) == self.grid_size:
+            return self.position_embeddings
+        prefix = self.position_embeddings[:, : self.num_prefix_tokens]
+        patch_embeddings = self.position_embeddings[:, self.num_prefix_tokens :]
+        dim = patch_embeddings.shape[-1]
+        patch_embeddings = patch_embeddings.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
+        patch_embeddings = F.interpolate(
+            patch_embeddings.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        ).to(prefix.dtype)
+        patch_embeddings = patch_embeddings.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
+        return torch.cat([prefix, patch_embeddings], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        embeddings = self.projection(pixel_values).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            embeddings = torch.cat([self.cls_token.expand(batch_size, -1, -1), embeddings], dim=1)
+        grid = (height // self.patch_size[0], width // self.patch_size[1])
+        if interpolate_pos_encoding:
+            return self.dropout(embeddings + self.interpolate_pos_encoding(*grid))
+        return self.dropout(embeddings + self.position_embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attention_logits = (query @ key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attention_logits = attention_logits + attention_mask
+    attention_probs = torch.softmax(attention_logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    attention_probs = F.dropout(attention_probs, p=dropout, training=module.training)
+    output = (attention_probs @ value).transpose(1, 2).contiguous()
+    return output, attention_probs
+
+
+class CroprViTAttention(nn.Module):
+    """Multi-head self-attention through transformers' attention interface (SDPA by default).
+
+    Falls back to the eager path when the attention probabilities are needed: `output_attentions`, or the
+    `attention` selector reading them after a pruning block.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        attention_interface: Callable = eager_attention_forward
+        if not need_weights:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        output, attention_probs = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        return output, attention_probs
+
+
+class CroprViTMLP(nn.Module):
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class CroprViTLayerScale(nn.Module):
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class CroprViTDropPath(nn.Module):
+    """Stochastic depth per sample on the residual branch (identity outside training or at rate 0)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device).bernoulli_(keep_prob)
+        return hidden_states * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class CroprViTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block (ViT naming; optional DINOv2 layer scale)."""
+
+    def __init__(self, config: CroprViTConfig, drop_path_rate: float):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = CroprViTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CroprViTMLP(config)
+        use_layer_scale = config.layerscale_value is not None
+        self.layer_scale1 = CroprViTLayerScale(config) if use_layer_scale else nn.Identity()
+        self.layer_scale2 = CroprViTLayerScale(config) if use_layer_scale else nn.Identity()
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = CroprViTDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(
+        self, hidden_states: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_output, attention_probs = self.attention(self.layernorm_before(hidden_states), need_weights)
+        attention_output = self.layer_scale1(self.dropout(attention_output))
+        hidden_states = hidden_states + self.drop_path(attention_output)
+        mlp_output = self.layer_scale2(self.dropout(self.mlp(self.layernorm_after(hidden_states))))
+        hidden_states = hidden_states + self.drop_path(mlp_output)
+        return hidden_states, attention_probs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained model base
+# ----------------------------------------------------------------------------------------------------------------------
+class CroprViTPreTrainedModel(PreTrainedModel):
+    config_class = CroprViTConfig
+    config: CroprViTConfig
+    base_model_prefix = "cropr_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CroprViTEmbeddings", "CroprViTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, CroprViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            if module.cls_token is not None:
+                init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, CroprViTLayerScale):
+            init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, CroprRouter) and module.queries is not None:
+            init.trunc_normal_(module.queries, mean=0.0, std=self.config.hidden_size**-0.5)
+            init.copy_(module.aggregated_query, module.queries.sum(dim=0))
+
+    @property
+    def backbone(self) -> CroprViTModel:
+        return getattr(self, self.base_model_prefix, self)
+
+    def set_pruning_fraction(self, fraction: float) -> None:
+        """Scale every module's removal count (0 = keep all tokens, 1 = the configured schedule).
+
+        This is how the R curriculum of DESIGN §4 is applied during training; Cropr modules keep training their
+        auxiliary heads at every fraction, so no parameter goes unused.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"pruning fraction must be in [0, 1], got {fraction}")
+        self.backbone.pruning_fraction = float(fraction)
+
+    def strip_training_modules(self) -> CroprViTPreTrainedModel:
+        """Remove every training-only parameter (queries, aggregators, auxiliary heads) for an inference checkpoint.
+
+        Each Cropr module keeps only its aggregated query (the sum of its queries), which gives the same scores, so
+        eval outputs are unchanged. The config is marked `inference_only=True` so `from_pretrained` rebuilds the
+        stripped shape. A stripped model can still be fine-tuned: its routers then stay frozen.
+        """
+        selector = self.backbone.token_selector
+        if selector.routers is not None:
+            for router in selector.routers.values():
+                router.refresh_aggregated_query()
+                router.queries = None
+                router.aggregator = None
+                router.aux_head = None
+        self.config.inference_only = True
+        return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def check_pixel_values(pixel_values: torch.Tensor | None, config: CroprViTConfig, interpolate: bool) -> None:
+    """Reject inputs the model cannot read, with the expected value in the message (before any torch op fails)."""
+    if pixel_values is None:
+        raise ValueError("`pixel_values` is required: a float tensor of shape (batch, channels, height, width).")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"`pixel_values` must have 4 dimensions (batch, channels, height, width), got shape "
+            f"{tuple(pixel_values.shape)}."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"`pixel_values` must be a floating-point tensor (normalised by the image processor), got "
+            f"{pixel_values.dtype}: use the model's image processor, or `.float()` after normalising."
+        )
+    batch_size, channels, height, width = pixel_values.shape
+    if batch_size == 0:
+        raise ValueError("`pixel_values` holds an empty batch (batch size 0).")
+    if channels != config.num_channels:
+        raise ValueError(
+            f"`pixel_values` has {channels} channels but the model expects {config.num_channels} "
+            f"(`config.num_channels`)."
+        )
+    expected = config.image_size_hw
+    patch_h, patch_w = config.patch_size_hw
+    if not interpolate and (height, width) != expected:
+        raise ValueError(
+            f"Input image size ({height}x{width}) doesn't match the model ({expected[0]}x{expected[1]}); resize "
+            "the images or pass `interpolate_pos_encoding=True`."
+        )
+    if height < patch_h or width < patch_w:
+        raise ValueError(f"Input image size ({height}x{width}) is smaller than one patch ({patch_h}x{patch_w}).")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbone
+# ----------------------------------------------------------------------------------------------------------------------
+class CroprViTModel(CroprViTPreTrainedModel):
+    """The CroprViT backbone: ViT blocks with a pruning module after each block of the schedule.
+
+    Eval routing costs one (B, M, D)·(D) product, one `topk` and one batched gather per module. With Last Layer
+    Fusion, every set-aside token re-joins before the last block and the output is restored to raster order.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__(config)
+        config.check_values()
+        self.embeddings = CroprViTEmbeddings(config)
+        drop_path_rates = [
+            config.drop_path_rate * block / max(config.num_hidden_layers - 1, 1)
+            for block in range(config.num_hidden_layers)
+        ]
+        if config.last_layer_fusion:
+            drop_path_rates[-1] = 0.0
+        self.layers = nn.ModuleList([CroprViTLayer(config, rate) for rate in drop_path_rates])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.token_selector = TokenSelector(config)
+        self.pruning_blocks = frozenset(config.pruning_blocks)
+        self.pruning_fraction = 1.0
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.projection
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CroprViTModelOutput | tuple:
+        config = self.config
+        if interpolate_pos_encoding is None:
+            interpolate_pos_encoding = config.interpolate_pos_encoding
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        check_pixel_values(pixel_values, config, interpolate_pos_encoding)
+
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
+        batch_size, num_tokens, _ = hidden_states.shape
+        num_prefix = config.num_prefix_tokens
+        keep_counts = config.patch_keep_counts(num_tokens - num_prefix, self.pruning_fraction)
+        positions = torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1)
+        pixel_variance = None
+        if self.token_selector.needs_pixel_variance:
+            patch_variance = patch_pixel_variance(pixel_values, config.patch_size_hw)
+            pixel_variance = F.pad(patch_variance, (num_prefix, 0))
+        fuse_last_layer = config.last_layer_fusion and bool(self.pruning_blocks)
+        set_aside_tokens: list[torch.Tensor] = []
+        set_aside_positions: list[torch.Tensor] = []
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        kept_indices: list[torch.Tensor] = []
+        aux_logits: list[torch.Tensor] = []
+        last_block = len(self.layers) - 1
+        for block, layer in enumerate(self.layers):
+            restore_order = block == last_block and fuse_last_layer and bool(set_aside_tokens)
+            if restore_order:
+                hidden_states = torch.cat([hidden_states, *set_aside_tokens], dim=1)
+                positions = torch.cat([positions, *set_aside_positions], dim=1)
+            prunes_here = block in self.pruning_blocks
+            need_weights = output_attentions or (prunes_here and self.token_selector.needs_attention)
+            hidden_states, attention_probs = layer(hidden_states, need_weights)
+            if restore_order:
+                hidden_states = restore_raster_order(hidden_states, positions)
+            if output_attentions:
+                all_attentions += (attention_probs,)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if not prunes_here:
+                continue
+
+            scores, module_aux_logits = self.token_selector(block, hidden_states, pixel_variance, attention_probs)
+            if module_aux_logits is not None:
+                aux_logits.append(module_aux_logits)
+            num_keep = keep_counts[block]
+            if num_keep < hidden_states.shape[1] - num_prefix:
+                keep_index, set_aside_index = split_tokens(scores, num_prefix, num_keep, fuse_last_layer)
+                if set_aside_index is not None:
+                    set_aside_tokens.append(gather_tokens(hidden_states, set_aside_index))
+                    set_aside_positions.append(gather_tokens(positions, set_aside_index))
+                hidden_states = gather_tokens(hidden_states, keep_index)
+                positions = gather_tokens(positions, keep_index)
+                if pixel_variance is not None:
+                    pixel_variance = gather_tokens(pixel_variance, keep_index)
+            kept_indices.append(positions)
+
+        sequence_output = self.layernorm(hidden_states)
+        pooled_output = sequence_output[:, 0] if config.pooling == "cls" else sequence_output.mean(dim=1)
+        output = CroprViTModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            kept_indices=tuple(kept_indices),
+            aux_logits=tuple(aux_logits) if aux_logits else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses shared by the heads
+# ----------------------------------------------------------------------------------------------------------------------
+def resolve_problem_type(config: CroprViTConfig, labels: torch.Tensor) -> str:
+    """transformers' rule: regression for one label, single-label for integer labels, else multi-label."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    return config.problem_type
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Loss of (B, C) logits (main head) or (B, N, C) logits (auxiliary heads, every query sees the image label)."""
+    if logits.dim() == 3:
+        num_queries = logits.shape[1]
+        labels = labels.unsqueeze(1).expand(-1, num_queries, *labels.shape[1:]).flatten(0, 1)
+        logits = logits.flatten(0, 1)
+    logits = logits.float()
+    if problem_type == "regression":
+        targets = labels.to(logits.dtype)
+        return F.mse_loss(logits.squeeze(-1), targets) if logits.shape[-1] == 1 else F.mse_loss(logits, targets)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels.long())
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def total_loss(main_loss: torch.Tensor, aux_loss: torch.Tensor | None, weight: float) -> torch.Tensor:
+    return main_loss if aux_loss is None else main_loss + weight * aux_loss
+
+
+def sum_aux_losses(aux_logits: tuple[torch.Tensor, ...] | None, loss_fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Unweighted sum over Cropr modules, as the reference implementation (None outside training)."""
+    if not aux_logits:
+        return None
+    return torch.stack([loss_fn(logits) for logits in aux_logits]).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Task heads
+# ----------------------------------------------------------------------------------------------------------------------
+class CroprViTForImageClassification(CroprViTPreTrainedModel):
+    """CroprViT with LayerNorm + Linear on the pooled tokens; one Cropr auxiliary head per module.
+
+    The loss follows `config.problem_type` as in transformers' ViT: softmax cross-entropy (single-label), sigmoid +
+    BCE (multi-label) or MSE (regression), for the main head and every auxiliary head alike.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__(config)
+        if config.token_selector in LEARNED_SELECTORS and config.num_queries != 1:
+            raise ValueError(
+                f"Image-level heads use one query per Cropr module (`num_queries=1`), got {config.num_queries}."
+            )
+        self.num_labels = config.num_labels
+        self.cropr_vit = CroprViTModel(config)
+        self.classifier = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CroprViTImageClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cropr_vit(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = aux_loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            problem_type = resolve_problem_type(self.config, labels)
+            main_loss = classification_loss(logits, labels, problem_type)
+            aux_loss = sum_aux_losses(
+                outputs.aux_logits, lambda module_logits: classification_loss(module_logits, labels, problem_type)
+            )
+            loss = total_loss(main_loss, aux_loss, self.config.aux_loss_weight)
+        output = CroprViTImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            aux_loss=aux_loss,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            kept_indices=outputs.kept_indices,
+            aux_logits=outputs.aux_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CroprViTForMultiLabelClassification(CroprViTForImageClassification):
+    """Image classification with independent sigmoid outputs (the paper's detection proxy): multi-hot float
+    labels, BCE for the main and auxiliary heads. Saved checkpoints carry `problem_type="multi_label_classification"`,
+    so `pipeline("image-classification")` reports sigmoid scores."""
+
+    def __init__(self, config: CroprViTConfig):
+        config.problem_type = "multi_label_classification"
+        super().__init__(config)
+
+
+class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
+    """Segmenter linear head: LayerNorm + Linear per patch token, logits at patch resolution `(B, C, h, w)`.
+
+    The main loss compares logits upsampled (bilinear) to the label size; each Cropr module has one query per patch
+    (raster order) whose aggregated token predicts that patch's label, taken from the labels downsampled by nearest.
+    `config.semantic_loss_ignore_index` is ignored by both losses.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__(config)
+        if config.pruning_blocks and not config.last_layer_fusion:
+            raise ValueError(
+                "Semantic segmentation needs every token at the output: set `last_layer_fusion=True` "
+                '(or `token_selector="none"`).'
+            )
+        if config.token_selector in LEARNED_SELECTORS and config.num_queries != config.num_patches:
+            raise ValueError(
+                f"Segmentation Cropr modules need one query per patch: set `num_queries={config.num_patches}` "
+                f"({config.patch_grid[0]}x{config.patch_grid[1]} patches), got {config.num_queries}."
+            )
+        self.num_labels = config.num_labels
+        self.cropr_vit = CroprViTModel(config)
+        self.decode_head = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CroprViTSemanticSegmenterOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cropr_vit(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        patch_h, patch_w = self.config.patch_size_hw
+        grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
+        patch_tokens = outputs.last_hidden_state[:, self.config.num_prefix_tokens :]
+        logits = self.decode_head(patch_tokens).transpose(1, 2).reshape(-1, self.num_labels, grid_h, grid_w)
+
+        loss = aux_loss = None
+        if labels is not None:
+            labels = labels.to(logits.device).long()
+            ignore_index = self.config.semantic_loss_ignore_index
+            upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            main_loss = F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
+            if outputs.aux_logits:
+                if outputs.aux_logits[0].shape[1] != grid_h * grid_w:
+                    raise ValueError(
+                        f"Training the segmentation Cropr modules needs images of the configured size "
+                        f"{self.config.image_size_hw} (one query per patch); got {tuple(pixel_values.shape[-2:])}."
+                    )
+                patch_labels = F.interpolate(labels[:, None].float(), size=(grid_h, grid_w), mode="nearest")
+                patch_labels = patch_labels.long().flatten(1)
+                aux_loss = sum_aux_losses(
+                    outputs.aux_logits,
+                    lambda module_logits: F.cross_entropy(
+                        module_logits.float().flatten(0, 1), patch_labels.flatten(), ignore_index=ignore_index
+                    ),
+                )
+            loss = total_loss(main_loss, aux_loss, self.config.aux_loss_weight)
+        output = CroprViTSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+            kept_indices=outputs.kept_indices,
+            aux_logits=outputs.aux_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "CroprViTForImageClassification",
+    "CroprViTForMultiLabelClassification",
+    "CroprViTForSemanticSegmentation",
+    "CroprViTModel",
+    "CroprViTPreTrainedModel",
+    "CroprViTModelOutput",
+    "CroprViTImageClassifierOutput",
+    "CroprViTSemanticSegmenterOutput",
+]

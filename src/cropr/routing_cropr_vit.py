@@ -1,0 +1,216 @@
+"""Token routing for CroprViT: the Cropr module, the baseline selectors, Top-K selection and Last Layer Fusion.
+
+Every selector produces one score per token; `split_tokens` keeps the top-K patch tokens (prefix tokens such as CLS
+are always kept) and, when Last Layer Fusion needs them, hands back the set-aside tokens too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
+
+AUX_HEAD_LAYER_NORM_EPS = 1e-5
+AGGREGATOR_LAYER_NORM_EPS = 1e-6
+
+
+class CroprPredictionHead(nn.Module):
+    """LayerNorm + Linear: the shape of every head of the model (main heads and auxiliary heads)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, layer_norm_eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.linear = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(hidden_states))
+
+
+class CroprAggregator(nn.Module):
+    """Cross-attention pooling of the tokens into one vector per query (training only).
+
+    The attention logits are the scorer's own Q·Kᵀ, so the aggregator adds no projections: softmax over tokens of
+    logits / sqrt(D), weighted sum of the tokens, then a residual LayerNorm + MLP.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.scaling = config.hidden_size**-0.5
+        self.use_mlp = config.aggregator_mlp
+        if self.use_mlp:
+            self.norm = nn.LayerNorm(config.hidden_size, eps=AGGREGATOR_LAYER_NORM_EPS)
+            self.fc1 = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+            self.activation_fn = ACT2FN[config.hidden_act]
+            self.fc2 = nn.Linear(4 * config.hidden_size, config.hidden_size)
+
+    def forward(self, attention_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(attention_logits * self.scaling, dim=-1)
+        aggregated = weights @ tokens
+        if self.use_mlp:
+            aggregated = aggregated + self.fc2(self.activation_fn(self.fc1(self.norm(aggregated))))
+        return aggregated
+
+
+class CroprRouter(nn.Module):
+    """One Cropr module: scores the current tokens with learned queries.
+
+    Training: the scorer and aggregator read the tokens detached (stop-gradient), so the backbone learns only from
+    the main loss and the queries, aggregator and auxiliary head only from the auxiliary loss.
+    Inference: since sum_n Q_n·Kᵀ = (sum_n Q_n)·Kᵀ, the scores are one (B, M, D)·(D) product with the aggregated query,
+    kept in a buffer that is refreshed whenever the module enters eval mode or loads weights.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.invert_scores = config.token_selector == "non_salient"
+        if config.inference_only:
+            self.queries = None
+            self.aggregator = None
+            self.aux_head = None
+        else:
+            self.queries = nn.Parameter(torch.empty(config.num_queries, config.hidden_size))
+            self.aggregator = CroprAggregator(config)
+            self.aux_head = CroprPredictionHead(config.hidden_size, config.num_labels, AUX_HEAD_LAYER_NORM_EPS)
+        self.register_buffer("aggregated_query", torch.zeros(config.hidden_size))
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.refresh_aggregated_query())
+
+    @torch.no_grad()
+    def refresh_aggregated_query(self) -> None:
+        if self.queries is not None and self.queries.device.type != "meta":
+            self.aggregated_query.copy_(self.queries.sum(dim=0))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            self.refresh_aggregated_query()
+        return self
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns token scores (B, M) and, in training, auxiliary logits (B, num_queries, num_labels)."""
+        tokens = hidden_states.detach()
+        aux_logits = None
+        if self.training and self.queries is not None:
+            attention_logits = self.queries @ tokens.transpose(1, 2)
+            scores = attention_logits.sum(dim=1)
+            aux_logits = self.aux_head(self.aggregator(attention_logits, tokens))
+        else:
+            scores = tokens @ self.aggregated_query.to(tokens.dtype)
+        if self.invert_scores:
+            scores = -scores
+        return scores, aux_logits
+
+
+def patch_pixel_variance(pixel_values: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """Variance of each patch's pixels, averaged over channels: (B, num_patches) in raster order."""
+    batch_size, channels, height, width = pixel_values.shape
+    patch_h, patch_w = patch_size
+    grid_h, grid_w = height // patch_h, width // patch_w
+    patches = pixel_values[:, :, : grid_h * patch_h, : grid_w * patch_w].float()
+    patches = patches.reshape(batch_size, channels, grid_h, patch_h, grid_w, patch_w)
+    return patches.var(dim=(3, 5)).mean(dim=1).flatten(1)
+
+
+def received_attention(attention_probs: torch.Tensor, from_cls_only: bool) -> torch.Tensor:
+    """Mean attention each token receives (B, M), over heads and queries, or from the CLS query only."""
+    if from_cls_only:
+        return attention_probs[:, :, 0, :].mean(dim=1)
+    return attention_probs.mean(dim=(1, 2))
+
+
+class TokenSelector(nn.Module):
+    """Scores tokens after each pruning block with the configured selector.
+
+    Holds the Cropr modules (one per pruning block) for the learned selectors; the baselines have no parameters.
+    `generator` (a `torch.Generator` on the model's device) makes the random selector reproducible independently of
+    the global seed; `None` uses the global RNG.
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.selector = config.token_selector
+        self.pool_from_cls = config.pooling == "cls"
+        self.generator: torch.Generator | None = None
+        if self.selector in LEARNED_SELECTORS:
+            self.routers = nn.ModuleDict({str(block): CroprRouter(config) for block in config.pruning_blocks})
+        else:
+            self.routers = None
+
+    @property
+    def needs_pixel_variance(self) -> bool:
+        return self.selector == "variance"
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.selector == "attention"
+
+    def forward(
+        self,
+        block: int,
+        hidden_states: torch.Tensor,
+        pixel_variance: torch.Tensor | None,
+        attention_probs: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores (B, M) for the tokens after `block`, and the Cropr module's auxiliary logits in training."""
+        if self.routers is not None:
+            return self.routers[str(block)](hidden_states)
+        if self.selector == "random":
+            batch_size, num_tokens = hidden_states.shape[:2]
+            scores = torch.rand(
+                batch_size, num_tokens, generator=self.generator, device=hidden_states.device, dtype=torch.float32
+            )
+            return scores, None
+        if self.selector == "variance":
+            return pixel_variance, None
+        if self.selector == "attention":
+            return received_attention(attention_probs, self.pool_from_cls), None
+        raise ValueError(f"token selector {self.selector!r} does not prune")
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tokens (B, M, D) or (B, M) gathered along M by index (B, K)."""
+    if tokens.dim() == 2:
+        return tokens.gather(1, index)
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def split_tokens(
+    scores: torch.Tensor, num_prefix_tokens: int, num_keep: int, with_set_aside: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices of kept tokens (prefix first, then patches by descending score) and, optionally, set-aside tokens.
+
+    The set-aside indices come from a 0/1 keep mask rather than a second top-k on the scores, so that tied scores
+    (e.g. flat background patches under the variance selector) can never put a token in both sets.
+    """
+    patch_scores = scores[:, num_prefix_tokens:]
+    keep_patch = patch_scores.topk(num_keep, dim=1, sorted=True).indices
+    keep_index = keep_patch + num_prefix_tokens
+    if num_prefix_tokens:
+        prefix_index = torch.arange(num_prefix_tokens, device=scores.device).expand(scores.shape[0], -1)
+        keep_index = torch.cat([prefix_index, keep_index], dim=1)
+    if not with_set_aside:
+        return keep_index, None
+    keep_mask = torch.zeros_like(patch_scores, dtype=torch.float32).scatter_(1, keep_patch, 1.0)
+    num_set_aside = patch_scores.shape[1] - num_keep
+    set_aside_patch = keep_mask.topk(num_set_aside, dim=1, largest=False, sorted=False).indices
+    return keep_index, set_aside_patch + num_prefix_tokens
+
+
+def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Inverse of the routing permutation: output[b, positions[b, j]] = hidden_states[b, j]."""
+    index = positions.unsqueeze(-1).expand_as(hidden_states)
+    return torch.empty_like(hidden_states).scatter_(1, index, hidden_states)
+
+
+__all__ = [
+    "CroprAggregator",
+    "CroprPredictionHead",
+    "CroprRouter",
+    "TokenSelector",
+    "gather_tokens",
+    "patch_pixel_variance",
+    "received_attention",
+    "restore_raster_order",
+    "split_tokens",
+]
