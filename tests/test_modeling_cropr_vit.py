@@ -1,0 +1,355 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config_kwargs
+
+from cropr import (
+    CroprViTConfig,
+    CroprViTForImageClassification,
+    CroprViTForMultiLabelClassification,
+    CroprViTForSemanticSegmentation,
+    CroprViTModel,
+)
+from cropr.configuration_cropr_vit import TOKEN_SELECTORS
+
+HEADS = ("classification", "multi_label", "segmentation")
+
+
+def build(head: str, **overrides):
+    """A tiny model of the given head; segmentation gets one query per patch (16)."""
+    if head == "segmentation":
+        overrides.setdefault("num_queries", 16)
+    config = CroprViTConfig(**tiny_config_kwargs(**overrides))
+    model_class = {
+        "classification": CroprViTForImageClassification,
+        "multi_label": CroprViTForMultiLabelClassification,
+        "segmentation": CroprViTForSemanticSegmentation,
+        "base": CroprViTModel,
+    }[head]
+    return model_class(config)
+
+
+def labels_for(head: str, batch_size: int = 2, num_labels: int = 5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if head == "classification":
+        return torch.randint(0, num_labels, (batch_size,), generator=generator)
+    if head == "multi_label":
+        return (torch.rand(batch_size, num_labels, generator=generator) > 0.5).float()
+    labels = torch.randint(0, num_labels, (batch_size, 32, 32), generator=generator)
+    labels[:, :4, :4] = 255  # ignored pixels
+    return labels
+
+
+def pixels(batch_size: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("selector", TOKEN_SELECTORS)
+@pytest.mark.parametrize("last_layer_fusion", [True, False])
+@pytest.mark.parametrize("use_cls_token", [True, False])
+def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cls_token):
+    if head == "segmentation" and not last_layer_fusion and selector != "none":
+        with pytest.raises(ValueError, match="last_layer_fusion"):
+            build(head, token_selector=selector, last_layer_fusion=False)
+        return
+    model = build(head, token_selector=selector, last_layer_fusion=last_layer_fusion, use_cls_token=use_cls_token)
+    config = model.config
+    labels = labels_for(head)
+
+    model.train()
+    output = model(pixels(), labels=labels)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    learned = selector in ("cropr", "non_salient")
+    assert (output.aux_loss is not None) == learned
+    if learned:
+        assert len(output.aux_logits) == len(config.pruning_blocks)
+        assert output.aux_logits[0].shape == (2, config.num_queries, config.num_labels)
+
+    model.eval()
+    with torch.no_grad():
+        output = model(pixels())
+    assert output.aux_logits is None
+    if head == "segmentation":
+        assert output.logits.shape == (2, 5, 4, 4)
+    else:
+        assert output.logits.shape == (2, 5)
+    prefix = 1 if use_cls_token else 0
+    expected_kept = [
+        count + prefix for block, count in enumerate(config.patch_keep_counts()) if block in config.pruning_blocks
+    ]
+    assert [indices.shape[1] for indices in output.kept_indices] == expected_kept
+
+
+def test_base_model_output_is_full_map_with_llf_and_kept_tokens_without():
+    x = pixels()
+    with_llf = build("base", last_layer_fusion=True).eval()(x)
+    assert with_llf.last_hidden_state.shape == (2, 17, 32)
+    assert with_llf.pooler_output.shape == (2, 32)
+    without = build("base", last_layer_fusion=False).eval()(x)
+    assert without.last_hidden_state.shape == (2, without.kept_indices[-1].shape[1], 32)
+    assert without.kept_indices[-1][:, 0].eq(0).all()  # CLS stays first
+
+
+def test_stop_gradient_separates_main_and_auxiliary_learning():
+    model = build("classification").train()
+    labels = labels_for("classification")
+    router_names = {name for name, _ in model.named_parameters() if ".token_selector." in name}
+    assert router_names
+
+    model(pixels(), labels=labels).aux_loss.backward()
+    for name, parameter in model.named_parameters():
+        has_grad = parameter.grad is not None and parameter.grad.abs().sum() > 0
+        assert has_grad == (name in router_names), name
+
+    model.zero_grad(set_to_none=True)
+    output = model(pixels(), labels=labels)
+    (output.loss - model.config.aux_loss_weight * output.aux_loss).backward()
+    for name, parameter in model.named_parameters():
+        if name in router_names:
+            assert parameter.grad is None or parameter.grad.abs().sum() == 0, name
+    assert model.classifier.linear.weight.grad.abs().sum() > 0
+    assert model.cropr_vit.embeddings.projection.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("selector", ["cropr", "non_salient"])
+def test_eval_keeps_the_tokens_training_selection_keeps(selector):
+    model = build("classification", token_selector=selector, num_hidden_layers=6, pruning_rate=2)
+    x = pixels(batch_size=4)
+    model.train()
+    train_kept = model(x).kept_indices
+    model.eval()
+    eval_kept = model(x).kept_indices
+    for train_indices, eval_indices in zip(train_kept, eval_kept, strict=True):
+        assert torch.equal(train_indices.sort(dim=1).values, eval_indices.sort(dim=1).values)
+
+
+def identity_blocks(model: CroprViTModel) -> CroprViTModel:
+    """Zero every residual branch so that each block passes its tokens through unchanged."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.o_proj.weight.zero_()
+            layer.attention.o_proj.bias.zero_()
+            layer.mlp.fc2.weight.zero_()
+            layer.mlp.fc2.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("selector", ["cropr", "random", "variance", "attention", "non_salient"])
+def test_llf_puts_every_token_back_in_its_own_position(selector):
+    # With pass-through blocks a token's output is its own embedding, so any misplaced token shows.
+    model = identity_blocks(build("base", token_selector=selector)).eval()
+    x = pixels()
+    output = model(x)
+    expected = model.layernorm(model.embeddings(x, interpolate_pos_encoding=False))
+    assert torch.allclose(output.last_hidden_state, expected, atol=1e-6)
+    assert output.kept_indices[0].shape[1] < 17  # tokens really were pruned
+
+
+def test_variance_selector_keeps_the_highest_variance_patches():
+    model = build("base", token_selector="variance").eval()
+    x = torch.zeros(1, 3, 32, 32)
+    # A +-amplitude checkerboard per patch, amplitude growing with the raster index: variance grows with it.
+    checkerboard = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0
+    for index in range(16):
+        row, column = divmod(index, 4)
+        x[0, :, row * 8 : row * 8 + 8, column * 8 : column * 8 + 8] = checkerboard * (index + 1)
+    kept = model(x).kept_indices
+    num_keep = model.config.patch_keep_counts()[0]
+    expected = [0] + [16 - rank for rank in range(num_keep)]  # CLS, then patches 16, 15, ... by score
+    assert kept[0][0].tolist() == expected
+
+
+def test_random_selector_is_seedable_by_generator_and_global_seed():
+    model = build("base", token_selector="random").eval()
+    x = pixels()
+    model.token_selector.generator = torch.Generator().manual_seed(3)
+    first = model(x).kept_indices[0]
+    model.token_selector.generator = torch.Generator().manual_seed(3)
+    assert torch.equal(model(x).kept_indices[0], first)
+    model.token_selector.generator = None
+    torch.manual_seed(11)
+    global_first = model(x).kept_indices[0]
+    torch.manual_seed(11)
+    assert torch.equal(model(x).kept_indices[0], global_first)
+
+
+def test_selector_none_equals_plain_blocks():
+    model = build("base", token_selector="none").eval()
+    x = pixels()
+    hidden = model.embeddings(x, interpolate_pos_encoding=False)
+    for layer in model.layers:
+        hidden = layer(hidden)[0]
+    expected = model.layernorm(hidden)
+    output = model(x)
+    assert torch.allclose(output.last_hidden_state, expected, atol=1e-6)
+    assert output.kept_indices == ()
+    assert not any(".token_selector." in name for name, _ in model.named_parameters())
+
+
+def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
+    model = build("classification", token_selector="cropr").eval()
+    x = pixels()
+    output = model(x, output_attentions=True, output_hidden_states=True)
+    assert len(output.attentions) == 4 and len(output.hidden_states) == 5
+    assert output.attentions[1].shape[-1] == output.kept_indices[0].shape[1]
+    assert torch.allclose(output.logits, model(x).logits, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build("classification", token_selector="random")
+    labels = labels_for("classification")
+    torch.manual_seed(1)
+    model.train()
+    model(pixels(), labels=labels).loss.backward()
+    reference = model.cropr_vit.embeddings.projection.weight.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    torch.manual_seed(1)
+    model(pixels(), labels=labels).loss.backward()
+    assert torch.allclose(model.cropr_vit.embeddings.projection.weight.grad, reference, atol=1e-6)
+
+
+def test_queries_are_initialised_with_std_inverse_sqrt_width():
+    model = build("classification", hidden_size=64, num_attention_heads=2, num_queries=1)
+    queries = torch.cat([router.queries for router in model.cropr_vit.token_selector.routers.values()])
+    # Truncation bounds are absolute (+-2) as in the reference, so at this std the spread is the normal one.
+    assert queries.std().item() == pytest.approx(64**-0.5, rel=0.3)
+    assert queries.mean().abs().item() < 0.05
+
+
+def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
+    model = build("classification").train()
+    model.set_pruning_fraction(0.0)
+    output = model(pixels(), labels=labels_for("classification"))
+    assert all(indices.shape[1] == 17 for indices in output.kept_indices)
+    assert output.aux_loss is not None  # routers still learn while nothing is pruned
+    with pytest.raises(ValueError, match="pruning fraction"):
+        model.set_pruning_fraction(1.5)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_save_and_load_round_trip(tmp_path, head):
+    model = build(head).eval()
+    x = pixels()
+    expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert set(saved["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageClassification",
+        "AutoModelForSemanticSegmentation",
+    }
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "modeling_cropr_vit.py").exists() and (tmp_path / "routing_cropr_vit.py").exists()
+    loaded = type(model).from_pretrained(tmp_path)
+    assert torch.equal(loaded(x).logits, expected)
+
+
+def test_auto_classes_resolve_every_head(tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+    build("classification").save_pretrained(tmp_path / "cls")
+    build("segmentation").save_pretrained(tmp_path / "seg")
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "cls"), CroprViTConfig)
+    assert type(AutoModelForImageClassification.from_pretrained(tmp_path / "cls")) is CroprViTForImageClassification
+    assert type(AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "seg")) is CroprViTForSemanticSegmentation
+    assert type(AutoModel.from_pretrained(tmp_path / "cls")) is CroprViTModel
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, head):
+    model = build(head).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # move the queries away from their init so stale aggregated queries would show
+        model(pixels(), labels=labels_for(head)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    x = pixels(seed=5)
+    expected = model(x)
+    model.save_pretrained(tmp_path / "full")
+    model.strip_training_modules()
+    assert not any(key in name for name, _ in model.named_parameters() for key in ("queries", "aggregator", "aux_head"))
+    model.save_pretrained(tmp_path / "stripped")
+    full_size = (tmp_path / "full" / "model.safetensors").stat().st_size
+    stripped_size = (tmp_path / "stripped" / "model.safetensors").stat().st_size
+    assert stripped_size < full_size
+
+    loaded = type(model).from_pretrained(tmp_path / "stripped")
+    assert loaded.config.inference_only
+    output = loaded(x)
+    assert torch.equal(output.logits, expected.logits)
+    for loaded_indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
+        assert torch.equal(loaded_indices, expected_indices)
+
+
+def test_trust_remote_code_loads_without_the_package(tmp_path):
+    model = build("multi_label").eval()
+    x = pixels()
+    model.save_pretrained(tmp_path / "checkpoint")
+    torch.save({"pixels": x, "logits": model(x).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class BlockCropr(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "cropr" or name.startswith("cropr."):
+                    raise ImportError("cropr is blocked in this process")
+
+        sys.meta_path.insert(0, BlockCropr())
+        try:
+            import cropr  # noqa: F401
+            raise SystemExit("cropr should not be importable here")
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained({str(tmp_path / "checkpoint")!r}, trust_remote_code=True)
+        assert type(model).__name__ == "CroprViTForMultiLabelClassification", type(model)
+        assert "cropr" not in sys.modules
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        logits = model.eval()(expected["pixels"]).logits
+        assert torch.allclose(logits, expected["logits"], atol=1e-6), (logits - expected["logits"]).abs().max()
+        print("remote code ok")
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code ok" in result.stdout
+    assert REPO_ROOT.exists()
+
+
+def test_segmentation_losses_respect_the_ignore_index():
+    model = build("segmentation").train()
+    x = pixels()
+    labels = torch.full((2, 32, 32), 255)
+    labels[:, 16:, 16:] = 1
+    output = model(x, labels=labels)
+    changed = labels.clone()
+    changed[:, :16, :16] = 255  # still ignored everywhere but the labelled quarter
+    assert torch.isfinite(output.loss)
+    # Any value under the ignore index contributes nothing, so relabelling only ignored pixels changes nothing.
+    torch.manual_seed(0)
+    first = model(x, labels=labels)
+    torch.manual_seed(0)
+    second = model(x, labels=changed)
+    assert torch.allclose(first.loss, second.loss)
+
+
+def test_segmentation_rejects_wrong_number_of_queries():
+    with pytest.raises(ValueError, match="num_queries=16"):
+        CroprViTForSemanticSegmentation(CroprViTConfig(**tiny_config_kwargs(num_queries=3)))
