@@ -315,7 +315,8 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
         import torch
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained({str(tmp_path / "checkpoint")!r}, trust_remote_code=True)
+        checkpoint = {str(tmp_path / "checkpoint")!r}
+        model = AutoModelForImageClassification.from_pretrained(checkpoint, trust_remote_code=True)
         assert type(model).__name__ == "CroprViTForMultiLabelClassification", type(model)
         assert "cropr" not in sys.modules
         expected = torch.load({str(tmp_path / "expected.pt")!r})
