@@ -1,0 +1,474 @@
+"""Build CroprViT models from pretrained transformers ViT and DINOv2 checkpoints.
+
+Nobody trains a Token Cropr model from scratch: one starts from a pretrained backbone, adds Cropr modules (each
+with its queries, aggregator and auxiliary head) and a task head, and fine-tunes. [`from_backbone`] does the first
+step. The backbone weights (patch embedding, CLS token, position embeddings, blocks with their layer scales, final
+LayerNorm) are copied from the source; everything Cropr adds and the task head keep the fresh initialisation of the
+CroprViT constructors. With `token_selector="none"` the converted backbone computes exactly what the source computes.
+
+```python
+>>> from cropr.conversion import from_backbone
+>>> model, image_processor = from_backbone(
+...     "facebook/dinov2-small", "image-classification", image_size=224, num_labels=10, pruning_rate=16
+... )
+>>> model.save_pretrained("dinov2-s-cropr"); image_processor.save_pretrained("dinov2-s-cropr")
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    Dinov2Model,
+    PreTrainedConfig,
+    PreTrainedModel,
+    SegformerImageProcessorPil,
+    ViTImageProcessorPil,
+    ViTModel,
+)
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    PILImageResampling,
+)
+from transformers.utils import logging
+
+from .configuration_cropr_vit import CroprViTConfig
+from .modeling_cropr_vit import (
+    CroprViTForImageClassification,
+    CroprViTForMultiLabelClassification,
+    CroprViTForSemanticSegmentation,
+    CroprViTModel,
+    CroprViTPreTrainedModel,
+)
+
+logger = logging.get_logger(__name__)
+
+# Task name -> CroprViT class built for it. "feature-extraction" gives the bare backbone (no head).
+CONVERSION_TASKS: dict[str, type[CroprViTPreTrainedModel]] = {
+    "feature-extraction": CroprViTModel,
+    "image-classification": CroprViTForImageClassification,
+    "multi-label-classification": CroprViTForMultiLabelClassification,
+    "semantic-segmentation": CroprViTForSemanticSegmentation,
+}
+
+# Config fields that describe the pretrained architecture: they come from the source checkpoint and cannot be
+# overridden (the copied weights would not fit, or would compute something else).
+BACKBONE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "mlp_ratio",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+    "patch_size",
+    "num_channels",
+    "use_cls_token",
+    "layerscale_value",
+)
+
+# Why some architectures that look close to a ViT are refused: the converted model would not compute the same thing.
+UNSUPPORTED_REASONS = {
+    "deit": (
+        "distilled DeiT checkpoints have a distillation token besides CLS, which CroprViT does not have (the "
+        "non-distilled facebook/deit-* checkpoints are 'vit' checkpoints and are supported)"
+    ),
+    "dinov2_with_registers": "register tokens are extra prefix tokens, which CroprViT does not have",
+    "swin": "Swin is hierarchical with windowed attention, not a plain token sequence",
+    "swinv2": "Swin is hierarchical with windowed attention, not a plain token sequence",
+}
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How one source architecture maps onto CroprViT.
+
+    Attributes:
+        model_type: the source config's `model_type`.
+        model_class: the transformers base model loaded from a checkpoint path or Hub id.
+        renames: `(pattern, replacement)` regexes applied in order to each parameter name of the source base model,
+            in both the transformers 5 names and the names of checkpoints saved by older versions.
+        dropped: regexes of source parameters with no CroprViT counterpart (masked-image-modeling token, pooler).
+        image_mean / image_std / resample: preprocessing used when the source has no `preprocessor_config.json`
+            (that of the family's published checkpoints).
+        always_interpolates: whether the source resizes its position embeddings for any input size on its own
+            (DINOv2), rather than only when asked with `interpolate_pos_encoding=True` (ViT).
+    """
+
+    model_type: str
+    model_class: type[PreTrainedModel]
+    renames: tuple[tuple[str, str], ...]
+    dropped: tuple[str, ...]
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    resample: PILImageResampling
+    always_interpolates: bool
+
+
+# Renames shared by both families. Order matters: `attention.output.dense` must be renamed before a ViT's MLP
+# `output.dense`, and the block prefix before the per-block names that anchor on it.
+_COMMON_RENAMES = (
+    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.projection."),
+    (r"^encoder\.layer\.(\d+)\.", r"layers.\1."),
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+)
+
+BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
+    "vit": BackboneFamily(
+        model_type="vit",
+        model_class=ViTModel,
+        renames=(
+            *_COMMON_RENAMES,
+            # Checkpoints saved before transformers 5 name the MLP `intermediate.dense` / `output.dense`.
+            (r"^(layers\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+            (r"^(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+        ),
+        dropped=(r"^embeddings\.mask_token$", r"^pooler\."),
+        image_mean=tuple(IMAGENET_STANDARD_MEAN),
+        image_std=tuple(IMAGENET_STANDARD_STD),
+        resample=PILImageResampling.BILINEAR,
+        always_interpolates=False,
+    ),
+    "dinov2": BackboneFamily(
+        model_type="dinov2",
+        model_class=Dinov2Model,
+        renames=(
+            *_COMMON_RENAMES,
+            (r"^(layers\.\d+)\.norm1\.", r"\1.layernorm_before."),
+            (r"^(layers\.\d+)\.norm2\.", r"\1.layernorm_after."),
+        ),
+        dropped=(r"^embeddings\.mask_token$",),
+        image_mean=tuple(IMAGENET_DEFAULT_MEAN),
+        image_std=tuple(IMAGENET_DEFAULT_STD),
+        resample=PILImageResampling.BICUBIC,
+        always_interpolates=True,
+    ),
+}
+
+SUPPORTED_MODEL_TYPES = tuple(BACKBONE_FAMILIES)
+
+
+def _as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    height, width = value
+    return int(height), int(width)
+
+
+def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
+    """The [`BackboneFamily`] of a source config, or a `ValueError` naming its `model_type` and the supported ones."""
+    model_type = config.model_type
+    family = BACKBONE_FAMILIES.get(model_type)
+    if family is None:
+        reason = UNSUPPORTED_REASONS.get(model_type)
+        raise ValueError(
+            f"Cannot convert a {model_type!r} checkpoint to CroprViT"
+            + (f": {reason}" if reason else "")
+            + f". Supported architectures (`model_type`): {', '.join(repr(name) for name in SUPPORTED_MODEL_TYPES)} "
+            "(ViTModel / ViTFor*, Dinov2Model / Dinov2For* / Dinov2Backbone)."
+        )
+    if getattr(config, "use_swiglu_ffn", False):
+        raise ValueError(
+            "Cannot convert a 'dinov2' checkpoint with `use_swiglu_ffn=True` (SwiGLU MLP, as in DINOv2-g): CroprViT "
+            "blocks have a GELU MLP (fc1/fc2). Supported: 'dinov2' checkpoints with `use_swiglu_ffn=False` "
+            "(facebook/dinov2-small/base/large) and 'vit' checkpoints."
+        )
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
+        raise ValueError(
+            f"Cannot convert a {model_type!r} checkpoint whose attention width ({config.num_attention_heads} heads x "
+            f"{head_dim}) differs from `hidden_size` ({config.hidden_size}): CroprViT uses hidden_size / num_heads."
+        )
+    return family
+
+
+def resize_position_embeddings(
+    position_embeddings: torch.Tensor,
+    source_grid: tuple[int, int],
+    target_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Resize `(1, prefix + h*w, D)` absolute position embeddings to a new patch grid.
+
+    Bicubic, `align_corners=False`, computed in float32 and cast back: the interpolation transformers' ViT and
+    DINOv2 apply on the fly (`interpolate_pos_encoding`), so that a model converted at `target_grid` computes what the
+    source computes when fed images of that size. The prefix (CLS) embeddings are kept as they are.
+    """
+    if tuple(source_grid) == tuple(target_grid):
+        return position_embeddings
+    prefix = position_embeddings[:, :num_prefix_tokens]
+    patches = position_embeddings[:, num_prefix_tokens:]
+    dim = patches.shape[-1]
+    if patches.shape[1] != source_grid[0] * source_grid[1]:
+        raise ValueError(
+            f"Position embeddings hold {patches.shape[1]} patch positions, not the {source_grid[0]}x{source_grid[1]} "
+            "grid of the source config."
+        )
+    patches = patches.reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=tuple(target_grid), mode="bicubic", align_corners=False)
+    patches = patches.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def convert_backbone_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    model_type: str,
+    source_grid: tuple[int, int] | None = None,
+    target_grid: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Map the state dict of a source base model (`ViTModel` / `Dinov2Model`, no head prefix) to CroprViTModel names.
+
+    Both the transformers 5 names (`layers.N.attention.q_proj`, DINOv2 `encoder.layer.N.norm1`) and those of older
+    checkpoints (`encoder.layer.N.attention.attention.query`, `attention.output.dense`, ViT `intermediate.dense` /
+    `output.dense`) are accepted. The mask token and pooler are dropped. When both grids are given and differ, the
+    position embeddings are resized with [`resize_position_embeddings`].
+    """
+    family = BACKBONE_FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"Unsupported `model_type` {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
+    converted = {}
+    for name, tensor in state_dict.items():
+        if any(re.search(pattern, name) for pattern in family.dropped):
+            continue
+        for pattern, replacement in family.renames:
+            name = re.sub(pattern, replacement, name)
+        converted[name] = tensor
+    if source_grid is not None and target_grid is not None:
+        key = "embeddings.position_embeddings"
+        converted[key] = resize_position_embeddings(converted[key], source_grid, target_grid)
+    return converted
+
+
+def cropr_config_from_backbone(
+    source_config: PreTrainedConfig,
+    task: str = "image-classification",
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    num_labels: int | None = None,
+    id2label: Mapping[int | str, str] | None = None,
+    **cropr_config_overrides,
+) -> CroprViTConfig:
+    """The [`CroprViTConfig`] of a CroprViT built on the backbone described by `source_config`.
+
+    Backbone fields come from the source; `image_size` defaults to the source's; `interpolate_pos_encoding` defaults
+    to `True` for DINOv2 (whose model always interpolates) and `False` for ViT. Segmentation sets one query per patch
+    and Last Layer Fusion. See [`from_backbone`] for the arguments.
+    """
+    family = backbone_family(source_config)
+    if task not in CONVERSION_TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {list(CONVERSION_TASKS)}.")
+    fixed = sorted(set(cropr_config_overrides) & {*BACKBONE_FIELDS, "image_size", "label2id"})
+    if fixed:
+        raise ValueError(
+            f"{fixed} cannot be overridden: backbone fields come from the source checkpoint; pass `image_size` and "
+            "`num_labels` / `id2label` as their own arguments."
+        )
+    if family.model_type == "dinov2":
+        intermediate_size = int(source_config.hidden_size * source_config.mlp_ratio)
+        layerscale_value = float(source_config.layerscale_value)
+    else:
+        intermediate_size = source_config.intermediate_size
+        layerscale_value = None
+    kwargs = dict(
+        image_size=list(_as_pair(image_size if image_size is not None else source_config.image_size)),
+        patch_size=source_config.patch_size,
+        num_channels=source_config.num_channels,
+        hidden_size=source_config.hidden_size,
+        num_hidden_layers=source_config.num_hidden_layers,
+        num_attention_heads=source_config.num_attention_heads,
+        intermediate_size=intermediate_size,
+        hidden_act=source_config.hidden_act,
+        layer_norm_eps=source_config.layer_norm_eps,
+        qkv_bias=source_config.qkv_bias,
+        use_cls_token=True,
+        layerscale_value=layerscale_value,
+        initializer_range=source_config.initializer_range,
+        hidden_dropout_prob=source_config.hidden_dropout_prob,
+        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
+        interpolate_pos_encoding=family.always_interpolates,
+    )
+    kwargs.update(_label_kwargs(task, num_labels, id2label))
+    if task == "semantic-segmentation":
+        (height, width), (patch_h, patch_w) = _as_pair(kwargs["image_size"]), _as_pair(kwargs["patch_size"])
+        # Explicit conflicting values are left in so that the segmentation head's own check explains the problem.
+        kwargs.update(num_queries=(height // patch_h) * (width // patch_w), last_layer_fusion=True)
+    kwargs.update(cropr_config_overrides)
+    return CroprViTConfig(**kwargs)
+
+
+def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str, str] | None) -> dict:
+    if task == "feature-extraction":
+        return {}
+    if id2label is not None:
+        id2label = {int(index): str(label) for index, label in id2label.items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"`id2label` keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"`num_labels` ({num_labels}) differs from the {len(id2label)} entries of `id2label`.")
+        return {"id2label": id2label, "label2id": {label: index for index, label in id2label.items()}}
+    if num_labels is None:
+        raise ValueError(f"Task {task!r} needs `num_labels` or `id2label` for its (freshly initialised) head.")
+    if num_labels < 1:
+        raise ValueError(f"`num_labels` must be >= 1, got {num_labels}.")
+    return {"num_labels": num_labels}
+
+
+def _load_source(source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> PreTrainedModel:
+    """The source base model (no head), after checking its architecture from the config alone."""
+    if isinstance(source, PreTrainedModel):
+        backbone_family(source.config)
+        return source.base_model
+    config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
+    family = backbone_family(config)
+    # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a head
+    # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model.
+    extra = {"add_pooling_layer": False} if family.model_type == "vit" else {}
+    return family.model_class.from_pretrained(source, config=config, **extra, **from_pretrained_kwargs)
+
+
+def _normalization_settings(
+    source: str | os.PathLike | PreTrainedModel,
+    image_processor: str | os.PathLike | ImageProcessingMixin | None,
+    family: BackboneFamily,
+    **from_pretrained_kwargs,
+) -> dict:
+    """`image_mean`, `image_std` and `resample` of the source's image processor, else the family's defaults."""
+    if isinstance(image_processor, ImageProcessingMixin):
+        settings = image_processor.to_dict()
+    else:
+        location = image_processor
+        if location is None:
+            location = source if not isinstance(source, PreTrainedModel) else (source.name_or_path or None)
+        settings = None
+        if location is not None:
+            try:
+                settings, _ = ImageProcessingMixin.get_image_processor_dict(location, **from_pretrained_kwargs)
+            except OSError:
+                if image_processor is not None:
+                    raise
+    if settings is None or "image_mean" not in settings or "image_std" not in settings:
+        logger.warning(
+            f"No image processor config found for the source: using the {family.model_type} defaults "
+            f"image_mean={list(family.image_mean)}, image_std={list(family.image_std)}, resample={family.resample.name}."
+        )
+        return {"image_mean": list(family.image_mean), "image_std": list(family.image_std), "resample": family.resample}
+    return {
+        "image_mean": list(settings["image_mean"]),
+        "image_std": list(settings["image_std"]),
+        "resample": settings.get("resample", family.resample),
+    }
+
+
+def from_backbone(
+    source: str | os.PathLike | PreTrainedModel,
+    task: str = "image-classification",
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    num_labels: int | None = None,
+    id2label: Mapping[int | str, str] | None = None,
+    image_processor: str | os.PathLike | ImageProcessingMixin | None = None,
+    from_pretrained_kwargs: Mapping | None = None,
+    **cropr_config_overrides,
+) -> tuple[CroprViTPreTrainedModel, ViTImageProcessorPil | SegformerImageProcessorPil]:
+    """Build a CroprViT model on a pretrained ViT or DINOv2 backbone, with a matching image processor.
+
+    Args:
+        source (`str`, `os.PathLike` or `PreTrainedModel`):
+            A Hub id (e.g. `"google/vit-base-patch16-224-in21k"`, `"facebook/dinov2-base"`), a local directory
+            written by `save_pretrained`, or a model object: `ViTModel` / `ViTFor*` (model type "vit", which includes
+            the non-distilled facebook/deit-* checkpoints) or `Dinov2Model` / `Dinov2For*` / `Dinov2Backbone`
+            ("dinov2", without SwiGLU). Any other architecture raises a `ValueError`.
+        task (`str`, defaults to `"image-classification"`):
+            One of [`CONVERSION_TASKS`]: "image-classification", "multi-label-classification",
+            "semantic-segmentation", or "feature-extraction" (the bare `CroprViTModel`). Segmentation gets one Cropr
+            query per patch (`num_queries`) and `last_layer_fusion=True`.
+        image_size (`int` or `(height, width)`, *optional*):
+            Resolution of the converted model; defaults to the source config's. When it differs, the position
+            embeddings are resized once here (float32 bicubic, as transformers does on the fly), so the converted
+            model at that size computes what the source computes at that size. At other sizes the converted model
+            interpolates from its own grid.
+        num_labels (`int`, *optional*), id2label (`dict`, *optional*):
+            Labels of the new task head (one of them is required for the heads; `label2id` is derived).
+        image_processor (`str`, `os.PathLike` or image processor, *optional*):
+            Where to take the normalisation from, when not the source itself (e.g. a model object whose
+            `name_or_path` has no `preprocessor_config.json`).
+        from_pretrained_kwargs (`dict`, *optional*):
+            Passed to the `from_pretrained` calls that read the source (`revision`, `cache_dir`, `token`, ...).
+        **cropr_config_overrides:
+            Any other [`CroprViTConfig`] field: `token_selector`, `pruning_rate`, `pruning_schedule`,
+            `last_layer_fusion`, `pooling`, `aux_loss_weight`, `drop_path_rate`, `interpolate_pos_encoding`, ...
+            Backbone fields (`hidden_size`, `patch_size`, ...) come from the source and cannot be overridden.
+
+    Returns:
+        `(model, image_processor)`: the CroprViT model (float32, train mode as built by its constructor) with the
+        backbone weights copied and the Cropr modules and head freshly initialised, and a `ViTImageProcessorPil`
+        (`SegformerImageProcessorPil` with `do_reduce_labels=False` for segmentation) resizing to `image_size` with
+        the source processor's mean, std and resampling filter (the family's defaults, with a warning, when the
+        source has no processor config: mean/std 0.5 for ViT, ImageNet's for DINOv2).
+    """
+    from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
+    source_model = _load_source(source, **from_pretrained_kwargs)
+    source_config = source_model.config
+    family = backbone_family(source_config)
+    config = cropr_config_from_backbone(
+        source_config,
+        task,
+        image_size=image_size,
+        num_labels=num_labels,
+        id2label=id2label,
+        **cropr_config_overrides,
+    )
+    model = CONVERSION_TASKS[task](config)
+
+    source_grid = tuple(
+        size // patch for size, patch in zip(_as_pair(source_config.image_size), _as_pair(source_config.patch_size))
+    )
+    state_dict = convert_backbone_state_dict(
+        source_model.state_dict(), family.model_type, source_grid=source_grid, target_grid=config.patch_grid
+    )
+    with torch.no_grad():
+        result = model.backbone.load_state_dict(state_dict, strict=False)
+    # Only the pruning modules (`token_selector.*`) are expected to stay as initialised: anything else missing or
+    # left over means the name mapping does not fit this checkpoint, and the model would silently be half random.
+    missing = [name for name in result.missing_keys if not name.startswith("token_selector.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"Backbone weights of the {family.model_type!r} source do not map onto CroprViT: missing {missing}, "
+            f"unexpected {result.unexpected_keys}."
+        )
+
+    normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
+    size = dict(zip(("height", "width"), config.image_size_hw))
+    if task == "semantic-segmentation":
+        processor = SegformerImageProcessorPil(size=size, do_reduce_labels=False, **normalization)
+    else:
+        processor = ViTImageProcessorPil(size=size, **normalization)
+    return model, processor
+
+
+__all__ = [
+    "BACKBONE_FAMILIES",
+    "CONVERSION_TASKS",
+    "SUPPORTED_MODEL_TYPES",
+    "BackboneFamily",
+    "backbone_family",
+    "convert_backbone_state_dict",
+    "cropr_config_from_backbone",
+    "from_backbone",
+    "resize_position_embeddings",
+]
