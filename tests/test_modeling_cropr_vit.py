@@ -231,6 +231,8 @@ def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
     output = model(pixels(), labels=labels_for("classification"))
     assert all(indices.shape[1] == 17 for indices in output.kept_indices)
     assert output.aux_loss is not None  # routers still learn while nothing is pruned
+    model.eval()
+    assert model(pixels()).kept_indices[0].shape[1] == 1 + model.config.patch_keep_counts()[0]
     with pytest.raises(ValueError, match="pruning fraction"):
         model.set_pruning_fraction(1.5)
 

@@ -310,10 +310,11 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         return getattr(self, self.base_model_prefix, self)
 
     def set_pruning_fraction(self, fraction: float) -> None:
-        """Scale every module's removal count (0 = keep all tokens, 1 = the configured schedule).
+        """Scale every module's removal count in training mode (0 = keep all tokens, 1 = the configured schedule).
 
-        This is how the R curriculum of DESIGN §4 is applied during training; Cropr modules keep training their
-        auxiliary heads at every fraction, so no parameter goes unused.
+        This is how the R curriculum of DESIGN §4 is applied; eval mode always uses the full schedule. Cropr modules
+        keep training their auxiliary heads at every fraction, so no parameter goes unused (DDP needs no
+        `find_unused_parameters`).
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"pruning fraction must be in [0, 1], got {fraction}")
@@ -335,6 +336,21 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                 router.aux_head = None
         self.config.inference_only = True
         return self
+
+    def with_token_selector(self, token_selector: str) -> CroprViTPreTrainedModel:
+        """The same network with another selector: backbone and head weights shared by copy, same schedule.
+
+        Used to compare a trained model with pruning off (`"none"`) or with a training-free pruner (`"random"`,
+        `"variance"`, `"attention"`) at identical weights. Cropr modules are kept when both selectors learn
+        (`"cropr"` <-> `"non_salient"`) and freshly initialised otherwise.
+        """
+        config = self.config.__class__.from_dict({**self.config.to_dict(), "token_selector": token_selector})
+        variant = self.__class__(config).to(device=self.device, dtype=self.dtype)
+        missing, _ = variant.load_state_dict(self.state_dict(), strict=False)
+        unexpected_missing = [name for name in missing if ".token_selector." not in f".{name}"]
+        if unexpected_missing:
+            raise RuntimeError(f"weights missing when switching selector: {unexpected_missing}")
+        return variant.train(self.training)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
@@ -427,7 +443,9 @@ class CroprViTModel(CroprViTPreTrainedModel):
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
         batch_size, num_tokens, _ = hidden_states.shape
         num_prefix = config.num_prefix_tokens
-        keep_counts = config.patch_keep_counts(num_tokens - num_prefix, self.pruning_fraction)
+        # The curriculum fraction is a training schedule: evaluation always measures the target schedule.
+        fraction = self.pruning_fraction if self.training else 1.0
+        keep_counts = config.patch_keep_counts(num_tokens - num_prefix, fraction)
         positions = torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1)
         pixel_variance = None
         if self.token_selector.needs_pixel_variance:

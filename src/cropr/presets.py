@@ -1,0 +1,51 @@
+"""Named CroprViT shapes: the models of the paper and the small ones that train on a 2-core CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .configuration_cropr_vit import CroprViTConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ViT-B/16 at 224, R=16 per block + LLF: the FLOP ceiling of DESIGN §7 (~1.62x).
+    "vit-b16": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    # ViT-L/16 at 224, R=8 per block + LLF (~1.78x), the paper's ImageNet model.
+    "vit-l16": dict(
+        image_size=224, patch_size=16, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, pruning_rate=8
+    ),
+    # DINOv2-S/14 at 224 (16x16 = 256 patches, layer scale), R=20 per block + LLF.
+    "dinov2-s14": dict(
+        image_size=224,
+        patch_size=14,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        layerscale_value=1.0,
+        pruning_rate=20,
+    ),
+    # A ViT-Tiny-shaped model on 112 px with 8 px patches (196 patches, like ViT-B/16 at 224): trains from scratch
+    # in minutes on a CPU; R=28 per block + LLF keeps 27 of 196 patches by block 5.
+    "vit-ti8-112": dict(
+        image_size=112, patch_size=8, hidden_size=192, num_hidden_layers=8, num_attention_heads=3, pruning_rate=28
+    ),
+    # For tests: 32 px, 8 px patches (16 patches), 4 blocks of width 32.
+    "tiny": dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pruning_rate=3,
+    ),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> CroprViTConfig:
+    """A `CroprViTConfig` of the named shape; keyword arguments override any field."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return CroprViTConfig(**{**PRESETS[name], **overrides})
+
+
+__all__ = ["PRESETS", "preset_config"]
