@@ -364,9 +364,14 @@ def _normalization_settings(
     if settings is None or "image_mean" not in settings or "image_std" not in settings:
         logger.warning(
             f"No image processor config found for the source: using the {family.model_type} defaults "
-            f"image_mean={list(family.image_mean)}, image_std={list(family.image_std)}, resample={family.resample.name}."
+            f"image_mean={list(family.image_mean)}, image_std={list(family.image_std)}, "
+            f"resample={family.resample.name}."
         )
-        return {"image_mean": list(family.image_mean), "image_std": list(family.image_std), "resample": family.resample}
+        return {
+            "image_mean": list(family.image_mean),
+            "image_std": list(family.image_std),
+            "resample": family.resample,
+        }
     return {
         "image_mean": list(settings["image_mean"]),
         "image_std": list(settings["image_std"]),
@@ -435,9 +440,8 @@ def from_backbone(
     )
     model = CONVERSION_TASKS[task](config)
 
-    source_grid = tuple(
-        size // patch for size, patch in zip(_as_pair(source_config.image_size), _as_pair(source_config.patch_size))
-    )
+    (source_h, source_w), (patch_h, patch_w) = _as_pair(source_config.image_size), _as_pair(source_config.patch_size)
+    source_grid = (source_h // patch_h, source_w // patch_w)
     state_dict = convert_backbone_state_dict(
         source_model.state_dict(), family.model_type, source_grid=source_grid, target_grid=config.patch_grid
     )
@@ -453,7 +457,8 @@ def from_backbone(
         )
 
     normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
-    size = dict(zip(("height", "width"), config.image_size_hw))
+    height, width = config.image_size_hw
+    size = {"height": height, "width": width}
     if task == "semantic-segmentation":
         processor = SegformerImageProcessorPil(size=size, do_reduce_labels=False, **normalization)
     else:
