@@ -12,6 +12,7 @@ from conftest import REPO_ROOT
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
+    Dinov2Backbone,
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
@@ -179,6 +180,22 @@ def test_model_objects_and_head_checkpoints_are_sources(tmp_path):
     dinov2.save_pretrained(tmp_path)
     model = convert_unpruned(tmp_path)
     assert max_diff(model(images(32)).last_hidden_state, dinov2.dinov2(images(32)).last_hidden_state) < ATOL
+    backbone = Dinov2Backbone.from_pretrained(tmp_path).eval()
+    model = convert_unpruned(backbone)
+    assert max_diff(model(images(32)).last_hidden_state, dinov2.dinov2(images(32)).last_hidden_state) < ATOL
+
+
+def test_image_processor_settings_follow_the_source(dinov2_source):
+    source, directory = dinov2_source
+    # A model object: its `name_or_path` folder holds the processor config.
+    _, processor = from_backbone(Dinov2Model.from_pretrained(directory), num_labels=2, pruning_rate=2)
+    assert list(processor.image_std) == [0.4, 0.5, 0.6] and processor.resample == 3
+    # An explicit processor wins; without any, the family's defaults are used.
+    explicit = ViTImageProcessorPil(image_mean=[0.2, 0.2, 0.2], image_std=[0.3, 0.3, 0.3])
+    _, processor = from_backbone(source, num_labels=2, pruning_rate=2, image_processor=explicit)
+    assert list(processor.image_mean) == [0.2, 0.2, 0.2] and processor.resample == explicit.resample
+    _, processor = from_backbone(Dinov2Model(source.config), num_labels=2, pruning_rate=2)
+    assert list(processor.image_mean) == [0.485, 0.456, 0.406] and processor.resample == 3
 
 
 @torch.no_grad()
@@ -312,7 +329,7 @@ def test_finetuned_stripped_model_round_trips(vit_source, tmp_path):
 def test_unsupported_architectures_are_refused(tmp_path, config, message):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message) as error:
-        from_backbone(tmp_path, num_labels=2)
+        from_backbone(tmp_path, num_labels=2, pruning_rate=2)
     assert "'vit'" in str(error.value) and "'dinov2'" in str(error.value)
 
 
@@ -325,7 +342,7 @@ def test_backbone_fields_and_labels_are_checked(vit_source):
     with pytest.raises(ValueError, match="differs"):
         from_backbone(directory, num_labels=3, id2label={0: "a", 1: "b"})
     with pytest.raises(ValueError, match="Unknown task"):
-        from_backbone(directory, "object-detection", num_labels=2)
+        from_backbone(directory, "object-detection", num_labels=2, pruning_rate=2)
 
 
 def test_convert_script_end_to_end(vit_source, tmp_path):

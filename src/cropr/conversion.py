@@ -11,7 +11,8 @@ CroprViT constructors. With `token_selector="none"` the converted backbone compu
 >>> model, image_processor = from_backbone(
 ...     "facebook/dinov2-small", "image-classification", image_size=224, num_labels=10, pruning_rate=16
 ... )
->>> model.save_pretrained("dinov2-s-cropr"); image_processor.save_pretrained("dinov2-s-cropr")
+>>> model.save_pretrained("dinov2-s-cropr")
+>>> image_processor.save_pretrained("dinov2-s-cropr")
 ```
 """
 
