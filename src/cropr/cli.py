@@ -1,0 +1,349 @@
+"""The `cropr` command line: inspect schedules, draw pruning heat-maps, write model cards, benchmark, convert.
+
+```bash
+cropr info vit-b16                      # schedule, token counts, GMACs, FLOP ceiling, parameters of a preset
+cropr info path/to/checkpoint --json    # ... of a saved checkpoint (or a config JSON file), as JSON
+cropr visualize path/to/checkpoint cat.jpg dog.jpg --output-dir heatmaps
+cropr card path/to/checkpoint measurements.json
+cropr benchmark --help                  # delegates to cropr.benchmark
+cropr convert --help                    # delegates to cropr.conversion
+```
+
+Expected failures (missing file, bad JSON, wrong model type, unknown preset, invalid schedule) print one line,
+`cropr: error: ...`, on stderr and exit with status 1; usage errors exit with status 2 as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import modeling_cropr_vit
+from .configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
+from .modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
+from .presets import PRESETS, preset_config
+
+PROG = "cropr"
+MODEL_TYPE = CroprViTConfig.model_type
+# Subcommands whose arguments belong to another module's own parser.
+DELEGATED = {
+    "benchmark": ("cropr.benchmark", "main", "throughput of pruned vs unpruned models (see `cropr benchmark --help`)"),
+    "convert": (
+        "cropr.conversion",
+        "main",
+        "build a CroprViT checkpoint from a pretrained ViT / DINOv2 backbone (see `cropr convert --help`)",
+    ),
+}
+
+
+class CliError(Exception):
+    """An expected failure, reported as one `cropr: error: ...` line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading configs and checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CliError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_model_type(config_dict: dict[str, Any], path: Path) -> None:
+    model_type = config_dict.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise CliError(f"{path} describes a {model_type!r} model, not a CroprViT ({MODEL_TYPE!r}) one")
+
+
+def _model_class(config: CroprViTConfig) -> type[CroprViTPreTrainedModel]:
+    """The task class named by `config.architectures` (the bare backbone when none is named)."""
+    architectures = config.architectures or [CroprViTModel.__name__]
+    model_class = getattr(modeling_cropr_vit, architectures[0], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, CroprViTPreTrainedModel)):
+        raise CliError(f"unknown CroprViT architecture {architectures[0]!r} in the config")
+    return model_class
+
+
+def _checkpoint_config_path(checkpoint: Path) -> Path:
+    if not checkpoint.exists():
+        raise CliError(f"checkpoint folder {checkpoint} does not exist")
+    if not checkpoint.is_dir():
+        raise CliError(f"{checkpoint} is not a folder: pass the folder written by `save_pretrained`")
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        raise CliError(f"{checkpoint} has no config.json: pass the folder written by `save_pretrained`")
+    return config_path
+
+
+def load_checkpoint(checkpoint: str | Path) -> CroprViTPreTrainedModel:
+    """Load a saved CroprViT checkpoint folder with the task class its config names, in eval mode."""
+    checkpoint = Path(checkpoint)
+    config_path = _checkpoint_config_path(checkpoint)
+    _check_model_type(_read_json(config_path), config_path)
+    config = CroprViTConfig.from_pretrained(checkpoint)
+    return _model_class(config).from_pretrained(checkpoint).eval()
+
+
+def resolve_config(source: str) -> tuple[CroprViTConfig, str]:
+    """A config from a checkpoint folder, a config JSON file or a preset name, with a description of the source."""
+    path = Path(source)
+    if path.is_dir():
+        config_path = _checkpoint_config_path(path)
+        _check_model_type(_read_json(config_path), config_path)
+        return CroprViTConfig.from_pretrained(path), f"checkpoint {path}"
+    if path.is_file():
+        config_dict = _read_json(path)
+        _check_model_type(config_dict, path)
+        return CroprViTConfig.from_dict(config_dict), f"config {path}"
+    if source in PRESETS:
+        return preset_config(source), f"preset {source}"
+    raise CliError(
+        f"{source!r} is neither a checkpoint folder, a config JSON file nor a preset; presets: {', '.join(PRESETS)}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------------------------------
+def _apply_overrides(config: CroprViTConfig, args: argparse.Namespace) -> CroprViTConfig:
+    overrides = {
+        name: value
+        for name in ("image_size", "pruning_rate", "token_selector", "last_layer_fusion")
+        if (value := getattr(args, name)) is not None
+    }
+    if not overrides:
+        return config
+    # Rebuilding (rather than setting attributes) validates the new schedule against the new image size.
+    return CroprViTConfig.from_dict({**config.to_dict(), **overrides})
+
+
+def config_summary(config: CroprViTConfig, source: str) -> dict[str, Any]:
+    """Everything `cropr info` reports, as plain JSON-serialisable values."""
+    from .model_card import parameter_counts
+
+    model_class = _model_class(config)
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config))
+    full, stripped = parameter_counts(model)
+    return {
+        "source": source,
+        "architecture": model_class.__name__,
+        "image_size": list(config.image_size_hw),
+        "patch_size": list(config.patch_size_hw),
+        "num_patches": config.num_patches,
+        "use_cls_token": config.use_cls_token,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "token_selector": config.token_selector,
+        "num_queries": config.num_queries,
+        "last_layer_fusion": config.last_layer_fusion,
+        "pruning_blocks": config.pruning_blocks,
+        "prune_counts": config.prune_counts,
+        "token_counts": config.token_counts(),
+        "gmacs_unpruned": config.flops(pruned=False) / 1e9,
+        "gmacs_pruned": config.flops(pruned=True) / 1e9,
+        "flop_ceiling": config.flop_ceiling(),
+        "parameters_full": full,
+        "parameters_stripped": stripped,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable `cropr info` report."""
+    height, width = summary["image_size"]
+    patch_h, patch_w = summary["patch_size"]
+    cls = " + CLS" if summary["use_cls_token"] else ""
+    blocks = ", ".join(map(str, summary["pruning_blocks"])) or "none"
+    rows = [
+        ("source", summary["source"]),
+        ("architecture", summary["architecture"]),
+        (
+            "backbone",
+            f"{summary['num_hidden_layers']} blocks, width {summary['hidden_size']}, "
+            f"{summary['num_attention_heads']} heads, patch {patch_h}x{patch_w}, input {height}x{width} "
+            f"({summary['num_patches']} patches{cls})",
+        ),
+        ("token selector", f"{summary['token_selector']} (queries per module: {summary['num_queries']})"),
+        ("last layer fusion", "yes" if summary["last_layer_fusion"] else "no"),
+        ("pruning after blocks", f"{blocks} (0-based)"),
+        ("tokens per block", " ".join(map(str, summary["token_counts"]))),
+        ("dropped after block", " ".join(map(str, summary["prune_counts"]))),
+        ("GMACs (backbone)", f"unpruned {summary['gmacs_unpruned']:.4g}, pruned {summary['gmacs_pruned']:.4g}"),
+        ("FLOP ceiling", f"{summary['flop_ceiling']:.2f}x"),
+        (
+            "parameters",
+            f"full {summary['parameters_full']:,}, stripped {summary['parameters_stripped']:,} "
+            "(without queries, aggregators, auxiliary heads)",
+        ),
+    ]
+    width_ = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width_}}  {value}" for name, value in rows)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    config, source = resolve_config(args.source)
+    summary = config_summary(_apply_overrides(config, args), source)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# visualize
+# ----------------------------------------------------------------------------------------------------------------------
+def run_visualize(args: argparse.Namespace) -> int:
+    from transformers import AutoImageProcessor
+
+    from .visualization import visualize_pruning
+
+    images = [Path(image) for image in args.images]
+    for image in images:
+        if not image.is_file():
+            raise CliError(f"image {image} does not exist")
+    outputs = [args.output_dir / f"{image.stem}.pruning.png" for image in images]
+    if len(set(outputs)) != len(outputs):
+        raise CliError("two images share a file name; visualize them in separate calls or rename them")
+    model = load_checkpoint(args.checkpoint)
+    if not (args.checkpoint / "preprocessor_config.json").is_file():
+        raise CliError(
+            f"{args.checkpoint} has no preprocessor_config.json: save the image processor next to the model "
+            "(`image_processor.save_pretrained(folder)`)"
+        )
+    image_processor = AutoImageProcessor.from_pretrained(args.checkpoint)
+    for image, output in zip(images, outputs, strict=True):
+        print(visualize_pruning(model, image_processor, image, output, panel_height=args.panel_height))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# card
+# ----------------------------------------------------------------------------------------------------------------------
+def run_card(args: argparse.Namespace) -> int:
+    from .model_card import load_measurements, write_model_card
+
+    if not args.measurements.is_file():
+        raise CliError(f"measurements file {args.measurements} does not exist")
+    measurements = load_measurements(args.measurements)
+    output = args.output or args.checkpoint / "README.md"
+    if output.exists() and not args.overwrite:
+        raise CliError(f"{output} exists; pass --overwrite to replace it")
+    model = load_checkpoint(args.checkpoint)
+    print(write_model_card(model, measurements, output, default_name=args.checkpoint.resolve().name))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# benchmark / convert
+# ----------------------------------------------------------------------------------------------------------------------
+def run_delegated(command: str, argv: list[str]) -> int:
+    """Hand `argv` to the `main(argv)` of the module that owns the subcommand, imported only now."""
+    module_name, function_name, _ = DELEGATED[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        raise CliError(f"`cropr {command}` is unavailable: this installation has no {module_name} module") from None
+    entry_point = getattr(module, function_name, None)
+    if not callable(entry_point):
+        raise CliError(f"`cropr {command}` is unavailable: {module_name} has no {function_name}(argv) entry point")
+    try:
+        return entry_point(argv)
+    except SystemExit as exit_:  # the delegate's argparse (`--help`, usage errors)
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parser and entry point
+# ----------------------------------------------------------------------------------------------------------------------
+def _image_size(text: str) -> int | list[int]:
+    try:
+        if "x" in text.lower():
+            height, width = text.lower().split("x")
+            return [int(height), int(width)]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an image size such as 224 or 224x320, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Token Cropr Vision Transformers: tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser(
+        "info",
+        help="schedule, token counts, GMACs, FLOP ceiling and parameters of a model",
+        description="Report the pruning schedule, the tokens each block sees, analytic GMACs (unpruned and pruned), "
+        "the FLOP ceiling and the parameter counts (full and stripped) of a checkpoint, a config or a preset.",
+    )
+    info.add_argument("source", help=f"checkpoint folder, config JSON file, or preset name ({', '.join(PRESETS)})")
+    info.add_argument("--image-size", type=_image_size, help="override the input size: 224 or 224x320")
+    info.add_argument("--pruning-rate", type=int, help="override the tokens removed after every block")
+    info.add_argument("--token-selector", choices=TOKEN_SELECTORS, help="override the token selector")
+    info.add_argument(
+        "--last-layer-fusion", action=argparse.BooleanOptionalAction, default=None, help="override Last Layer Fusion"
+    )
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    info.set_defaults(handler=run_info)
+
+    visualize = commands.add_parser(
+        "visualize",
+        help="draw which block dropped each patch over the image (PNG)",
+        description="For each image, write OUTPUT_DIR/<image name>.pruning.png: the image tinted by the block after "
+        "which each patch was dropped (kept-to-the-end patches outlined); segmentation models add the predicted mask.",
+    )
+    visualize.add_argument("checkpoint", type=Path, help="checkpoint folder with its preprocessor_config.json")
+    visualize.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
+    visualize.add_argument("--output-dir", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
+    visualize.add_argument("--panel-height", type=int, default=384, help="height of each panel in pixels")
+    visualize.set_defaults(handler=run_visualize)
+
+    card = commands.add_parser(
+        "card",
+        help="write a checkpoint's README.md model card from measurements",
+        description="Write a Hub model card for a checkpoint. Architecture numbers are computed from the checkpoint; "
+        "measured numbers come only from MEASUREMENTS (JSON, schema in `cropr.model_card`); "
+        "absent measurements are written as 'not measured'.",
+    )
+    card.add_argument("checkpoint", type=Path, help="checkpoint folder (classification or segmentation model)")
+    card.add_argument("measurements", type=Path, help="measurements JSON file")
+    card.add_argument("--output", type=Path, help="where to write the card (default: CHECKPOINT/README.md)")
+    card.add_argument("--overwrite", action="store_true", help="replace an existing card")
+    card.set_defaults(handler=run_card)
+
+    for command, (_, _, help_text) in DELEGATED.items():
+        commands.add_parser(command, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `cropr` command line; returns the exit status (0 on success)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in DELEGATED:
+            return run_delegated(argv[0], argv[1:])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 2
+        return args.handler(args)
+    except (CliError, OSError, ValueError) as error:
+        message = " ".join(str(error).split())  # one line, even for multi-line library messages
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
