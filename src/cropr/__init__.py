@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .configuration_cropr_vit import CroprViTConfig
+from .conversion import SUPPORTED_MODEL_TYPES, from_backbone
 from .modeling_cropr_vit import (
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
@@ -45,6 +46,8 @@ CroprViTForMultiLabelClassification.register_for_auto_class("AutoModelForImageCl
 CroprViTForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
 __all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "from_backbone",
     "CroprViTConfig",
     "CroprViTForImageClassification",
     "CroprViTForMultiLabelClassification",
