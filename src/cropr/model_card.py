@@ -344,7 +344,7 @@ def task_of(model: torch.nn.Module) -> tuple[str, str]:
         if model.config.problem_type == "multi_label_classification":
             return "image-classification", "multi-label image classification"
         return "image-classification", "image classification"
-    raise TypeError(f"A model card needs a CroprViT classification or segmentation model, got {type(model).__name__}.")
+    raise ValueError(f"A model card needs a CroprViT classification or segmentation model, got {type(model).__name__}.")
 
 
 def _gmacs(macs: int) -> str:
