@@ -1,0 +1,1 @@
+"""Hub push / pull tests against a local Hub served over HTTP."""
