@@ -52,7 +52,9 @@ def push_inference_checkpoint(
     else:
         to_push = copy.deepcopy(model).strip_training_modules()
 
-    api = HfApi(token=token)
+    from . import __version__
+
+    api = HfApi(token=token, library_name="cropr", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         to_push.save_pretrained(folder)

@@ -120,11 +120,12 @@ def push(work_dir: Path) -> dict:
 
 def pull(work_dir: Path) -> dict:
     """Load every pushed repo by its Hub id, with the cropr package installed."""
-    import cropr  # noqa: F401  (registers cropr_vit with the Auto classes)
-
-    reference = __import__("torch").load(work_dir / "push.pt")
+    import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
+    import cropr  # noqa: F401  (registers cropr_vit with the Auto classes)
+
+    reference = torch.load(work_dir / "push.pt")
     recorder = _WarningRecorder()
     images = _test_images()
     processor = AutoImageProcessor.from_pretrained(CLASSIFIER_REPO)
@@ -177,7 +178,9 @@ def main() -> None:
         raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(SCENARIOS)}}} WORK_DIR")
     scenario, work_dir = sys.argv[1], Path(sys.argv[2])
     result = SCENARIOS[scenario](work_dir)
-    __import__("torch").save(result, work_dir / f"{scenario}.pt")
+    import torch
+
+    torch.save(result, work_dir / f"{scenario}.pt")
 
 
 if __name__ == "__main__":
