@@ -1,0 +1,407 @@
+"""Fine-tune a CroprViT with `Trainer`: the code behind `scripts/train_*.py`, shared by the three tasks.
+
+In the manner of transformers' example scripts: `HfArgumentParser` over dataclasses, `Trainer`, `TrainingArguments`.
+Data comes from a Hub dataset / `imagefolder` or from the built-in Fashion-MNIST tasks; the model from a CroprViT
+checkpoint, a ViT/DINOv2 backbone converted on the fly, or a preset trained from scratch. At the end the script
+evaluates, saves the stripped inference checkpoint with its image processor, and prints the eval metric and
+throughput of the pruned model next to the same weights with pruning off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+from PIL import Image
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    HfArgumentParser,
+    SegformerImageProcessorPil,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessorPil,
+    set_seed,
+)
+
+from . import metrics
+from .configuration_cropr_vit import TOKEN_SELECTORS
+from .curriculum import PruningCurriculumCallback
+from .data import id2label as builtin_id2label
+from .data import load_builtin_task
+from .modeling_cropr_vit import (
+    CroprViTForImageClassification,
+    CroprViTForMultiLabelClassification,
+    CroprViTForSemanticSegmentation,
+    CroprViTPreTrainedModel,
+)
+from .presets import PRESETS, preset_config
+from .timing import measure_throughput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What differs between the three tasks."""
+
+    name: str  # the `from_backbone` task name
+    builtin_task: str
+    model_class: type[CroprViTPreTrainedModel]
+    label_column: str
+    main_metric: str
+    default_curriculum: float
+
+
+TASKS: dict[str, TaskSpec] = {
+    "image-classification": TaskSpec(
+        "image-classification", "cluttered-classification", CroprViTForImageClassification, "label", "accuracy", 0.0
+    ),
+    "multi-label-classification": TaskSpec(
+        "multi-label-classification", "multi-label", CroprViTForMultiLabelClassification, "labels", "mAP", 0.0
+    ),
+    # The paper ramps R over the first half of segmentation training.
+    "semantic-segmentation": TaskSpec(
+        "semantic-segmentation", "segmentation", CroprViTForSemanticSegmentation, "label", "mean_iou", 0.5
+    ),
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A CroprViT checkpoint (Hub id or directory) to fine-tune."}
+    )
+    backbone: str | None = field(
+        default=None,
+        metadata={"help": "A ViT / DINOv2 checkpoint (Hub id or directory) converted to CroprViT on the fly."},
+    )
+    preset: str = field(
+        default="vit-ti8-112",
+        metadata={"help": f"Shape to train from scratch when neither of the above is given: {sorted(PRESETS)}."},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Model input size; defaults to the canvas size of the built-in data."}
+    )
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last block."})
+    trust_remote_code: bool = field(default=False)
+
+
+@dataclass
+class PruningArguments:
+    token_selector: str = field(default="cropr", metadata={"help": f"One of {TOKEN_SELECTORS}."})
+    pruning_rate: int | None = field(default=None, metadata={"help": "Tokens removed after each block (R)."})
+    pruning_schedule: str | None = field(
+        default=None, metadata={"help": "Tokens removed after each block, comma-separated (overrides the rate)."}
+    )
+    last_layer_fusion: bool = field(default=True, metadata={"help": "Restore all tokens before the last block."})
+    aux_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the Cropr auxiliary losses."})
+    curriculum_ramp: float | None = field(
+        default=None,
+        metadata={"help": "Share of training over which R rises from 0 (0 = off; default 0.5 for segmentation)."},
+    )
+    curriculum_per_epoch: bool = field(default=False, metadata={"help": "Step the curriculum once per epoch."})
+
+    def config_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {
+            "token_selector": self.token_selector,
+            "last_layer_fusion": self.last_layer_fusion,
+            "aux_loss_weight": self.aux_loss_weight,
+        }
+        if self.pruning_rate is not None:
+            overrides["pruning_rate"] = self.pruning_rate
+        if self.pruning_schedule:
+            try:
+                overrides["pruning_schedule"] = [int(count) for count in self.pruning_schedule.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"--pruning_schedule must be comma-separated integers, got {self.pruning_schedule!r}"
+                ) from None
+        return overrides
+
+
+@dataclass
+class DataArguments:
+    builtin_task: str | None = field(
+        default=None,
+        metadata={"help": "Built-in Fashion-MNIST task (the default when no --dataset_name / --train_dir is given)."},
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder'."})
+    dataset_config_name: str | None = field(default=None)
+    train_dir: str | None = field(default=None, metadata={"help": "imagefolder training directory."})
+    validation_dir: str | None = field(default=None, metadata={"help": "imagefolder validation directory."})
+    image_column: str = field(default="image")
+    label_column: str | None = field(default=None, metadata={"help": "Defaults to the task's column."})
+    num_train_samples: int = field(default=4000, metadata={"help": "Built-in data: training scenes."})
+    num_eval_samples: int = field(default=500, metadata={"help": "Built-in data: validation scenes."})
+    canvas_size: int = field(default=112, metadata={"help": "Built-in data: canvas side in pixels."})
+    fashion_mnist_dir: str | None = field(default=None, metadata={"help": "Where the Fashion-MNIST IDX files are."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    throughput_batch_size: int = field(default=32, metadata={"help": "Batch size of the final throughput check."})
+
+
+def load_task_data(task: TaskSpec, data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[int, str]]:
+    """The train/validation splits and the label names."""
+    if data_args.dataset_name or data_args.train_dir:
+        if data_args.builtin_task:
+            raise ValueError("give either --builtin_task or --dataset_name/--train_dir, not both")
+        data_files = {}
+        if data_args.train_dir:
+            data_files["train"] = os.path.join(data_args.train_dir, "**")
+        if data_args.validation_dir:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        dataset = load_dataset(
+            data_args.dataset_name or "imagefolder", data_args.dataset_config_name, data_files=data_files or None
+        )
+        if "validation" not in dataset:
+            split = dataset["train"].train_test_split(test_size=0.1, seed=seed)
+            dataset = DatasetDict(train=split["train"], validation=split["test"])
+        label_column = data_args.label_column or task.label_column
+        for split_name, split in dataset.items():
+            for column in (data_args.image_column, label_column):
+                if column not in split.column_names:
+                    raise ValueError(
+                        f"the {split_name} split has no column {column!r} (columns: {split.column_names}); "
+                        "set --image_column / --label_column"
+                    )
+        label_feature = dataset["train"].features[label_column]
+        names = getattr(label_feature, "names", None) or getattr(getattr(label_feature, "feature", None), "names", None)
+        if names is None:
+            raise ValueError(f"cannot read label names from the {label_column!r} feature ({label_feature})")
+        labels = dict(enumerate(names))
+        if data_args.image_column != "image" or label_column != task.label_column:
+            dataset = dataset.rename_columns(
+                {
+                    old: new
+                    for old, new in ((data_args.image_column, "image"), (label_column, task.label_column))
+                    if old != new
+                }
+            )
+    else:
+        builtin = data_args.builtin_task or task.builtin_task
+        if builtin != task.builtin_task:
+            raise ValueError(
+                f"this script trains {task.name}; its built-in task is {task.builtin_task!r}, not {builtin!r}"
+            )
+        dataset = load_builtin_task(
+            builtin,
+            num_train=data_args.num_train_samples,
+            num_eval=data_args.num_eval_samples,
+            image_size=data_args.canvas_size,
+            seed=seed,
+            source=data_args.fashion_mnist_dir,
+        )
+        labels = builtin_id2label(builtin)
+    if data_args.max_train_samples is not None:
+        dataset["train"] = dataset["train"].select(range(min(data_args.max_train_samples, len(dataset["train"]))))
+    if data_args.max_eval_samples is not None:
+        dataset["validation"] = dataset["validation"].select(
+            range(min(data_args.max_eval_samples, len(dataset["validation"])))
+        )
+    return dataset, labels
+
+
+def build_model(
+    task: TaskSpec, model_args: ModelArguments, pruning_args: PruningArguments, labels: dict[int, str], image_size: int
+) -> tuple[CroprViTPreTrainedModel, ViTImageProcessorPil | SegformerImageProcessorPil]:
+    """A CroprViT for the task from a checkpoint, a converted backbone or a preset; and its image processor."""
+    if model_args.model_name_or_path and model_args.backbone:
+        raise ValueError("give either --model_name_or_path (a CroprViT checkpoint) or --backbone, not both")
+    overrides = pruning_args.config_overrides()
+    if model_args.drop_path_rate is not None:
+        overrides["drop_path_rate"] = model_args.drop_path_rate
+    label_kwargs = {"id2label": labels, "label2id": {name: index for index, name in labels.items()}}
+    if model_args.backbone:
+        from .conversion import from_backbone
+
+        return from_backbone(model_args.backbone, task.name, image_size=image_size, id2label=labels, **overrides)
+    if model_args.model_name_or_path:
+        auto_class = (
+            AutoModelForSemanticSegmentation
+            if task.name == "semantic-segmentation"
+            else AutoModelForImageClassification
+        )
+        model = auto_class.from_pretrained(
+            model_args.model_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+            num_labels=len(labels),
+            **label_kwargs,
+            **overrides,
+        )
+        if task.name == "multi-label-classification":
+            model.config.problem_type = "multi_label_classification"
+        processor_class = SegformerImageProcessorPil if task.name == "semantic-segmentation" else ViTImageProcessorPil
+        processor = processor_class.from_pretrained(model_args.model_name_or_path)
+        return model, processor
+    segmentation = task.name == "semantic-segmentation"
+    config = preset_config(
+        model_args.preset, image_size=image_size, num_labels=len(labels), **label_kwargs, **overrides
+    )
+    if segmentation:
+        config.num_queries = config.num_patches
+    model = task.model_class(config)
+    processor = default_image_processor(task, image_size)
+    return model, processor
+
+
+def default_image_processor(task: TaskSpec, image_size: int) -> ViTImageProcessorPil | SegformerImageProcessorPil:
+    """Resize to the model size and normalise with mean/std 0.5 (ViT's convention) for models trained from scratch."""
+    settings = dict(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if task.name == "semantic-segmentation":
+        return SegformerImageProcessorPil(do_reduce_labels=False, **settings)
+    return ViTImageProcessorPil(**settings)
+
+
+def flip_image(image: Image.Image) -> Image.Image:
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def make_transforms(
+    task: TaskSpec, processor: ViTImageProcessorPil | SegformerImageProcessorPil, augment: bool, seed: int
+) -> Callable[[dict[str, list]], dict[str, Any]]:
+    """A `Dataset.with_transform` function: image processor plus random horizontal flips for training."""
+    rng = random.Random(seed)
+
+    def transform(batch: dict[str, list]) -> dict[str, Any]:
+        images = [image.convert("RGB") for image in batch["image"]]
+        flips = [augment and rng.random() < 0.5 for _ in images]
+        images = [flip_image(image) if flip else image for image, flip in zip(images, flips, strict=True)]
+        if task.name == "semantic-segmentation":
+            masks = [flip_image(mask) if flip else mask for mask, flip in zip(batch["label"], flips, strict=True)]
+            encoded = processor(images=images, segmentation_maps=masks, return_tensors="pt")
+            return {"pixel_values": encoded["pixel_values"], "labels": encoded["labels"].long()}
+        encoded = processor(images=images, return_tensors="pt")
+        labels = batch[task.label_column]
+        dtype = torch.float32 if task.name == "multi-label-classification" else torch.long
+        return {"pixel_values": encoded["pixel_values"], "labels": torch.tensor(np.asarray(labels), dtype=dtype)}
+
+    return transform
+
+
+def eval_pixel_values(dataset, transform, limit: int) -> torch.Tensor:
+    rows = dataset.select(range(min(limit, len(dataset))))
+    return transform(rows[:])["pixel_values"]
+
+
+def report_table(rows: Sequence[tuple[str, str, str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+
+
+def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, fine-tune, evaluate, save the stripped checkpoint and report; returns the final numbers."""
+    task = TASKS[task_name]
+    parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, TrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg.startswith("--output_dir") for arg in argv):
+        argv += ["--output_dir", f"outputs/{task.builtin_task}"]
+    model_args, data_args, pruning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # `with_transform` datasets expose only the raw columns: Trainer must not drop them before the transform.
+    training_args.remove_unused_columns = False
+    # Every Cropr module computes its auxiliary loss at every step (also while the curriculum prunes nothing), so
+    # no parameter is left without a gradient under DDP.
+    training_args.ddp_find_unused_parameters = False
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns otherwise
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    dataset, labels = load_task_data(task, data_args, training_args.data_seed or training_args.seed)
+    image_size = model_args.image_size or data_args.canvas_size
+    model, processor = build_model(task, model_args, pruning_args, labels, image_size)
+    logger.info(
+        "CroprViT %s: tokens per block %s, FLOP ceiling %.2fx",
+        model.config.token_selector,
+        model.config.token_counts(),
+        model.config.flop_ceiling(),
+    )
+    train_transform = make_transforms(task, processor, augment=True, seed=training_args.seed)
+    eval_transform = make_transforms(task, processor, augment=False, seed=training_args.seed)
+    train_dataset = dataset["train"].with_transform(train_transform)
+    eval_dataset = dataset["validation"].with_transform(eval_transform)
+
+    ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
+    callbacks = [PruningCurriculumCallback(ramp, per_epoch=pruning_args.curriculum_per_epoch)] if ramp > 0 else []
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train or not training_args.do_eval else None,
+        eval_dataset=eval_dataset,
+        compute_metrics=metrics.compute_metrics_for_task(task.builtin_task, id2label=labels),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    if training_args.do_train or not training_args.do_eval:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("eval", eval_metrics)
+
+    return {
+        "eval": eval_metrics,
+        **final_report(task, trainer, eval_metrics, dataset["validation"], eval_transform, data_args),
+    }
+
+
+def final_report(
+    task: TaskSpec,
+    trainer: Trainer,
+    eval_metrics: dict[str, float],
+    eval_split,
+    eval_transform: Callable,
+    data_args: DataArguments,
+) -> dict[str, Any]:
+    """Compare with pruning off at the same weights, save the stripped checkpoint, print a table.
+
+    Runs on every process (evaluation and saving are collective under DDP); rank 0 alone times and prints.
+    """
+    model = trainer.model.eval()
+    unpruned = model.with_token_selector("none")
+    metric_key = f"eval_{task.main_metric}"
+    unpruned_metrics = Trainer(
+        model=unpruned,
+        args=trainer.args,
+        eval_dataset=eval_split.with_transform(eval_transform),
+        compute_metrics=trainer.compute_metrics,
+        processing_class=trainer.processing_class,
+    ).evaluate()
+    trainer.model = model.strip_training_modules()
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model(str(output_dir))  # the stripped model, with the image processor beside it
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message="CroprViT inference checkpoint")
+    if not trainer.is_world_process_zero():
+        return {}
+
+    pixel_values = eval_pixel_values(eval_split, eval_transform, data_args.throughput_batch_size).to(model.device)
+    throughputs = measure_throughput({"pruned": model, "unpruned": unpruned}, pixel_values)
+
+    speedup = throughputs["pruned"] / throughputs["unpruned"]
+    rows = [
+        ("", task.main_metric, f"images/s (eval, batch {pixel_values.shape[0]})"),
+        ("pruned (CroprViT)", f"{eval_metrics[metric_key]:.4f}", f"{throughputs['pruned']:.1f}"),
+        ("pruning off", f"{unpruned_metrics[metric_key]:.4f}", f"{throughputs['unpruned']:.1f}"),
+        ("speedup", "", f"{speedup:.2f}x (FLOP ceiling {model.config.flop_ceiling():.2f}x)"),
+    ]
+    print("\n" + report_table(rows))
+    print(f"\nStripped inference checkpoint and image processor saved to {output_dir.resolve()}")
+    return {
+        "main_metric": task.main_metric,
+        "pruned_metric": eval_metrics[metric_key],
+        "unpruned_metric": unpruned_metrics[metric_key],
+        "throughput": throughputs,
+        "speedup": speedup,
+        "output_dir": str(output_dir),
+    }
+
+
+__all__ = ["DataArguments", "ModelArguments", "PruningArguments", "TASKS", "run"]

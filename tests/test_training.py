@@ -1,0 +1,117 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from cropr import CroprViTConfig
+from cropr.training import TASKS, run
+
+TINY_RUN = [
+    "--preset", "tiny",
+    "--canvas_size", "56",
+    "--image_size", "32",
+    "--num_train_samples", "32",
+    "--num_eval_samples", "16",
+    "--max_steps", "3",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8",
+    "--throughput_batch_size", "8",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+]  # fmt: skip
+
+SCRIPTS = {
+    "image-classification": "train_image_classification.py",
+    "multi-label-classification": "train_multilabel.py",
+    "semantic-segmentation": "train_semantic_segmentation.py",
+}
+
+
+def load_saved(task: str, output_dir):
+    model = TASKS[task].model_class.from_pretrained(output_dir)
+    assert model.config.inference_only
+    assert (output_dir / "preprocessor_config.json").exists()
+    return model
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, task):
+    results = run(task, TINY_RUN + ["--output_dir", str(tmp_path)])
+    main_metric = results["main_metric"]
+    assert 0.0 <= results["pruned_metric"] <= 1.0 and 0.0 <= results["unpruned_metric"] <= 1.0
+    assert results["eval"][f"eval_{main_metric}"] == results["pruned_metric"]
+    assert set(results["throughput"]) == {"pruned", "unpruned"}
+    model = load_saved(task, tmp_path)
+    assert not any("queries" in name for name, _ in model.named_parameters())
+    assert model(torch.randn(1, 3, 32, 32)).logits.shape[1] == len(model.config.id2label)
+
+
+def test_pruning_arguments_reach_the_config(tmp_path):
+    argv = TINY_RUN + [
+        "--output_dir", str(tmp_path),
+        "--token_selector", "variance",
+        "--pruning_schedule", "4,0,0,0",
+        "--last_layer_fusion", "false",
+    ]  # fmt: skip
+    run("image-classification", argv)
+    config = CroprViTConfig.from_pretrained(tmp_path)
+    assert config.token_selector == "variance"
+    assert config.prune_counts == [4, 0, 0, 0]
+    assert not config.last_layer_fusion
+
+
+def test_bad_arguments_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--pruning_schedule", "4,x"])
+    with pytest.raises(ValueError, match="built-in task is 'segmentation'"):
+        run("semantic-segmentation", TINY_RUN + ["--output_dir", str(tmp_path), "--builtin_task", "multi-label"])
+    with pytest.raises(ValueError, match="removes"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--pruning_rate", "30"])
+
+
+def distributed_env(tmp_path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PYTHONPATH": str(REPO_ROOT / "src"),
+    }
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_two_process_ddp_with_torchrun(tmp_path, task):
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_port", str(29500 + sorted(TASKS).index(task)),
+        str(REPO_ROOT / "scripts" / SCRIPTS[task]),
+        *TINY_RUN, "--output_dir", str(output_dir), "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=distributed_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Both ranks trained every step; only rank 0 reports and saves.
+    assert result.stdout.count("Stripped inference checkpoint") == 1
+    load_saved(task, output_dir)
+
+
+def test_accelerate_launch_runs_the_script_unchanged(tmp_path):
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", "2", "--cpu", "--main_process_port", "29510",
+        str(REPO_ROOT / "scripts" / SCRIPTS["image-classification"]),
+        *TINY_RUN, "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=distributed_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    load_saved("image-classification", output_dir)
