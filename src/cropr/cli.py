@@ -87,22 +87,24 @@ def _checkpoint_config_path(checkpoint: Path) -> Path:
     return config_path
 
 
+def load_checkpoint_config(checkpoint: str | Path) -> CroprViTConfig:
+    """The config of a saved CroprViT checkpoint folder (checked to be one before transformers reads it)."""
+    config_path = _checkpoint_config_path(Path(checkpoint))
+    _check_model_type(_read_json(config_path), config_path)
+    return CroprViTConfig.from_pretrained(checkpoint)
+
+
 def load_checkpoint(checkpoint: str | Path) -> CroprViTPreTrainedModel:
     """Load a saved CroprViT checkpoint folder with the task class its config names, in eval mode."""
-    checkpoint = Path(checkpoint)
-    config_path = _checkpoint_config_path(checkpoint)
-    _check_model_type(_read_json(config_path), config_path)
-    config = CroprViTConfig.from_pretrained(checkpoint)
-    return _model_class(config).from_pretrained(checkpoint).eval()
+    config = load_checkpoint_config(checkpoint)
+    return _model_class(config).from_pretrained(checkpoint, config=config).eval()
 
 
 def resolve_config(source: str) -> tuple[CroprViTConfig, str]:
     """A config from a checkpoint folder, a config JSON file or a preset name, with a description of the source."""
     path = Path(source)
     if path.is_dir():
-        config_path = _checkpoint_config_path(path)
-        _check_model_type(_read_json(config_path), config_path)
-        return CroprViTConfig.from_pretrained(path), f"checkpoint {path}"
+        return load_checkpoint_config(path), f"checkpoint {path}"
     if path.is_file():
         config_dict = _read_json(path)
         _check_model_type(config_dict, path)
@@ -204,23 +206,27 @@ def run_info(args: argparse.Namespace) -> int:
 # visualize
 # ----------------------------------------------------------------------------------------------------------------------
 def run_visualize(args: argparse.Namespace) -> int:
+    from PIL import Image
     from transformers import AutoImageProcessor
 
     from .visualization import visualize_pruning
 
     images = [Path(image) for image in args.images]
-    for image in images:
+    for image in images:  # every image readable before the slower model loading
         if not image.is_file():
             raise CliError(f"image {image} does not exist")
+        with Image.open(image):  # reads only the header; raises for non-images
+            pass
     outputs = [args.output_dir / f"{image.stem}.pruning.png" for image in images]
     if len(set(outputs)) != len(outputs):
         raise CliError("two images share a file name; visualize them in separate calls or rename them")
-    model = load_checkpoint(args.checkpoint)
+    load_checkpoint_config(args.checkpoint)  # a CroprViT checkpoint? (before the slower weight loading)
     if not (args.checkpoint / "preprocessor_config.json").is_file():
         raise CliError(
             f"{args.checkpoint} has no preprocessor_config.json: save the image processor next to the model "
             "(`image_processor.save_pretrained(folder)`)"
         )
+    model = load_checkpoint(args.checkpoint)
     image_processor = AutoImageProcessor.from_pretrained(args.checkpoint)
     for image, output in zip(images, outputs, strict=True):
         print(visualize_pruning(model, image_processor, image, output, panel_height=args.panel_height))

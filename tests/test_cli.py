@@ -1,0 +1,163 @@
+"""The `cropr` command line: help, info, visualize, card, delegation, and one-line errors with exit codes."""
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, tiny_config_kwargs
+from PIL import Image
+
+from cropr import CroprViTConfig, CroprViTForImageClassification
+from cropr.cli import main
+from cropr.visualization import LEGEND_HEIGHT, MARGIN
+
+MEASUREMENTS = {
+    "schema_version": 1,
+    "base_model": {"id": "google/vit-base-patch16-224", "license": "apache-2.0"},
+    "dataset": {"id": "imagenet-1k"},
+    "metrics": [{"type": "accuracy", "value": 77.125}],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import ViTImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("tiny-cropr")
+    model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs()))
+    model.save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def assert_one_line_error(capsys, argv, fragment):
+    """`main(argv)` fails with status 1 and one `cropr: error:` line holding `fragment` on stderr."""
+    capsys.readouterr()  # drop what earlier steps printed (e.g. progress bars of save_pretrained)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("cropr: error: ") and err.count("\n") == 1, err
+    assert fragment in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info", "--help"], ["visualize", "--help"], ["card", "--help"]])
+def test_help(argv, capsys):
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("usage: cropr")
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["info"]) == 2
+    assert "usage: cropr info" in capsys.readouterr().err
+
+
+def test_info_preset(capsys):
+    assert main(["info", "vit-b16"]) == 0
+    out = capsys.readouterr().out
+    assert "197 180 164 148" in out
+    assert "unpruned 17.56" in out
+    assert "FLOP ceiling" in out and "1.61x" in out
+
+
+def test_info_preset_with_override_as_json(capsys):
+    assert main(["info", "vit-b16", "--pruning-rate", "8", "--no-last-layer-fusion", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["token_counts"][:3] == [197, 188, 180]
+    assert summary["last_layer_fusion"] is False
+    assert summary["parameters_stripped"] < summary["parameters_full"]
+
+
+def test_info_checkpoint_and_config_file(checkpoint, capsys):
+    model = CroprViTForImageClassification.from_pretrained(checkpoint)
+    assert main(["info", str(checkpoint), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["architecture"] == "CroprViTForImageClassification"
+    assert summary["parameters_full"] == sum(p.numel() for p in model.parameters())
+    assert summary["token_counts"] == model.config.token_counts()
+    assert main(["info", str(checkpoint / "config.json")]) == 0
+    assert "17 13 10 17" in capsys.readouterr().out
+
+
+def test_visualize_end_to_end(checkpoint, image_path, tmp_path, capsys):
+    out_dir = tmp_path / "maps"
+    argv = ["visualize", str(checkpoint), str(image_path), "--output-dir", str(out_dir), "--panel-height", "80"]
+    assert main(argv) == 0
+    png = out_dir / "photo.pruning.png"
+    assert capsys.readouterr().out.strip() == str(png)
+    with Image.open(png) as image:
+        assert image.size == (120 + 2 * MARGIN, 80 + LEGEND_HEIGHT + 3 * MARGIN)
+
+
+def test_card_end_to_end(checkpoint, tmp_path, capsys):
+    measurements = tmp_path / "measurements.json"
+    measurements.write_text(json.dumps(MEASUREMENTS))
+    output = tmp_path / "README.md"
+    assert main(["card", str(checkpoint), str(measurements), "--output", str(output)]) == 0
+    card = output.read_text()
+    assert "| accuracy | 77.125 | not measured |" in card and "Speed: not measured." in card
+    argv = ["card", str(checkpoint), str(measurements), "--output", str(output)]
+    assert_one_line_error(capsys, argv, "--overwrite")
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_error_paths(checkpoint, image_path, tmp_path, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{oops")
+    vit_folder = tmp_path / "vit"
+    vit_folder.mkdir()
+    (vit_folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    no_license = tmp_path / "no_license.json"
+    no_license.write_text(json.dumps({**MEASUREMENTS, "base_model": {"id": "google/vit-base-patch16-224"}}))
+    no_processor = tmp_path / "no-processor"
+    CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs())).save_pretrained(no_processor)
+    cases = [
+        (["info", "vit-z99"], "neither a checkpoint folder"),
+        (["info", str(bad_json)], "is not valid JSON"),
+        (["info", str(vit_folder)], "'vit' model, not a CroprViT"),
+        (["info", "vit-b16", "--pruning-rate", "99"], "pruning schedule removes"),
+        (["visualize", str(vit_folder), str(image_path)], "'vit' model, not a CroprViT"),
+        (["visualize", str(checkpoint), str(tmp_path / "missing.png")], "does not exist"),
+        (["visualize", str(tmp_path / "nowhere"), str(image_path)], "does not exist"),
+        (["visualize", str(no_processor), str(image_path)], "no preprocessor_config.json"),
+        (["visualize", str(checkpoint), str(bad_json), "--output-dir", str(tmp_path)], "cannot identify image"),
+        (["card", str(checkpoint), str(tmp_path / "missing.json")], "does not exist"),
+        (["card", str(checkpoint), str(bad_json)], "is not valid JSON"),
+        (["card", str(checkpoint), str(no_license), "--output", str(tmp_path / "c.md")], "`base_model.license`"),
+    ]
+    for argv, fragment in cases:
+        assert_one_line_error(capsys, argv, fragment)
+
+
+def test_delegated_commands(monkeypatch, capsys):
+    calls = []
+    fake_benchmark = types.ModuleType("cropr.benchmark")
+    fake_benchmark.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "cropr.benchmark", fake_benchmark)
+    assert main(["benchmark", "--preset", "tiny"]) == 0
+    assert calls == [["--preset", "tiny"]]
+    monkeypatch.setitem(sys.modules, "cropr.conversion", types.ModuleType("cropr.conversion"))
+    assert_one_line_error(capsys, ["convert", "google/vit"], "cropr.conversion has no main(argv)")
+
+
+def test_subprocess_error_is_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "cropr.cli", "info", "no-such-preset"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": ""},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("cropr: error: 'no-such-preset' is neither") and result.stderr.count("\n") == 1
