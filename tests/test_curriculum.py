@@ -44,7 +44,7 @@ class KeptTokenRecorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         with torch.no_grad():
-            output = model(torch.zeros(1, 3, 32, 32))
+            output = model(torch.zeros(1, 3, 32, 32), output_kept_indices=True)
         self.kept.append(output.kept_indices[0].shape[1])
 
 

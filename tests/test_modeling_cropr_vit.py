@@ -74,7 +74,7 @@ def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cl
 
     model.eval()
     with torch.no_grad():
-        output = model(pixels())
+        output = model(pixels(), output_kept_indices=True)
     assert output.aux_logits is None
     if head == "segmentation":
         assert output.logits.shape == (2, 5, 4, 4)
@@ -87,12 +87,18 @@ def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cl
     assert [indices.shape[1] for indices in output.kept_indices] == expected_kept
 
 
+def test_kept_indices_are_opt_in():
+    model = build("classification").eval()
+    assert model(pixels()).kept_indices is None
+    assert len(model(pixels(), output_kept_indices=True).kept_indices) == len(model.config.pruning_blocks)
+
+
 def test_base_model_output_is_full_map_with_llf_and_kept_tokens_without():
     x = pixels()
-    with_llf = build("base", last_layer_fusion=True).eval()(x)
+    with_llf = build("base", last_layer_fusion=True).eval()(x, output_kept_indices=True)
     assert with_llf.last_hidden_state.shape == (2, 17, 32)
     assert with_llf.pooler_output.shape == (2, 32)
-    without = build("base", last_layer_fusion=False).eval()(x)
+    without = build("base", last_layer_fusion=False).eval()(x, output_kept_indices=True)
     assert without.last_hidden_state.shape == (2, without.kept_indices[-1].shape[1], 32)
     assert without.kept_indices[-1][:, 0].eq(0).all()  # CLS stays first
 
@@ -123,9 +129,9 @@ def test_eval_keeps_the_tokens_training_selection_keeps(selector):
     model = build("classification", token_selector=selector, num_hidden_layers=6, pruning_rate=2)
     x = pixels(batch_size=4)
     model.train()
-    train_kept = model(x).kept_indices
+    train_kept = model(x, output_kept_indices=True).kept_indices
     model.eval()
-    eval_kept = model(x).kept_indices
+    eval_kept = model(x, output_kept_indices=True).kept_indices
     for train_indices, eval_indices in zip(train_kept, eval_kept, strict=True):
         assert torch.equal(train_indices.sort(dim=1).values, eval_indices.sort(dim=1).values)
 
@@ -146,7 +152,7 @@ def test_llf_puts_every_token_back_in_its_own_position(selector):
     # With pass-through blocks a token's output is its own embedding, so any misplaced token shows.
     model = identity_blocks(build("base", token_selector=selector)).eval()
     x = pixels()
-    output = model(x)
+    output = model(x, output_kept_indices=True)
     expected = model.layernorm(model.embeddings(x, interpolate_pos_encoding=False))
     assert torch.allclose(output.last_hidden_state, expected, atol=1e-6)
     assert output.kept_indices[0].shape[1] < 17  # tokens really were pruned
@@ -160,7 +166,7 @@ def test_variance_selector_keeps_the_highest_variance_patches():
     for index in range(16):
         row, column = divmod(index, 4)
         x[0, :, row * 8 : row * 8 + 8, column * 8 : column * 8 + 8] = checkerboard * (index + 1)
-    kept = model(x).kept_indices
+    kept = model(x, output_kept_indices=True).kept_indices
     num_keep = model.config.patch_keep_counts()[0]
     expected = [0] + [16 - rank for rank in range(num_keep)]  # CLS, then patches 16, 15, ... by score
     assert kept[0][0].tolist() == expected
@@ -170,14 +176,14 @@ def test_random_selector_is_seedable_by_generator_and_global_seed():
     model = build("base", token_selector="random").eval()
     x = pixels()
     model.token_selector.generator = torch.Generator().manual_seed(3)
-    first = model(x).kept_indices[0]
+    first = model(x, output_kept_indices=True).kept_indices[0]
     model.token_selector.generator = torch.Generator().manual_seed(3)
-    assert torch.equal(model(x).kept_indices[0], first)
+    assert torch.equal(model(x, output_kept_indices=True).kept_indices[0], first)
     model.token_selector.generator = None
     torch.manual_seed(11)
-    global_first = model(x).kept_indices[0]
+    global_first = model(x, output_kept_indices=True).kept_indices[0]
     torch.manual_seed(11)
-    assert torch.equal(model(x).kept_indices[0], global_first)
+    assert torch.equal(model(x, output_kept_indices=True).kept_indices[0], global_first)
 
 
 def test_selector_none_equals_plain_blocks():
@@ -187,7 +193,7 @@ def test_selector_none_equals_plain_blocks():
     for layer in model.layers:
         hidden = layer(hidden)[0]
     expected = model.layernorm(hidden)
-    output = model(x)
+    output = model(x, output_kept_indices=True)
     assert torch.allclose(output.last_hidden_state, expected, atol=1e-6)
     assert output.kept_indices == ()
     assert not any(".token_selector." in name for name, _ in model.named_parameters())
@@ -196,7 +202,7 @@ def test_selector_none_equals_plain_blocks():
 def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
     model = build("classification", token_selector="cropr").eval()
     x = pixels()
-    output = model(x, output_attentions=True, output_hidden_states=True)
+    output = model(x, output_attentions=True, output_hidden_states=True, output_kept_indices=True)
     assert len(output.attentions) == 4 and len(output.hidden_states) == 5
     assert output.attentions[1].shape[-1] == output.kept_indices[0].shape[1]
     assert torch.allclose(output.logits, model(x).logits, atol=1e-5)
@@ -228,11 +234,11 @@ def test_queries_are_initialised_with_std_inverse_sqrt_width():
 def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
     model = build("classification").train()
     model.set_pruning_fraction(0.0)
-    output = model(pixels(), labels=labels_for("classification"))
+    output = model(pixels(), labels=labels_for("classification"), output_kept_indices=True)
     assert all(indices.shape[1] == 17 for indices in output.kept_indices)
     assert output.aux_loss is not None  # routers still learn while nothing is pruned
     model.eval()
-    assert model(pixels()).kept_indices[0].shape[1] == 1 + model.config.patch_keep_counts()[0]
+    assert model(pixels(), output_kept_indices=True).kept_indices[0].shape[1] == 1 + model.config.patch_keep_counts()[0]
     with pytest.raises(ValueError, match="pruning fraction"):
         model.set_pruning_fraction(1.5)
 
@@ -277,7 +283,7 @@ def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, h
         optimizer.zero_grad()
     model.eval()
     x = pixels(seed=5)
-    expected = model(x)
+    expected = model(x, output_kept_indices=True)
     model.save_pretrained(tmp_path / "full")
     model.strip_training_modules()
     assert not any(key in name for name, _ in model.named_parameters() for key in ("queries", "aggregator", "aux_head"))
@@ -288,7 +294,7 @@ def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, h
 
     loaded = type(model).from_pretrained(tmp_path / "stripped")
     assert loaded.config.inference_only
-    output = loaded(x)
+    output = loaded(x, output_kept_indices=True)
     assert torch.equal(output.logits, expected.logits)
     for loaded_indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
         assert torch.equal(loaded_indices, expected_indices)

@@ -34,7 +34,9 @@ AutoModel.register(CroprViTConfig, CroprViTModel, exist_ok=True)
 AutoModelForImageClassification.register(CroprViTConfig, CroprViTForImageClassification, exist_ok=True)
 AutoModelForSemanticSegmentation.register(CroprViTConfig, CroprViTForSemanticSegmentation, exist_ok=True)
 # Pipelines check these name tables to decide whether a model supports their task.
-MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(CroprViTConfig.model_type, "CroprViTForImageClassification")
+MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(
+    CroprViTConfig.model_type, ("CroprViTForImageClassification", "CroprViTForMultiLabelClassification")
+)
 MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(CroprViTConfig.model_type, "CroprViTForSemanticSegmentation")
 
 # Saved checkpoints carry the model code and an `auto_map`, so they load with `trust_remote_code=True` where this

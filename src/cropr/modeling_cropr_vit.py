@@ -52,9 +52,10 @@ class CroprViTModelOutput(ModelOutput):
         Embeddings and each block's output; lengths shrink where tokens were pruned.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Each block's attention probabilities `(batch_size, num_heads, n, n)` for its own token count n.
-    kept_indices (`tuple(torch.LongTensor)`):
+    kept_indices (`tuple(torch.LongTensor)`, *optional*, returned when `output_kept_indices=True`):
         For each pruning module, the original positions (0 = CLS when present, patches 1..) of the tokens it kept,
-        shape `(batch_size, num_kept)`, in the order the tokens leave the module.
+        shape `(batch_size, num_kept)`, in the order the tokens leave the module. Opt-in because pipelines split
+        every tuple of an output along the batch.
     aux_logits (`tuple(torch.FloatTensor)`, *optional*, training only):
         For each Cropr module, its auxiliary head's logits `(batch_size, num_queries, num_labels)`.
     """
@@ -428,6 +429,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_kept_indices: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CroprViTModelOutput | tuple:
@@ -457,7 +459,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        kept_indices: list[torch.Tensor] = []
+        kept_indices: list[torch.Tensor] | None = [] if output_kept_indices else None
         aux_logits: list[torch.Tensor] = []
         last_block = len(self.layers) - 1
         for block, layer in enumerate(self.layers):
@@ -490,7 +492,8 @@ class CroprViTModel(CroprViTPreTrainedModel):
                 positions = gather_tokens(positions, keep_index)
                 if pixel_variance is not None:
                     pixel_variance = gather_tokens(pixel_variance, keep_index)
-            kept_indices.append(positions)
+            if kept_indices is not None:
+                kept_indices.append(positions)
 
         sequence_output = self.layernorm(hidden_states)
         pooled_output = sequence_output[:, 0] if config.pooling == "cls" else sequence_output.mean(dim=1)
@@ -499,7 +502,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
             pooler_output=pooled_output,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
-            kept_indices=tuple(kept_indices),
+            kept_indices=tuple(kept_indices) if kept_indices is not None else None,
             aux_logits=tuple(aux_logits) if aux_logits else None,
         )
         return output if return_dict else output.to_tuple()
@@ -574,6 +577,7 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_kept_indices: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CroprViTImageClassifierOutput | tuple:
@@ -583,6 +587,7 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_kept_indices=output_kept_indices,
             return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)
@@ -649,6 +654,7 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_kept_indices: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CroprViTSemanticSegmenterOutput | tuple:
@@ -658,6 +664,7 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_kept_indices=output_kept_indices,
             return_dict=True,
         )
         patch_h, patch_w = self.config.patch_size_hw
