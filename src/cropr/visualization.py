@@ -347,7 +347,8 @@ def visualize_pruning(
     parameter = next(model.parameters())
     model.eval()
     with torch.no_grad():
-        outputs = model(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype), return_dict=True)
+        pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+        outputs = model(pixel_values=pixel_values, output_kept_indices=True, return_dict=True)
     if outputs.kept_indices is None:
         raise ValueError(f"{type(model).__name__} outputs no `kept_indices`: pass a CroprViT model.")
     patch_h, patch_w = config.patch_size_hw
