@@ -126,6 +126,17 @@ class CroprViTConfig(PreTrainedConfig):
         """Part of `@strict` validation (run again at save time, after attributes may have been changed)."""
         self.check_values()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Refuse another model's config (transformers only warns), naming what to do instead."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This is a {model_type!r} config, not a {cls.model_type!r} one. To start from a ViT or DINOv2 "
+                "checkpoint, convert it with `cropr.from_backbone(...)` (or `scripts/convert_backbone.py`)."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     # ----------------------------------------------------------------------------------------------------------
     # Geometry and schedule
     # ----------------------------------------------------------------------------------------------------------

@@ -523,6 +523,65 @@ def resolve_problem_type(config: CroprViTConfig, labels: torch.Tensor) -> str:
     return config.problem_type
 
 
+def check_classification_labels(labels: torch.Tensor, problem_type: str, num_labels: int, batch_size: int) -> None:
+    """Reject labels the loss would misread or crash on, naming what was expected.
+
+    The value checks read the labels on the host: they run only when a loss is computed, never on the inference
+    path.
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.shape[0] != batch_size:
+        raise ValueError(f"`labels` has {labels.shape[0]} rows but the batch has {batch_size} images.")
+    if problem_type == "single_label_classification":
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(
+                f"single-label `labels` must be integer class ids of shape ({batch_size},), got dtype {labels.dtype} "
+                f"and shape {tuple(labels.shape)}; multi-hot float labels need `problem_type="
+                '"multi_label_classification"` (or `CroprViTForMultiLabelClassification`).'
+            )
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_labels:
+            raise ValueError(f"`labels` must be class ids in [0, {num_labels - 1}], got values in [{low}, {high}].")
+    elif problem_type == "multi_label_classification":
+        if tuple(labels.shape) != (batch_size, num_labels):
+            raise ValueError(
+                f"multi-label `labels` must be multi-hot of shape ({batch_size}, {num_labels}), got "
+                f"{tuple(labels.shape)}."
+            )
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("multi-label `labels` must be multi-hot (every value 0 or 1).")
+    elif labels.shape not in ((batch_size,), (batch_size, num_labels)):
+        raise ValueError(
+            f"regression `labels` must have shape ({batch_size},) or ({batch_size}, {num_labels}), got "
+            f"{tuple(labels.shape)}."
+        )
+
+
+def check_segmentation_labels(
+    labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: int, ignore_index: int
+) -> None:
+    """Segmentation maps must be integer class ids (or the ignore index) of the images' size."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    batch_size, _, height, width = pixel_values.shape
+    if tuple(labels.shape) != (batch_size, height, width):
+        raise ValueError(
+            f"segmentation `labels` must have shape (batch, height, width) = ({batch_size}, {height}, {width}) like "
+            f"the images, got {tuple(labels.shape)}; resize the maps with nearest-neighbour (the image processor "
+            "does this when given `segmentation_maps`)."
+        )
+    if labels.is_floating_point():
+        raise ValueError(f"segmentation `labels` must hold integer class ids, got dtype {labels.dtype}.")
+    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
+    if bool(invalid.any()):
+        bad = sorted(set(labels[invalid].unique()[:5].tolist()))
+        raise ValueError(
+            f"segmentation `labels` must be class ids in [0, {num_labels - 1}] or the ignore index {ignore_index}, "
+            f"got {bad}."
+        )
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
     """Loss of (B, C) logits (main head) or (B, N, C) logits (auxiliary heads, every query sees the image label)."""
     if logits.dim() == 3:
@@ -595,6 +654,7 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         if labels is not None:
             labels = labels.to(logits.device)
             problem_type = resolve_problem_type(self.config, labels)
+            check_classification_labels(labels, problem_type, self.num_labels, logits.shape[0])
             main_loss = classification_loss(logits, labels, problem_type)
             aux_loss = sum_aux_losses(
                 outputs.aux_logits, lambda module_logits: classification_loss(module_logits, labels, problem_type)
@@ -674,8 +734,9 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
 
         loss = aux_loss = None
         if labels is not None:
-            labels = labels.to(logits.device).long()
             ignore_index = self.config.semantic_loss_ignore_index
+            check_segmentation_labels(labels, pixel_values, self.num_labels, ignore_index)
+            labels = labels.to(logits.device).long()
             upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
             main_loss = F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
             if outputs.aux_logits:
