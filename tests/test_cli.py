@@ -146,8 +146,11 @@ def test_delegated_commands(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cropr.benchmark", fake_benchmark)
     assert main(["benchmark", "--preset", "tiny"]) == 0
     assert calls == [["--preset", "tiny"]]
-    monkeypatch.setitem(sys.modules, "cropr.conversion", types.ModuleType("cropr.conversion"))
-    assert_one_line_error(capsys, ["convert", "google/vit"], "cropr.conversion has no main(argv)")
+    assert main(["convert", "--help"]) == 0
+    assert "cropr convert" in capsys.readouterr().out
+    assert_one_line_error(capsys, ["convert", "/no/such/checkpoint", "--output-dir", "out"], "/no/such/checkpoint")
+    monkeypatch.setitem(sys.modules, "cropr.conversion_cli", types.ModuleType("cropr.conversion_cli"))
+    assert_one_line_error(capsys, ["convert", "google/vit"], "cropr.conversion_cli has no main(argv)")
 
 
 def test_subprocess_error_is_one_line():

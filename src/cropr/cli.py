@@ -6,7 +6,7 @@ cropr info path/to/checkpoint --json    # ... of a saved checkpoint (or a config
 cropr visualize path/to/checkpoint cat.jpg dog.jpg --output-dir heatmaps
 cropr card path/to/checkpoint measurements.json
 cropr benchmark --help                  # delegates to cropr.benchmark
-cropr convert --help                    # delegates to cropr.conversion
+cropr convert --help                    # delegates to cropr.conversion_cli
 ```
 
 Expected failures (missing file, bad JSON, wrong model type, unknown preset, invalid schedule) print one line,
@@ -28,6 +28,7 @@ import torch
 
 from . import modeling_cropr_vit
 from .configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
+from .conversion_cli import parse_image_size
 from .modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
 
@@ -37,7 +38,7 @@ MODEL_TYPE = CroprViTConfig.model_type
 DELEGATED = {
     "benchmark": ("cropr.benchmark", "main", "throughput of pruned vs unpruned models (see `cropr benchmark --help`)"),
     "convert": (
-        "cropr.conversion",
+        "cropr.conversion_cli",
         "main",
         "build a CroprViT checkpoint from a pretrained ViT / DINOv2 backbone (see `cropr convert --help`)",
     ),
@@ -269,21 +270,13 @@ def run_delegated(command: str, argv: list[str]) -> int:
         return entry_point(argv)
     except SystemExit as exit_:  # the delegate's argparse (`--help`, usage errors)
         return exit_.code if isinstance(exit_.code, int) else 1
+    except (ValueError, OSError) as error:  # expected failures: bad source, unsupported architecture, missing file
+        raise CliError(str(error).splitlines()[0]) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Parser and entry point
 # ----------------------------------------------------------------------------------------------------------------------
-def _image_size(text: str) -> int | list[int]:
-    try:
-        if "x" in text.lower():
-            height, width = text.lower().split("x")
-            return [int(height), int(width)]
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an image size such as 224 or 224x320, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Token Cropr Vision Transformers: tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -295,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the FLOP ceiling and the parameter counts (full and stripped) of a checkpoint, a config or a preset.",
     )
     info.add_argument("source", help=f"checkpoint folder, config JSON file, or preset name ({', '.join(PRESETS)})")
-    info.add_argument("--image-size", type=_image_size, help="override the input size: 224 or 224x320")
+    info.add_argument("--image-size", type=parse_image_size, help="override the input size: 224 or 224x320")
     info.add_argument("--pruning-rate", type=int, help="override the tokens removed after every block")
     info.add_argument("--token-selector", choices=TOKEN_SELECTORS, help="override the token selector")
     info.add_argument(
