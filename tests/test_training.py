@@ -41,7 +41,8 @@ def load_saved(task: str, output_dir):
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, task):
-    results = run(task, TINY_RUN + ["--output_dir", str(tmp_path)])
+    results = run(task, TINY_RUN + ["--output_dir", str(tmp_path), "--eval_strategy", "steps", "--eval_steps", "2"])
+    assert results["train"]["epoch"] > 0  # trained although --eval_strategy switched do_eval on
     main_metric = results["main_metric"]
     assert 0.0 <= results["pruned_metric"] <= 1.0 and 0.0 <= results["unpruned_metric"] <= 1.0
     assert results["eval"][f"eval_{main_metric}"] == results["pruned_metric"]
@@ -63,6 +64,13 @@ def test_pruning_arguments_reach_the_config(tmp_path):
     assert config.token_selector == "variance"
     assert config.prune_counts == [4, 0, 0, 0]
     assert not config.last_layer_fusion
+
+
+def test_eval_only_run_does_not_train(tmp_path):
+    run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path / "trained")])
+    argv = TINY_RUN + ["--output_dir", str(tmp_path / "eval"), "--do_eval"]
+    results = run("image-classification", argv + ["--model_name_or_path", str(tmp_path / "trained")])
+    assert results["train"] == {}
 
 
 def test_bad_arguments_fail_with_a_clear_message(tmp_path):

@@ -306,6 +306,9 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not any(arg.startswith("--output_dir") for arg in argv):
         argv += ["--output_dir", f"outputs/{task.builtin_task}"]
     model_args, data_args, pruning_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # Unlike transformers' examples, train by default: `--do_eval` alone (or `--do_train false`) evaluates only.
+    # (`--eval_strategy` also switches `do_eval` on, so it cannot tell an eval-only run.)
+    do_train = training_args.do_train or not any(arg.split("=")[0] in ("--do_train", "--do_eval") for arg in argv)
     # `with_transform` datasets expose only the raw columns: Trainer must not drop them before the transform.
     training_args.remove_unused_columns = False
     # Every Cropr module computes its auxiliary loss at every step (also while the curriculum prunes nothing), so
@@ -335,18 +338,21 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset if training_args.do_train or not training_args.do_eval else None,
+        train_dataset=train_dataset if do_train else None,
         eval_dataset=eval_dataset,
         compute_metrics=metrics.compute_metrics_for_task(task.builtin_task, id2label=labels),
         processing_class=processor,
         callbacks=callbacks,
     )
-    if training_args.do_train or not training_args.do_eval:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_metrics = {}
+    if do_train:
+        train_metrics = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics
+        trainer.log_metrics("train", train_metrics)
     eval_metrics = trainer.evaluate()
     trainer.log_metrics("eval", eval_metrics)
 
     return {
+        "train": train_metrics,
         "eval": eval_metrics,
         **final_report(task, trainer, eval_metrics, dataset["validation"], eval_transform, data_args),
     }
