@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -357,6 +359,36 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that reads weights from safetensors files only.
+
+        transformers 5 falls back to unpickling a `pytorch_model.bin` when no safetensors file is there; CroprViT
+        checkpoints are always saved as safetensors, so that fallback is off (`use_safetensors=True` unless the
+        caller passes `use_safetensors=False` explicitly) and such a folder raises an `OSError`. A `*.safetensors`
+        file that cannot be read (truncated, overwritten) raises an `OSError` naming it.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            files = sorted(Path(pretrained_model_name_or_path).glob("*.safetensors"))
+            broken = [str(file) for file in files if not _is_readable_safetensors(file)]
+            where = ", ".join(broken) if broken else f"the safetensors weights of {pretrained_model_name_or_path}"
+            raise OSError(
+                f"Cannot read {where}: the file is truncated or not a safetensors file ({error}). Save the model "
+                "again with `save_pretrained`, or download the checkpoint again."
+            ) from error
+
+
+def _is_readable_safetensors(path: Path) -> bool:
+    """Whether the safetensors header of `path` parses (only called to name the file after a load failed)."""
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except SafetensorError:
+        return False
+
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: CroprViTConfig, interpolate: bool) -> None:
     """Reject inputs the model cannot read, with the expected value in the message (before any torch op fails)."""
@@ -512,15 +544,20 @@ class CroprViTModel(CroprViTPreTrainedModel):
 # Losses shared by the heads
 # ----------------------------------------------------------------------------------------------------------------------
 def resolve_problem_type(config: CroprViTConfig, labels: torch.Tensor) -> str:
-    """transformers' rule: regression for one label, single-label for integer labels, else multi-label."""
-    if config.problem_type is None:
-        if config.num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    return config.problem_type
+    """transformers' rule: regression for one label, single-label for integer labels, else multi-label.
+
+    Does not set `config.problem_type`: the head records it only once the labels passed their checks, so that one
+    call with bad labels cannot change how every later call reads its labels.
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        return "single_label_classification"
+    return "multi_label_classification"
 
 
 def check_classification_labels(labels: torch.Tensor, problem_type: str, num_labels: int, batch_size: int) -> None:
@@ -531,6 +568,8 @@ def check_classification_labels(labels: torch.Tensor, problem_type: str, num_lab
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.dim() == 0:
+        raise ValueError(f"`labels` must have one row per image ({batch_size}), got a 0-dimensional tensor.")
     if labels.shape[0] != batch_size:
         raise ValueError(f"`labels` has {labels.shape[0]} rows but the batch has {batch_size} images.")
     if problem_type == "single_label_classification":
@@ -545,9 +584,10 @@ def check_classification_labels(labels: torch.Tensor, problem_type: str, num_lab
             raise ValueError(f"`labels` must be class ids in [0, {num_labels - 1}], got values in [{low}, {high}].")
     elif problem_type == "multi_label_classification":
         if tuple(labels.shape) != (batch_size, num_labels):
+            hint = " (class ids for single-label classification must be an integer tensor)" if labels.dim() == 1 else ""
             raise ValueError(
                 f"multi-label `labels` must be multi-hot of shape ({batch_size}, {num_labels}), got "
-                f"{tuple(labels.shape)}."
+                f"{tuple(labels.shape)}{hint}."
             )
         if not bool(((labels == 0) | (labels == 1)).all()):
             raise ValueError("multi-label `labels` must be multi-hot (every value 0 or 1).")
@@ -652,9 +692,10 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         logits = self.classifier(outputs.pooler_output)
         loss = aux_loss = None
         if labels is not None:
-            labels = labels.to(logits.device)
             problem_type = resolve_problem_type(self.config, labels)
             check_classification_labels(labels, problem_type, self.num_labels, logits.shape[0])
+            self.config.problem_type = problem_type
+            labels = labels.to(logits.device)
             main_loss = classification_loss(logits, labels, problem_type)
             aux_loss = sum_aux_losses(
                 outputs.aux_logits, lambda module_logits: classification_loss(module_logits, labels, problem_type)
