@@ -364,34 +364,47 @@ def summarize(samples: list[float], batch_size: int) -> dict[str, Any]:
         "min_s": min(samples),
         "max_s": max(samples),
         "throughput": batch_size / median,
+        "best_throughput": batch_size / min(samples),
         "latency_ms": median * 1e3,
         "samples_s": samples,
     }
 
 
 def derived_metrics(results: dict[str, dict[str, Any]], flop_ceiling: float) -> dict[str, Any]:
-    """Speedups, ceiling fraction, router overhead and the none/hf ratio from one dtype/batch's variant results."""
+    """Speedups, ceiling fraction, router overhead and the none/hf ratio from one dtype/batch's variant results.
 
-    def throughput(name: str) -> float | None:
-        return results[name]["throughput"] if name in results else None
-
-    none, hf, random, cropr = (throughput(name) for name in ("none", "hf", "random", "cropr"))
+    The headline numbers use median throughputs; `best` repeats them from each variant's fastest sample, which is
+    less disturbed by other processes on a shared machine.
+    """
     metrics: dict[str, Any] = {"flop_ceiling": flop_ceiling}
+    metrics.update(_ratios(results, "throughput", flop_ceiling))
+    metrics["best"] = _ratios(results, "best_throughput", flop_ceiling)
     targets: dict[str, bool] = {}
-    if none and cropr:
-        metrics["speedup_cropr"] = cropr / none
-        metrics["ceiling_fraction"] = metrics["speedup_cropr"] / flop_ceiling
+    if "ceiling_fraction" in metrics:
         targets["speedup >= 0.97 x ceiling"] = metrics["ceiling_fraction"] >= TARGET_CEILING_FRACTION
-    if none and random:
-        metrics["speedup_random"] = random / none
-    if random and cropr:
-        metrics["router_overhead"] = random / cropr - 1.0
+    if "router_overhead" in metrics:
         targets["router overhead <= 2%"] = metrics["router_overhead"] <= TARGET_ROUTER_OVERHEAD
-    if none and hf:
-        metrics["none_vs_hf"] = none / hf
+    if "none_vs_hf" in metrics:
         targets["none within 3% of hf"] = metrics["none_vs_hf"] >= TARGET_NONE_VS_HF
     metrics["targets"] = targets
     return metrics
+
+
+def _ratios(results: dict[str, dict[str, Any]], key: str, flop_ceiling: float) -> dict[str, float]:
+    none, hf, random, cropr = (
+        results[name][key] if name in results else None for name in ("none", "hf", "random", "cropr")
+    )
+    ratios = {}
+    if none and cropr:
+        ratios["speedup_cropr"] = cropr / none
+        ratios["ceiling_fraction"] = ratios["speedup_cropr"] / flop_ceiling
+    if none and random:
+        ratios["speedup_random"] = random / none
+    if random and cropr:
+        ratios["router_overhead"] = random / cropr - 1.0
+    if none and hf:
+        ratios["none_vs_hf"] = none / hf
+    return ratios
 
 
 def maybe_compile(model: nn.Module, options: BenchmarkOptions) -> nn.Module:
@@ -639,7 +652,7 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     variants = list(report["inference"][0]["variants"]) if report["inference"] else []
     header = f"{'dtype':<5} {'batch':>5} " + " ".join(f"{name + ' img/s':>12}" for name in variants)
-    header += f" {'speedup':>8} {'x ceil':>7} {'router':>7} {'none/hf':>8}  targets"
+    header += f" {'speedup':>8} {'x ceil':>7} {'router':>7} {'none/hf':>8} {'best x ceil':>11}  targets"
     lines += ["Inference throughput (median over repeats)", header]
     for entry in report["inference"]:
         metrics = entry["metrics"]
@@ -648,7 +661,8 @@ def format_report(report: dict[str, Any]) -> str:
         row += (
             f" {_fmt(metrics.get('speedup_cropr'), '{:.3f}x'):>8} {_fmt(metrics.get('ceiling_fraction'), '{:.3f}'):>7}"
         )
-        row += f" {_fmt(metrics.get('router_overhead'), '{:+.1%}'):>7} {_fmt(metrics.get('none_vs_hf'), '{:.3f}'):>8}  "
+        row += f" {_fmt(metrics.get('router_overhead'), '{:+.1%}'):>7} {_fmt(metrics.get('none_vs_hf'), '{:.3f}'):>8}"
+        row += f" {_fmt(metrics['best'].get('ceiling_fraction'), '{:.3f}'):>11}  "
         row += ", ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in metrics["targets"].items())
         lines.append(row)
     latency = [entry for entry in report["inference"] if entry["batch_size"] == 1]
