@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from . import metrics
-from .configuration_cropr_vit import TOKEN_SELECTORS
+from .configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprViTConfig
 from .curriculum import PruningCurriculumCallback
 from .data import id2label as builtin_id2label
 from .data import load_builtin_task
@@ -98,13 +98,22 @@ class ModelArguments:
 
 @dataclass
 class PruningArguments:
-    token_selector: str = field(default="cropr", metadata={"help": f"One of {TOKEN_SELECTORS}."})
+    # The three settings below default to None = "the checkpoint's own value" (--model_name_or_path), or the
+    # CroprViTConfig default for a new model (cropr, Last Layer Fusion on, weight 1), so that fine-tuning a saved
+    # model never silently swaps its selector or fusion mode.
+    token_selector: str | None = field(
+        default=None, metadata={"help": f"One of {TOKEN_SELECTORS} (default: the checkpoint's, or cropr)."}
+    )
     pruning_rate: int | None = field(default=None, metadata={"help": "Tokens removed after each block (R)."})
     pruning_schedule: str | None = field(
         default=None, metadata={"help": "Tokens removed after each block, comma-separated (overrides the rate)."}
     )
-    last_layer_fusion: bool = field(default=True, metadata={"help": "Restore all tokens before the last block."})
-    aux_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the Cropr auxiliary losses."})
+    last_layer_fusion: bool | None = field(
+        default=None, metadata={"help": "Restore all tokens before the last block (default: the checkpoint's, or on)."}
+    )
+    aux_loss_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the Cropr auxiliary losses (default: the checkpoint's, or 1)."}
+    )
     curriculum_ramp: float | None = field(
         default=None,
         metadata={"help": "Share of training over which R rises from 0 (0 = off; default 0.5 for segmentation)."},
@@ -113,12 +122,10 @@ class PruningArguments:
 
     def config_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {
-            "token_selector": self.token_selector,
-            "last_layer_fusion": self.last_layer_fusion,
-            "aux_loss_weight": self.aux_loss_weight,
+            name: value
+            for name in ("token_selector", "last_layer_fusion", "aux_loss_weight", "pruning_rate")
+            if (value := getattr(self, name)) is not None
         }
-        if self.pruning_rate is not None:
-            overrides["pruning_rate"] = self.pruning_rate
         if self.pruning_schedule:
             try:
                 overrides["pruning_schedule"] = [int(count) for count in self.pruning_schedule.split(",")]
@@ -148,6 +155,49 @@ class DataArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     throughput_batch_size: int = field(default=32, metadata={"help": "Batch size of the final throughput check."})
+
+
+def check_argument_conflicts(
+    task: TaskSpec,
+    model_args: ModelArguments,
+    pruning_args: PruningArguments,
+    do_train: bool,
+    resume_from_checkpoint: str | None,
+) -> None:
+    """Refuse arguments that the run would silently ignore, and evaluation of Cropr modules that never trained.
+
+    Runs right after parsing, before any data or weights are loaded.
+    """
+    if pruning_args.token_selector == "none":
+        given = [
+            flag
+            for flag, value in (
+                ("--pruning_rate", pruning_args.pruning_rate),
+                ("--pruning_schedule", pruning_args.pruning_schedule),
+                ("--curriculum_ramp", pruning_args.curriculum_ramp or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"--token_selector none prunes nothing, so {' and '.join(given)} would be ignored")
+    if pruning_args.pruning_rate is not None and pruning_args.pruning_schedule:
+        raise ValueError("--pruning_schedule replaces --pruning_rate: give one of them")
+    ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
+    if pruning_args.curriculum_per_epoch and ramp == 0:
+        raise ValueError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
+    if not do_train and resume_from_checkpoint:
+        raise ValueError("--resume_from_checkpoint continues training, but this run does not train (--do_train)")
+    if not do_train and not model_args.model_name_or_path:
+        selector = pruning_args.token_selector or CroprViTConfig.token_selector
+        if selector in LEARNED_SELECTORS:
+            raise ValueError(
+                f"--token_selector {selector} without training and without a trained checkpoint "
+                "would evaluate untrained Cropr modules: train (--do_train), pass a fine-tuned CroprViT with "
+                "--model_name_or_path, or pick a training-free selector (random, variance, attention, none)"
+            )
+        logger.warning(
+            "Evaluating without training: the %s head is freshly initialised (chance-level metrics)", task.name
+        )
 
 
 def load_task_data(task: TaskSpec, data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[int, str]]:
@@ -238,6 +288,13 @@ def build_model(
             **label_kwargs,
             **overrides,
         )
+        if model_args.image_size is not None and model.config.image_size_hw != (model_args.image_size,) * 2:
+            height, width = model.config.image_size_hw
+            raise ValueError(
+                f"--image_size {model_args.image_size} does not match the input size of "
+                f"{model_args.model_name_or_path} ({height}x{width}): a checkpoint keeps its own size (config and "
+                "image processor); drop --image_size"
+            )
         if task.name == "multi-label-classification":
             model.config.problem_type = "multi_label_classification"
         processor_class = SegformerImageProcessorPil if task.name == "semantic-segmentation" else ViTImageProcessorPil
@@ -309,6 +366,7 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Unlike transformers' examples, train by default: `--do_eval` alone (or `--do_train false`) evaluates only.
     # (`--eval_strategy` also switches `do_eval` on, so it cannot tell an eval-only run.)
     do_train = training_args.do_train or not any(arg.split("=")[0] in ("--do_train", "--do_eval") for arg in argv)
+    check_argument_conflicts(task, model_args, pruning_args, do_train, training_args.resume_from_checkpoint)
     # `with_transform` datasets expose only the raw columns: Trainer must not drop them before the transform.
     training_args.remove_unused_columns = False
     # Every Cropr module computes its auxiliary loss at every step (also while the curriculum prunes nothing), so
