@@ -41,6 +41,10 @@ class CroprViTConfig(PreTrainedConfig):
         layerscale_value (`float`, *optional*): initial layer-scale value (DINOv2 backbones); `None` = no layer scale.
         interpolate_pos_encoding (`bool`, defaults to `False`): default of the forward argument of the same name;
             checkpoints converted from DINOv2 set it, as `Dinov2Model` always interpolates.
+            Other resolutions keep the schedule's ratios: with `interpolate_pos_encoding=True`, on an image of P
+            patches a module configured to remove R tokens removes round(R x P / `num_patches`), and at least one
+            patch token always stays, so every schedule fits every resolution (`patch_keep_counts(P)` gives the
+            counts). Without it, any input size other than `image_size` is an error.
 
     Pruning:
         pruning_rate (`int`, defaults to 16): tokens removed by each module of the per-block schedule (DESIGN §4):
