@@ -86,7 +86,7 @@ class ModelArguments:
         metadata={"help": "A ViT / DINOv2 checkpoint (Hub id or directory) converted to CroprViT on the fly."},
     )
     preset: str = field(
-        default="vit-ti8-112",
+        default="vit-mini8-112",
         metadata={"help": f"Shape to train from scratch when neither of the above is given: {sorted(PRESETS)}."},
     )
     image_size: int | None = field(
