@@ -15,7 +15,10 @@ from cropr import CroprViTConfig, CroprViTForImageClassification, CroprViTModel
 from cropr.export import export_onnx, main_output_name, run_onnx
 
 # The legacy exporter traces shapes and warns about every Python branch on them (also inside transformers).
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+]
 
 COMPILE_CASES = [
     pytest.param("cropr", True, id="cropr-llf"),
