@@ -318,3 +318,24 @@ def test_fine_tuning_a_checkpoint_keeps_its_own_pruning_settings(variance_checkp
             labels,
             64,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `cropr info` overrides that would be ignored
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_info_refuses_a_pruning_rate_it_would_ignore(tmp_path, capsys):
+    from cropr.cli import main
+
+    stage_config = tmp_path / "stage.json"
+    CroprViTConfig(**tiny_config_kwargs(pruning_schedule=[4, 4, 0, 0])).to_json_file(stage_config)
+    cases = [
+        (["info", "tiny", "--token-selector", "none", "--pruning-rate", "2"], "token selector 'none'"),
+        (["info", str(stage_config), "--pruning-rate", "2"], "explicit `pruning_schedule` [4, 4, 0, 0]"),
+    ]
+    for argv, fragment in cases:
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("cropr: error: --pruning-rate has no effect") and fragment in err, err
+    assert main(["info", "tiny", "--token-selector", "none"]) == 0
+    assert main(["info", str(stage_config), "--image-size", "64"]) == 0
