@@ -320,6 +320,17 @@ def test_fine_tuning_a_checkpoint_keeps_its_own_pruning_settings(variance_checkp
         )
 
 
+def test_another_label_set_needs_ignore_mismatched_sizes(variance_checkpoint):
+    task, labels = TASKS["image-classification"], {index: str(index) for index in range(3)}
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        build_model(task, ModelArguments(model_name_or_path=str(variance_checkpoint)), PruningArguments(), labels, 56)
+    model_args = ModelArguments(model_name_or_path=str(variance_checkpoint), ignore_mismatched_sizes=True)
+    model, _ = build_model(task, model_args, PruningArguments(), labels, 56)
+    assert model.classifier.linear.out_features == 3 and model.config.id2label == labels
+    saved = CroprViTForImageClassification.from_pretrained(variance_checkpoint)
+    assert torch.equal(model.backbone.layers[0].mlp.fc1.weight, saved.backbone.layers[0].mlp.fc1.weight)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # `cropr info` overrides that would be ignored
 # ----------------------------------------------------------------------------------------------------------------------

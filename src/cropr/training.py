@@ -94,6 +94,12 @@ class ModelArguments:
     )
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the last block."})
     trust_remote_code: bool = field(default=False)
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "With --model_name_or_path: re-initialise the heads whose size differs (another number of labels)."
+        },
+    )
 
 
 @dataclass
@@ -284,6 +290,7 @@ def build_model(
         model = auto_class.from_pretrained(
             model_args.model_name_or_path,
             trust_remote_code=model_args.trust_remote_code,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
             num_labels=len(labels),
             **label_kwargs,
             **overrides,
