@@ -116,11 +116,6 @@ def test_onnx_legacy_export_unpruned_matches_pytorch(tmp_path):
     torch.testing.assert_close(torch.from_numpy(run_onnx(path, inputs)), expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=False,
-    reason="legacy (TorchScript) exporter traces token counts as tensors; patch_keep_counts calls round() on them",
-)
 def test_onnx_legacy_export_pruned(tmp_path):
     pytest.importorskip("onnxruntime")
     model = eval_classifier("cropr")

@@ -1,7 +1,5 @@
 """CroprViT model configuration: a ViT backbone plus a Token Cropr pruning schedule."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -14,9 +12,11 @@ LEARNED_SELECTORS = ("cropr", "non_salient")
 POOLING_MODES = ("avg", "cls")
 
 
-def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
+def _as_pair(value: int | Sequence[int], name: str = "size") -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
+    if len(value) != 2:
+        raise ValueError(f"`{name}` must be an int or a (height, width) pair, got {list(value)}.")
     height, width = value
     return int(height), int(width)
 
@@ -119,9 +119,9 @@ class CroprViTConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
         if isinstance(self.image_size, list):
-            self.image_size = list(_as_pair(self.image_size))
+            self.image_size = list(_as_pair(self.image_size, "image_size"))
         if isinstance(self.patch_size, list):
-            self.patch_size = list(_as_pair(self.patch_size))
+            self.patch_size = list(_as_pair(self.patch_size, "patch_size"))
         super().__post_init__(**kwargs)
         # Raised here, not in a strict `validate_*` hook, so that callers get a plain ValueError.
         self.check_values()
@@ -194,7 +194,8 @@ class CroprViTConfig(PreTrainedConfig):
         `image_size`, so a schedule always fits: at least one patch token is kept.
         """
         reference = self.num_patches
-        num_patches = reference if num_patches is None else num_patches
+        # int(): under tracing (legacy ONNX export) the patch count arrives as a tensor; the schedule stays static.
+        num_patches = reference if num_patches is None else int(num_patches)
         remaining, counts = num_patches, []
         for removed in self.prune_counts:
             if removed:

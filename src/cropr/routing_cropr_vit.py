@@ -168,11 +168,23 @@ class TokenSelector(nn.Module):
         raise ValueError(f"token selector {self.selector!r} does not prune")
 
 
+def _flat_row_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, K) per-sample token indices -> (B*K,) row indices into the (B*M, D) flattened tokens."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
+    return (index + offsets).flatten()
+
+
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """tokens (B, M, D) or (B, M) gathered along M by index (B, K)."""
+    """tokens (B, M, D) or (B, M) gathered along M by index (B, K).
+
+    Whole rows are copied with `index_select` on the flattened tokens: an order of magnitude faster on CPU than an
+    element-wise `gather` with an index expanded over D.
+    """
     if tokens.dim() == 2:
         return tokens.gather(1, index)
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    batch_size, num_tokens, width = tokens.shape
+    rows = tokens.reshape(batch_size * num_tokens, width).index_select(0, _flat_row_index(index, num_tokens))
+    return rows.view(batch_size, index.shape[1], width)
 
 
 def split_tokens(
@@ -198,9 +210,11 @@ def split_tokens(
 
 
 def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Inverse of the routing permutation: output[b, positions[b, j]] = hidden_states[b, j]."""
-    index = positions.unsqueeze(-1).expand_as(hidden_states)
-    return torch.empty_like(hidden_states).scatter_(1, index, hidden_states)
+    """Inverse of the routing permutation: output[b, positions[b, j]] = hidden_states[b, j] (whole-row copies)."""
+    batch_size, num_tokens, width = hidden_states.shape
+    rows = hidden_states.new_empty(batch_size * num_tokens, width)
+    rows.index_copy_(0, _flat_row_index(positions, num_tokens), hidden_states.reshape(batch_size * num_tokens, width))
+    return rows.view(batch_size, num_tokens, width)
 
 
 __all__ = [
