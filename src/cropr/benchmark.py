@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -39,6 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .configuration_cropr_vit import CroprViTConfig
 from .modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
+from .presets import PRESETS as MODEL_PRESETS
+from .timing import interleaved_timings
 
 INFERENCE_VARIANTS = ("hf", "none", "random", "cropr")
 TRAINING_VARIANTS = ("none", "random", "cropr")
@@ -63,49 +64,18 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "vit-b16": Preset(
         family="vit",
-        config=dict(
-            image_size=224,
-            patch_size=16,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            pruning_rate=16,
-            last_layer_fusion=True,
-            num_labels=1000,
-        ),
+        config={**MODEL_PRESETS["vit-b16"], "num_labels": 1000},
         description="ViT-B/16 at 224 px, R=16 after every block + LLF (197 -> 180 -> ... -> 36 tokens)",
     ),
     "dinov2-s14": Preset(
         family="dinov2",
-        config=dict(
-            image_size=224,
-            patch_size=14,
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            layerscale_value=1.0,
-            pruning_rate=20,
-            last_layer_fusion=True,
-            num_labels=1000,
-        ),
+        config={**MODEL_PRESETS["dinov2-s14"], "num_labels": 1000},
         description="DINOv2-S/14 at 224 px (256 patches), layer scale, R=20 after every block + LLF "
         "(257 -> 236 -> ... -> 56 tokens, the share ViT-B/16 R=16 keeps)",
     ),
     "tiny": Preset(
         family="vit",
-        config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            intermediate_size=64,
-            pruning_rate=3,
-            last_layer_fusion=True,
-            num_labels=5,
-        ),
+        config={**MODEL_PRESETS["tiny"], "num_labels": 5},
         description="4-block, 32-wide ViT on 32x32 images with 8x8 patches (tests)",
     ),
 }
@@ -307,54 +277,11 @@ def counted_macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def autocast_context(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
     amp_dtype = DTYPES[dtype_name]
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def time_calls(step: Callable[[], Any], iterations: int, device: torch.device) -> float:
-    """Seconds per call of `step`, over `iterations` back-to-back calls."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / iterations
-
-
-def interleaved_timings(
-    steps: dict[str, Callable[[], Any]],
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-    min_time: float,
-    progress: Callable[[str], None],
-) -> dict[str, list[float]]:
-    """Seconds per call of each step, one sample per repeat; variants run round-robin in a rotated order.
-
-    Each step first runs `warmup` times (at least once, which also sets how many calls make one sample: enough to
-    last `min_time` seconds).
-    """
-    iterations = {}
-    for name, step in steps.items():
-        estimate = time_calls(step, max(warmup, 1), device)
-        iterations[name] = max(1, math.ceil(min_time / max(estimate, 1e-9)))
-        progress(f"warm-up {name}: {estimate * 1e3:.2f} ms/call, {iterations[name]} call(s) per sample")
-    names = list(steps)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        order = names[repeat % len(names) :] + names[: repeat % len(names)]
-        for name in order:
-            samples[name].append(time_calls(steps[name], iterations[name], device))
-        progress(f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1] * 1e3:.2f} ms" for n in names))
-    return samples
 
 
 def summarize(samples: list[float], batch_size: int) -> dict[str, Any]:

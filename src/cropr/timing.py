@@ -1,42 +1,68 @@
-"""Side-by-side inference timing: the one measurement every speed figure of the project comes from."""
+"""Side-by-side timing: the one measurement every speed figure of the project comes from.
+
+Variants run round-robin, in an order rotated every repeat, after warm-up; each sample lasts at least `min_time`
+seconds. Interleaving spreads any drift of the machine (other processes, clock boost, heat) over all variants, which
+matters more for a ratio than for the absolute numbers.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure_seconds(
-    runners: Mapping[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Wall-clock seconds of each runner, interleaved round-robin after `warmup` untimed rounds.
+def time_calls(step: Callable[[], Any], iterations: int, device: torch.device) -> float:
+    """Seconds per call of `step`, over `iterations` back-to-back calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / iterations
 
-    Interleaving spreads any drift of the machine (other processes, clock boost, thermal) evenly over the variants,
-    which matters more for a ratio than the absolute numbers.
+
+def interleaved_timings(
+    steps: Mapping[str, Callable[[], Any]],
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_time: float = 0.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, one sample per repeat; variants run round-robin in a rotated order.
+
+    Each step first runs `warmup` times (at least once, which also sets how many calls make one sample: enough to
+    last `min_time` seconds).
     """
     if repeats < 1:
         raise ValueError(f"`repeats` must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        for runner in runners.values():
-            runner()
-    _synchronize(device)
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, runner in runners.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            runner()
-            _synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+    iterations = {}
+    for name, step in steps.items():
+        estimate = time_calls(step, max(warmup, 1), device)
+        iterations[name] = max(1, math.ceil(min_time / max(estimate, 1e-9)))
+        if progress:
+            progress(f"warm-up {name}: {estimate * 1e3:.2f} ms/call, {iterations[name]} call(s) per sample")
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
+        for name in order:
+            samples[name].append(time_calls(steps[name], iterations[name], device))
+        if progress:
+            progress(
+                f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1] * 1e3:.2f} ms" for n in names)
+            )
+    return samples
 
 
 @torch.inference_mode()
@@ -44,9 +70,9 @@ def measure_throughput(
     models: Mapping[str, torch.nn.Module], pixel_values: torch.Tensor, repeats: int = 5, warmup: int = 1
 ) -> dict[str, float]:
     """Median images per second of each model (eval mode) on the same batch, measured interleaved."""
-    runners = {name: (lambda model=model: model.eval()(pixel_values)) for name, model in models.items()}
-    seconds = measure_seconds(runners, pixel_values.device, repeats=repeats, warmup=warmup)
-    return {name: pixel_values.shape[0] / statistics.median(values) for name, values in seconds.items()}
+    steps = {name: (lambda model=model: model.eval()(pixel_values)) for name, model in models.items()}
+    samples = interleaved_timings(steps, pixel_values.device, warmup=warmup, repeats=repeats)
+    return {name: pixel_values.shape[0] / statistics.median(values) for name, values in samples.items()}
 
 
-__all__ = ["measure_seconds", "measure_throughput"]
+__all__ = ["interleaved_timings", "measure_throughput", "synchronize", "time_calls"]
