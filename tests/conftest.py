@@ -17,19 +17,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def tiny_config_kwargs(**overrides) -> dict:
-    """A 4-block, 32-wide CroprViT on 32x32 images with 8x8 patches (16 patches + CLS)."""
-    kwargs = dict(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pruning_rate=3,
-        num_labels=5,
-    )
-    kwargs.update(overrides)
-    return kwargs
+    """The `tiny` preset: a 4-block, 32-wide CroprViT on 32x32 images with 8x8 patches (16 patches + CLS), 5 labels."""
+    from cropr.presets import PRESETS
+
+    return {**PRESETS["tiny"], "num_labels": 5, **overrides}
 
 
 @pytest.fixture
