@@ -1,0 +1,69 @@
+"""`scripts/reproduce.py --quick` end to end on the tiny preset: the structure of the JSON, report and figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+from PIL import Image
+
+from cropr.reproduce import SELECTORS, per_block_schedule
+
+QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_quick_run_writes_results_report_and_figures(tmp_path):
+    result = run_script(*QUICK, "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["command"].startswith("python scripts/reproduce.py --quick")
+    assert {"cpu", "torch", "transformers", "torch_threads"} <= set(results["environment"])
+    assert list(results["tasks"]) == list(SELECTORS)
+    for task_name, task in results["tasks"].items():
+        assert list(task["selectors"]) == list(SELECTORS[task_name])
+        assert task["selectors"]["none"]["speedup"] == pytest.approx(1.0)
+        for row in task["selectors"].values():
+            assert len(row["per_seed"]) == 1
+            assert row["min"] <= row["median"] <= row["max"]
+            assert 0.0 <= row["median"] <= 1.0 and row["images_per_second"] > 0
+        assert sum(task["pruning_schedule"]) == round(0.85 * task["num_patches"])
+        for name in task["heatmaps"]:
+            with Image.open(tmp_path / name) as image:
+                assert image.format == "PNG" and min(image.size) > 100
+
+    report = (tmp_path / "results.md").read_text()
+    assert "python scripts/reproduce.py --quick" in report
+    assert "![metric vs throughput](results_tradeoff.png)" in report
+    for task_name in SELECTORS:
+        assert f"### {task_name}" in report
+    assert report.count("| speedup vs none | training s/run |") == len(SELECTORS)
+    with Image.open(tmp_path / "results_tradeoff.png") as plot:
+        assert plot.format == "PNG"
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("What was tried.")
+    rendered = run_script("--render-only", "--output-dir", str(tmp_path), "--notes", str(notes))
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert "## Discussion\n\nWhat was tried." in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["notes"] == "What was tried."
+
+
+def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks():
+    assert per_block_schedule(12, 64, 0.85) == [6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 0, 0]
+    assert per_block_schedule(4, 16, 0.85) == [7, 7, 0, 0]
+    with pytest.raises(ValueError, match="removed_fraction"):
+        per_block_schedule(12, 64, 1.0)
