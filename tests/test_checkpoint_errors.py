@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config_kwargs
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForImageClassification
 
 from cropr import CroprViTConfig, CroprViTForImageClassification, CroprViTForSemanticSegmentation
@@ -78,6 +79,37 @@ def test_hand_edited_schedule_that_does_not_fit_names_the_numbers(saved, tmp_pat
     edit_config(folder, pruning_rate=3, pruning_schedule=[4, 4])
     with pytest.raises(ValueError, match=r"one entry per block \(4\), got 2"):
         CroprViTForImageClassification.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pruning_rate": 2.5}, r"'pruning_rate' expected int, got float \(value: 2.5\)"),
+        ({"pruning_schedule": [4, "x", 0, 0]}, r"'pruning_schedule' with value \[4, 'x', 0, 0\]"),
+        ({"image_size": "32"}, r"'image_size' with value '32'"),
+        ({"last_layer_fusion": "yes"}, r"'last_layer_fusion' expected bool, got str"),
+        ({"num_hidden_layers": None}, r"'num_hidden_layers' expected int, got NoneType"),
+        ({"image_size": [32, 32, 3]}, r"`image_size` must be an int or a \(height, width\) pair, got \[32, 32, 3\]"),
+        ({"token_selector": "Cropr"}, r"`token_selector` must be one of .* got 'Cropr'"),
+    ],
+)
+def test_hand_edited_config_values_of_the_wrong_type_are_named(saved, tmp_path, changes, message):
+    """Field types are checked (huggingface_hub `@strict`), not only values: nothing half-works with a bad type."""
+    folder = copy_of(saved[0], tmp_path)
+    edit_config(folder, **changes)
+    with pytest.raises((ValueError, StrictDataclassError), match=message):
+        CroprViTForImageClassification.from_pretrained(folder)
+
+
+def test_cli_reports_a_config_field_of_the_wrong_type_in_one_line(saved, tmp_path, capsys):
+    from cropr.cli import main
+
+    folder = copy_of(saved[0], tmp_path)
+    edit_config(folder, pruning_rate=2.5)
+    capsys.readouterr()
+    assert main(["info", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cropr: error: ") and err.count("\n") == 1 and "'pruning_rate' expected int" in err, err
 
 
 def test_unreadable_config_json_names_the_file(saved, tmp_path):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from . import modeling_cropr_vit
 from .configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
@@ -346,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:
             return exit_.code if isinstance(exit_.code, int) else 2
         return args.handler(args)
-    except (CliError, OSError, ValueError) as error:
+    except (CliError, OSError, ValueError, StrictDataclassError) as error:  # the last: a config field's type
         message = " ".join(str(error).split())  # one line, even for multi-line library messages
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
