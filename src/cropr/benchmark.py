@@ -103,6 +103,7 @@ class BenchmarkOptions:
     seed: int = 0
     quiet: bool = False
     output: str | None = None
+    markdown: str | None = None
 
 
 def log(message: str, quiet: bool = False) -> None:
@@ -675,6 +676,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument("--no-flop-count", dest="count_flops", action="store_false", help="skip FlopCounterMode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the JSON report here")
+    parser.add_argument("--markdown", help="append a markdown section (command, machine load, table) to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
 
@@ -710,12 +712,37 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         seed=args.seed,
         quiet=args.quiet,
         output=args.output,
+        markdown=args.markdown,
     )
     return options
 
 
+def format_markdown(report: dict[str, Any], command: str) -> str:
+    """A markdown section for `docs/benchmarks.md`: the command, the machine's state and the table, as measured."""
+    env = report["environment"]
+    load = env.get("load_average")
+    return "\n".join(
+        [
+            f"## {report['description']}",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average before the run "
+            + (", ".join(f"{value:.2f}" for value in load) if load else "unknown")
+            + f" on {os.cpu_count()} cores.",
+            "",
+            "```",
+            format_report(report),
+            "```",
+            "",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: prints the table and writes the JSON report to `--output`."""
+    """Command-line entry point: prints the table, writes the JSON report to `--output` and appends a markdown
+    section to `--markdown`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     options = parse_args(argv)
     report = run_benchmark(options)
     print(format_report(report))
@@ -723,6 +750,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(options.output, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
         log(f"wrote {options.output}", options.quiet)
+    if options.markdown:
+        command = "python scripts/benchmark.py " + " ".join(argv)
+        with open(options.markdown, "a", encoding="utf-8") as handle:
+            handle.write(format_markdown(report, command) + "\n")
+        log(f"appended to {options.markdown}", options.quiet)
     return 0
 
 
