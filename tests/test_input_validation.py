@@ -89,6 +89,15 @@ def test_half_and_double_pixel_values_are_cast_to_the_weights(models, head):
     assert torch.allclose(model(x.half()).logits, expected, atol=5e-2)
 
 
+@pytest.mark.parametrize("selector", ["cropr", "variance", "attention"])
+def test_strided_and_channels_last_pixel_values_give_the_same_outputs(selector):
+    model = build("segmentation", token_selector=selector).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))[:, :, ::2, ::2]
+    expected = model(x.contiguous()).logits
+    assert torch.allclose(model(x).logits, expected, atol=1e-6)
+    assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)).logits, expected, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Resolution policy: at another resolution every module removes the same share of patch tokens, at least one kept
 # ----------------------------------------------------------------------------------------------------------------------
