@@ -105,9 +105,9 @@ def cases(draw, heads=tuple(HEAD_CLASSES), selectors=TOKEN_SELECTORS) -> Case:
     return Case(head, config)
 
 
-def expected_kept(config: CroprViTConfig) -> list[int]:
-    """Tokens (prefix included) each pruning module keeps at `image_size`."""
-    keep = config.patch_keep_counts()
+def expected_kept(config: CroprViTConfig, fraction: float = 1.0) -> list[int]:
+    """Tokens (prefix included) each pruning module keeps at `image_size` and curriculum `fraction`."""
+    keep = config.patch_keep_counts(fraction=fraction)
     return [keep[block] + config.num_prefix_tokens for block in config.pruning_blocks]
 
 
@@ -122,14 +122,16 @@ def identity_blocks(backbone: CroprViTModel) -> CroprViTModel:
 
 
 @PROPERTY_SETTINGS
-@given(cases())
-def test_forward_backward_run_every_parameter_learns_and_kept_counts_follow_the_schedule(case):
+@given(cases(), st.sampled_from([1.0, 0.0, 0.4]))
+def test_forward_backward_run_every_parameter_learns_and_kept_counts_follow_the_schedule(case, fraction):
+    """Also part-way through the R curriculum (`fraction` < 1): the routers still learn while pruning less."""
     model = case.model().train()
+    model.set_pruning_fraction(fraction)
     x, labels = case.pixels(), case.labels()
     output = (
         model(x, labels=labels, output_kept_indices=True) if labels is not None else model(x, output_kept_indices=True)
     )
-    assert [indices.shape[1] for indices in output.kept_indices] == expected_kept(case.config)
+    assert [indices.shape[1] for indices in output.kept_indices] == expected_kept(case.config, fraction)
     if labels is None:
         output.last_hidden_state.sum().backward()
         return
