@@ -64,6 +64,18 @@ def test_corrupt_weights_file_is_an_os_error_naming_it(saved, tmp_path, corrupt)
         AutoModelForImageClassification.from_pretrained(folder)
 
 
+def test_sharded_checkpoint_names_the_broken_or_missing_shard(saved, tmp_path):
+    saved[1].save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    with pytest.raises(OSError, match=re.escape(str(shards[1])) + ".*truncated or not a safetensors file"):
+        CroprViTForImageClassification.from_pretrained(tmp_path)
+    shards[1].unlink()
+    with pytest.raises(OSError, match=re.escape(str(shards[1]))):
+        CroprViTForImageClassification.from_pretrained(tmp_path)
+
+
 def test_config_of_another_model_type_is_refused(saved, tmp_path):
     folder = copy_of(saved[0], tmp_path)
     edit_config(folder, model_type="vit")
