@@ -5,6 +5,8 @@ fractions, and with `full_determinism` (no dropout / drop-path, the generator-fr
 the same final weights as a run of the same length that never stopped.
 """
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_config_kwargs
@@ -77,10 +79,16 @@ def make_trainer(output_dir, init_seed: int, *callbacks: TrainerCallback) -> Tra
 
 @pytest.fixture
 def restore_determinism():
-    """`full_determinism` switches deterministic algorithms on for the whole process: switch them back."""
+    """`full_determinism` changes process-wide settings (deterministic algorithms, cuDNN flags, environment
+    variables): put them back for the tests that follow."""
     previous = torch.are_deterministic_algorithms_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    environment = dict(os.environ)
     yield
     torch.use_deterministic_algorithms(previous)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def test_resumed_run_continues_the_curriculum_and_matches_the_uninterrupted_run(tmp_path, restore_determinism):
