@@ -286,6 +286,7 @@ BASE_ARGS = ["--preset", "tiny", "--image_size", "32", "--report_to", "none", "-
         ("image-classification", ["--do_eval"], "would evaluate untrained Cropr modules"),
         ("multi-label-classification", ["--do_eval", "--token_selector", "non_salient"], "untrained Cropr modules"),
         ("image-classification", ["--do_eval", "--resume_from_checkpoint", "x"], "this run does not train"),
+        ("image-classification", ["--token_selector", "random", "--aux_loss_weight", "0.5"], "has no Cropr modules"),
         ("image-classification", ["--model_name_or_path", "a", "--backbone", "b"], "not both"),
     ],
 )

@@ -188,13 +188,19 @@ def check_argument_conflicts(
             raise ValueError(f"--token_selector none prunes nothing, so {' and '.join(given)} would be ignored")
     if pruning_args.pruning_rate is not None and pruning_args.pruning_schedule:
         raise ValueError("--pruning_schedule replaces --pruning_rate: give one of them")
+    # The selector the model will have, where known before loading (a checkpoint's own is read only later).
+    selector = pruning_args.token_selector or (None if model_args.model_name_or_path else CroprViTConfig.token_selector)
+    if pruning_args.aux_loss_weight is not None and selector is not None and selector not in LEARNED_SELECTORS:
+        raise ValueError(
+            f"--aux_loss_weight weighs the Cropr modules' losses, but --token_selector {selector} has no Cropr "
+            "modules: it would be ignored"
+        )
     ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
     if pruning_args.curriculum_per_epoch and ramp == 0:
         raise ValueError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
     if not do_train and resume_from_checkpoint:
         raise ValueError("--resume_from_checkpoint continues training, but this run does not train (--do_train)")
     if not do_train and not model_args.model_name_or_path:
-        selector = pruning_args.token_selector or CroprViTConfig.token_selector
         if selector in LEARNED_SELECTORS:
             raise ValueError(
                 f"--token_selector {selector} without training and without a trained checkpoint "
