@@ -176,6 +176,30 @@ def test_output_tokens_sit_at_their_original_positions(case):
     assert torch.allclose(output.last_hidden_state, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("selector", [selector for selector in TOKEN_SELECTORS if selector != "none"])
+@pytest.mark.parametrize(("height", "width"), [(48, 40), (16, 24)])
+def test_raster_order_holds_at_other_resolutions(selector, height, width):
+    config = CroprViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        pruning_rate=5,
+        token_selector=selector,
+    )
+    model = identity_blocks(Case("base", config).model()).eval()
+    x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model(x, interpolate_pos_encoding=True, output_kept_indices=True)
+        expected = model.layernorm(model.embeddings(x, interpolate_pos_encoding=True))
+    num_patches = (height // 8) * (width // 8)
+    assert [kept.shape[1] - 1 for kept in output.kept_indices] == [
+        config.patch_keep_counts(num_patches)[block] for block in config.pruning_blocks
+    ]
+    assert torch.allclose(output.last_hidden_state, expected, atol=1e-5)
+
+
 @PROPERTY_SETTINGS
 @given(cases(heads=("classification", "multi_label", "segmentation"), selectors=LEARNED_SELECTORS))
 def test_stripping_the_training_modules_keeps_eval_logits(case):
