@@ -364,3 +364,12 @@ def test_convert_script_end_to_end(vit_source, tmp_path):
     assert processor.size == {"height": 48, "width": 48} and not processor.do_reduce_labels
     with torch.no_grad():
         assert model(images(48)).logits.shape == (2, 3, 6, 6)
+
+
+def test_pickled_weights_are_never_loaded(vit_source, tmp_path):
+    # A source folder with only a pickle checkpoint: transformers would unpickle it; the conversion refuses.
+    source, _ = vit_source
+    source.config.save_pretrained(tmp_path)
+    torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        from_backbone(tmp_path, "image-classification", num_labels=3)

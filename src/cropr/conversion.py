@@ -339,6 +339,8 @@ def _load_source(source: str | os.PathLike | PreTrainedModel, **from_pretrained_
     # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a head
     # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model.
     extra = {"add_pooling_layer": False} if family.model_type == "vit" else {}
+    # Weights are read from safetensors only: transformers would otherwise fall back to unpickling a .bin file.
+    from_pretrained_kwargs.setdefault("use_safetensors", True)
     return family.model_class.from_pretrained(source, config=config, **extra, **from_pretrained_kwargs)
 
 
