@@ -85,9 +85,12 @@ class ReproduceConfig:
     image_size: int | None = None
     canvas_size: int = 112
     removed_fraction: float = 0.85
+    pooling: str = "cls"
+    curriculum: float = 0.5
     batch_size: int = 8
     learning_rate: float = 1e-3
     layer_decay: float = 0.65
+    router_lr_scale: float = 10.0
     frozen_blocks: int | None = None  # None: all but the last two blocks
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
@@ -110,6 +113,16 @@ class ReproduceConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 # Model, schedule and optimiser
 # ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReproducePruningArguments(PruningArguments):
+    """`PruningArguments` plus the pooling of the image-level heads, which `cropr.training` does not expose."""
+
+    pooling: str = "avg"
+
+    def config_overrides(self) -> dict[str, Any]:
+        return {**super().config_overrides(), "pooling": self.pooling}
+
+
 def resolve_backbone(backbone: str | None) -> str | None:
     """The backbone directory to use, or `None` (with a printed warning) when it is missing and a preset is used."""
     if backbone is None:
@@ -166,11 +179,16 @@ def freeze_early_blocks(model: CroprViTPreTrainedModel, num_blocks: int | None) 
 
 
 def parameter_groups(
-    model: CroprViTPreTrainedModel, learning_rate: float, layer_decay: float, weight_decay: float
+    model: CroprViTPreTrainedModel,
+    learning_rate: float,
+    layer_decay: float,
+    weight_decay: float,
+    router_lr_scale: float = 10.0,
 ) -> list[dict[str, Any]]:
     """AdamW groups with layer-wise lr decay (the paper's recipe): block i of L gets `lr * decay**(L - i)`, the
-    embeddings `lr * decay**(L + 1)`; the Cropr modules, the final norm and the task head get `lr` undecayed.
-    Biases, norms, position embeddings, CLS and queries get no weight decay."""
+    embeddings `lr * decay**(L + 1)`; the final norm and the task head get `lr` undecayed, the Cropr modules
+    (queries, aggregators, auxiliary heads) `lr * router_lr_scale`. Biases, norms, position embeddings, CLS and
+    queries get no weight decay."""
     depth = model.config.num_hidden_layers
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
@@ -181,6 +199,8 @@ def parameter_groups(
             scale = layer_decay ** (depth + 1)
         elif parts[1:2] == ["layers"]:
             scale = layer_decay ** (depth - int(parts[2]))
+        elif parts[1:2] == ["token_selector"]:
+            scale = router_lr_scale
         else:
             scale = 1.0
         no_decay = parameter.ndim <= 1 or parts[-1] in ("position_embeddings", "cls_token", "queries")
@@ -215,7 +235,8 @@ def train_variant(
     budget = config.budgets[task.name]
     set_seed(seed)
     model_args = ModelArguments(backbone=backbone, preset=config.preset)
-    pruning_args = PruningArguments(
+    pruning_args = ReproducePruningArguments(
+        pooling=config.pooling,
         token_selector=selector,
         pruning_schedule=",".join(map(str, schedule)),
         last_layer_fusion=True,
@@ -247,10 +268,10 @@ def train_variant(
         dataloader_pin_memory=False,
     )
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.learning_rate, config.layer_decay, config.weight_decay),
+        parameter_groups(model, config.learning_rate, config.layer_decay, config.weight_decay, config.router_lr_scale),
         lr=config.learning_rate,
     )
-    ramp = task.default_curriculum if selector != "none" else 0.0
+    ramp = 0.0 if selector == "none" else config.curriculum
     trainer = Trainer(
         model=model,
         args=args,
@@ -533,11 +554,15 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         f"- Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}",
         f"- Started {results['started']}, wall time {results['wall_seconds'] / 60:.1f} min",
         f"- Seeds {config['seeds']} (data seed {config['data_seed']}, the same scenes for every seed)",
-        f"- Optimiser: AdamW, lr {config['learning_rate']:g} (Cropr modules and heads), layer decay "
-        f"{config['layer_decay']:g} for the backbone blocks, weight decay {config['weight_decay']:g}, cosine schedule "
-        f"with {config['warmup_fraction']:.0%} warm-up, batch {config['batch_size']}, random horizontal flips, "
-        f"aux loss weight {config['aux_loss_weight']:g}, no gradient clipping; segmentation ramps R from 0 over the "
-        "first half of training (the paper's curriculum) for every pruned variant.",
+        f"- Optimiser: AdamW, lr {config['learning_rate']:g} for the heads, x{config['router_lr_scale']:g} for the "
+        f"Cropr modules, layer decay {config['layer_decay']:g} for the trained backbone blocks, weight decay "
+        f"{config['weight_decay']:g}, cosine schedule with {config['warmup_fraction']:.0%} warm-up, batch "
+        f"{config['batch_size']}, random horizontal flips, aux loss weight {config['aux_loss_weight']:g}, no gradient "
+        "clipping.",
+        f"- Curriculum: every pruned variant ramps R from 0 to its target over the first {config['curriculum']:.0%} of "
+        "training (the paper's segmentation curriculum, here for all tasks); the unpruned model has nothing to ramp.",
+        f"- Image-level heads pool the {config['pooling'].upper() if config['pooling'] == 'cls' else 'average'} "
+        "token; segmentation uses the Segmenter linear head on every patch.",
         "- Trained: the blocks after the frozen ones (see the table), the final norm, the Cropr modules and the head; "
         "the patch embedding and the first blocks stay frozen, so the CPU budget goes into more steps.",
         f"- Schedule: per block with LLF, {config['removed_fraction']:.0%} of the patches removed by the last module.",
@@ -604,9 +629,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 DEFAULT_BUDGETS = {
-    "image-classification": Budget(num_train=448, num_eval=192),
-    "semantic-segmentation": Budget(num_train=320, num_eval=96),
-    "multi-label-classification": Budget(num_train=320, num_eval=128),
+    "image-classification": Budget(num_train=640, num_eval=256),
+    "semantic-segmentation": Budget(num_train=384, num_eval=96),
+    "multi-label-classification": Budget(num_train=384, num_eval=128),
 }
 """Sized to finish all three tasks, 3 seeds, in about an hour on a 2-core CPU with DINOv2-S/14 at 112 px."""
 
@@ -636,9 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, help="training epochs (default 1)")
     parser.add_argument("--max-steps", type=int, help="training steps, overrides --epochs")
     parser.add_argument("--removed-fraction", type=float, default=0.85, help="patches removed by the last module")
+    parser.add_argument("--pooling", default="cls", choices=["cls", "avg"], help="pooling of the image-level heads")
+    parser.add_argument("--curriculum", type=float, default=0.5, help="share of training over which R ramps up")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="lr of the heads and Cropr modules")
     parser.add_argument("--layer-decay", type=float, default=0.65)
+    parser.add_argument("--router-lr-scale", type=float, default=10.0, help="lr multiplier of the Cropr modules")
     parser.add_argument("--frozen-blocks", type=int, help="frozen first blocks (default: all but 2)")
     parser.add_argument("--aux-loss-weight", type=float, default=1.0)
     parser.add_argument("--throughput-batch-size", type=int, default=32)
@@ -673,9 +701,12 @@ def config_from_args(args: argparse.Namespace) -> ReproduceConfig:
         image_size=args.image_size,
         canvas_size=args.canvas_size,
         removed_fraction=args.removed_fraction,
+        pooling=args.pooling,
+        curriculum=args.curriculum,
         batch_size=8 if args.quick else args.batch_size,
         learning_rate=args.learning_rate,
         layer_decay=args.layer_decay,
+        router_lr_scale=args.router_lr_scale,
         frozen_blocks=args.frozen_blocks,
         aux_loss_weight=args.aux_loss_weight,
         throughput_batch_size=8 if args.quick else args.throughput_batch_size,
