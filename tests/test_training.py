@@ -123,3 +123,16 @@ def test_accelerate_launch_runs_the_script_unchanged(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     load_saved("image-classification", output_dir)
+
+
+def test_backbone_runs_get_the_papers_pruning_regime(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    backbone = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(backbone)  # fmt: skip
+    argv = [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")]
+    run("image-classification", argv + ["--output_dir", str(tmp_path / "out"), "--backbone", str(backbone)])
+    config = CroprViTConfig.from_pretrained(tmp_path / "out")
+    # 16 patches, 2 modules (4 blocks with LLF): 80% of the patches, i.e. 13, set aside as evenly as possible.
+    assert config.prune_counts == [7, 6, 0, 0]

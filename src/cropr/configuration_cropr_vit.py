@@ -21,6 +21,25 @@ def _as_pair(value: int | Sequence[int], name: str = "size") -> tuple[int, int]:
     return int(height), int(width)
 
 
+def per_block_schedule(
+    depth: int, num_patches: int, removed_fraction: float, last_layer_fusion: bool = True
+) -> list[int]:
+    """Tokens removed after each block by a per-block schedule that sets aside `removed_fraction` of the patches.
+
+    One module after every block but the last (or the last two with Last Layer Fusion); together they remove
+    `round(removed_fraction * num_patches)` patches (at most all but one), as evenly as possible, earlier modules
+    taking the remainder. For a pretrained backbone at an arbitrary resolution this is easier to choose than R.
+    """
+    if not 0.0 < removed_fraction < 1.0:
+        raise ValueError(f"`removed_fraction` must be in (0, 1), got {removed_fraction}")
+    num_modules = depth - (2 if last_layer_fusion else 1)
+    if num_modules < 1:
+        raise ValueError(f"a per-block schedule needs at least {depth - num_modules + 1} blocks, got {depth}")
+    total = min(round(removed_fraction * num_patches), num_patches - 1)
+    base, extra = divmod(total, num_modules)
+    return [base + (module < extra) for module in range(num_modules)] + [0] * (depth - num_modules)
+
+
 @strict
 class CroprViTConfig(PreTrainedConfig):
     r"""
@@ -317,4 +336,4 @@ class CroprViTConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["CroprViTConfig", "TOKEN_SELECTORS", "LEARNED_SELECTORS"]
+__all__ = ["CroprViTConfig", "TOKEN_SELECTORS", "LEARNED_SELECTORS", "per_block_schedule"]

@@ -33,11 +33,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vit-mini8-112": dict(
         image_size=112, patch_size=8, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, pruning_rate=40
     ),
-    # 16 px patches on 112 px (49 patches): four times cheaper per image than vit-mini8-112, so a few CPU minutes
-    # see enough images to learn from scratch; R=8 per block + LLF keeps 16 of 49 patches after block 3.
-    "vit-mini16-112": dict(
-        image_size=112, patch_size=16, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, pruning_rate=8
-    ),
     # For tests: 32 px, 8 px patches (16 patches), 4 blocks of width 32.
     "tiny": dict(
         image_size=32,

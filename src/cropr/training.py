@@ -23,6 +23,7 @@ import torch
 from datasets import DatasetDict, load_dataset
 from PIL import Image
 from transformers import (
+    AutoConfig,
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
     HfArgumentParser,
@@ -34,7 +35,7 @@ from transformers import (
 )
 
 from . import metrics
-from .configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprViTConfig
+from .configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprViTConfig, per_block_schedule
 from .curriculum import PruningCurriculumCallback
 from .data import id2label as builtin_id2label
 from .data import load_builtin_task
@@ -286,6 +287,8 @@ def build_model(
     if model_args.backbone:
         from .conversion import from_backbone
 
+        if "pruning_rate" not in overrides and "pruning_schedule" not in overrides:
+            overrides["pruning_schedule"] = backbone_schedule(model_args.backbone, image_size, overrides)
         return from_backbone(model_args.backbone, task.name, image_size=image_size, id2label=labels, **overrides)
     if model_args.model_name_or_path:
         auto_class = (
@@ -322,6 +325,16 @@ def build_model(
     model = task.model_class(config)
     processor = default_image_processor(task, image_size)
     return model, processor
+
+
+def backbone_schedule(backbone: str, image_size: int, overrides: dict[str, Any]) -> list[int]:
+    """The paper's regime for any backbone and resolution: a per-block schedule setting aside 80% of the patches."""
+    source = AutoConfig.from_pretrained(backbone)
+    patch_size = source.patch_size if isinstance(source.patch_size, int) else source.patch_size[0]
+    num_patches = (image_size // patch_size) ** 2
+    return per_block_schedule(
+        source.num_hidden_layers, num_patches, 0.8, overrides.get("last_layer_fusion", True) is not False
+    )
 
 
 def default_image_processor(task: TaskSpec, image_size: int) -> ViTImageProcessorPil | SegformerImageProcessorPil:
