@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from cropr.reproduce import SELECTORS, per_block_schedule
+from cropr.reproduce import SELECTORS, main, per_block_schedule
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -56,8 +56,7 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
 
     notes = tmp_path / "notes.md"
     notes.write_text("What was tried.")
-    rendered = run_script("--render-only", "--output-dir", str(tmp_path), "--notes", str(notes))
-    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert main(["--render-only", "--output-dir", str(tmp_path), "--notes", str(notes)]) == 0
     assert "## Discussion\n\nWhat was tried." in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["notes"] == "What was tried."
 
