@@ -56,9 +56,16 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
 
     notes = tmp_path / "notes.md"
     notes.write_text("What was tried.")
-    assert main(["--render-only", "--output-dir", str(tmp_path), "--notes", str(notes)]) == 0
-    assert "## Discussion\n\nWhat was tried." in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "results.json").read_text())["notes"] == "What was tried."
+    other = tmp_path / "other.json"
+    other.write_text((tmp_path / "results.json").read_text())
+    argv = ["--render-only", "--output-dir", str(tmp_path), "--notes", str(notes), "--attach", str(other)]
+    assert main(argv) == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "## Discussion\n\nWhat was tried." in report
+    assert f"## Further run: `{results['command']}`" in report
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["notes"] == "What was tried."
+    assert [run["command"] for run in stored["further_runs"]] == [results["command"]]
 
 
 def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks():

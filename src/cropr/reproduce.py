@@ -567,23 +567,9 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         "the patch embedding and the first blocks stay frozen, so the CPU budget goes into more steps.",
         f"- Schedule: per block with LLF, {config['removed_fraction']:.0%} of the patches removed by the last module.",
         "",
-        "| task | train scenes | eval scenes | epochs | max steps | frozen blocks | image size | patches | "
-        "tokens per block | FLOP ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        budget_table(results),
     ]
-    for task_name, task in results["tasks"].items():
-        budget = task["budget"]
-        lines.append(
-            f"| {task_name} | {budget['num_train']} | {budget['num_eval']} | {budget['epochs']:g} | "
-            f"{budget['max_steps'] if budget['max_steps'] > 0 else '-'} | {task['frozen_blocks']} of {task['depth']} | "
-            f"{task['image_size']} | {task['num_patches']} "
-            f"| {' > '.join(map(str, task['token_counts']))} | {task['flop_ceiling']:.2f}x |"
-        )
-    lines += ["", "## Results", ""]
-    for task_name, task in results["tasks"].items():
-        lines += [f"### {task_name}", "", task_table(task), ""]
-        lines += [f"- {finding}" for finding in task_findings(task)]
-        lines += [f"- Eval throughput measured at batch {task['throughput_batch_size']}.", ""]
+    lines += ["", "## Results", "", *task_sections(results, "###")]
     lines += [
         "## Metric vs throughput",
         "",
@@ -607,9 +593,57 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         "on a CPU, so only the ordering, not the numbers, is comparable.",
         "",
     ]
+    for run in results.get("further_runs", []):
+        lines += [
+            f"## Further run: `{run['command']}`",
+            "",
+            f"Same recipe as above except for the options of this command (config in `results.json`); started "
+            f"{run['started']}, wall time {run['wall_seconds'] / 60:.1f} min.",
+            "",
+            budget_table(run),
+            "",
+            *task_sections(run, "###", prefix="Further run, "),
+        ]
     if notes:
         lines += ["## Discussion", "", notes.strip(), ""]
     return "\n".join(lines)
+
+
+def budget_table(results: dict[str, Any]) -> str:
+    """A markdown table of each task's data budget, frozen blocks, geometry and schedule."""
+    lines = [
+        "| task | train scenes | eval scenes | epochs | max steps | frozen blocks | image size | patches | "
+        "tokens per block | FLOP ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task_name, task in results["tasks"].items():
+        budget = task["budget"]
+        lines.append(
+            f"| {task_name} | {budget['num_train']} | {budget['num_eval']} | {budget['epochs']:g} | "
+            f"{budget['max_steps'] if budget['max_steps'] > 0 else '-'} | {task['frozen_blocks']} of {task['depth']} | "
+            f"{task['image_size']} | {task['num_patches']} "
+            f"| {' > '.join(map(str, task['token_counts']))} | {task['flop_ceiling']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def task_sections(results: dict[str, Any], heading: str, prefix: str = "") -> list[str]:
+    """Per task: a heading, the results table and the computed findings."""
+    lines = []
+    for task_name, task in results["tasks"].items():
+        lines += [f"{heading} {prefix}{task_name}", "", task_table(task), ""]
+        lines += [f"- {finding}" for finding in task_findings(task)]
+        lines += [f"- Eval throughput measured at batch {task['throughput_batch_size']}.", ""]
+    return lines
+
+
+def attach_run(results: dict[str, Any], other: dict[str, Any]) -> None:
+    """Store another run's results (e.g. a larger budget) in `results["further_runs"]`, replacing one with the same
+    command; its heat-maps are not carried over."""
+    run = {key: other[key] for key in ("command", "started", "wall_seconds", "environment", "config", "model", "tasks")}
+    run["tasks"] = {name: {**task, "heatmaps": []} for name, task in other["tasks"].items()}
+    runs = [existing for existing in results.get("further_runs", []) if existing["command"] != run["command"]]
+    results["further_runs"] = [*runs, run]
 
 
 def render_docs(results: dict[str, Any], out_dir: str | Path, notes: str | None = None) -> Path:
@@ -677,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--render-only", action="store_true", help="only rewrite results.md and the plot from OUTPUT_DIR/results.json"
     )
+    parser.add_argument(
+        "--attach",
+        action="append",
+        metavar="RESULTS_JSON",
+        help="with --render-only: another run's results.json to store and report as a further run",
+    )
     parser.add_argument("--notes", help="markdown file stored in results.json and shown as the report's discussion")
     return parser
 
@@ -726,8 +766,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not results_path.is_file():
             raise SystemExit(f"--render-only needs {results_path}; run without it first")
         results = load_results(results_path)
+        for path in args.attach or []:
+            attach_run(results, load_results(path))
         if notes is not None:
             results["notes"] = notes
+        if notes is not None or args.attach:
             results_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {render_docs(results, out_dir)}")
         return 0
@@ -743,6 +786,7 @@ __all__ = [
     "Budget",
     "ReproduceConfig",
     "SELECTORS",
+    "attach_run",
     "load_results",
     "main",
     "parameter_groups",
