@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from cropr.reproduce import SELECTORS, main, per_block_schedule
+from cropr.reproduce import SELECTORS, main, per_block_schedule, resolve_backbone
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -73,3 +73,9 @@ def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks
     assert per_block_schedule(4, 16, 0.85) == [7, 7, 0, 0]
     with pytest.raises(ValueError, match="removed_fraction"):
         per_block_schedule(12, 64, 1.0)
+
+
+def test_a_missing_backbone_folder_falls_back_to_the_preset_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="from-scratch preset"):
+        assert resolve_backbone(str(tmp_path / "absent")) is None
+    assert resolve_backbone(str(tmp_path)) == str(tmp_path)

@@ -48,8 +48,6 @@ from .training import (
 )
 from .visualization import visualize_pruning
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "shared" / "data" / "dinov2-small"
 """The pretrained DINOv2-S/14 of the development machines (`../shared/data/dinov2-small` from the repository)."""
 
@@ -124,14 +122,15 @@ class ReproducePruningArguments(PruningArguments):
 
 
 def resolve_backbone(backbone: str | None) -> str | None:
-    """The backbone directory to use, or `None` (with a printed warning) when it is missing and a preset is used."""
+    """The backbone directory to use, or `None` (with a warning on stderr) when it is missing and a preset is used."""
     if backbone is None:
         return None
     if Path(backbone).is_dir():
         return backbone
-    message = f"backbone folder {backbone} not found: training the from-scratch preset instead (far weaker numbers)"
-    warnings.warn(message, stacklevel=2)
-    print(f"WARNING: {message}", file=sys.stderr)
+    warnings.warn(
+        f"backbone folder {backbone} not found: training the from-scratch preset instead (far weaker numbers)",
+        stacklevel=2,
+    )
     return None
 
 
