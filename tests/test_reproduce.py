@@ -66,6 +66,7 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["notes"] == "What was tried."
     assert [run["command"] for run in stored["further_runs"]] == [results["command"]]
+    assert "](results_tradeoff_further1.png)" in report and (tmp_path / "results_tradeoff_further1.png").is_file()
 
 
 def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks():

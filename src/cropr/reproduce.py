@@ -445,6 +445,11 @@ def run_reproduction(
 # ----------------------------------------------------------------------------------------------------------------------
 # Docs from the JSON
 # ----------------------------------------------------------------------------------------------------------------------
+def further_plot_name(index: int) -> str:
+    """File name of the trade-off plot of the `index`-th further run."""
+    return f"results_tradeoff_further{index + 1}.png"
+
+
 def plot_tradeoff(results: dict[str, Any], path: Path) -> Path:
     """Metric (median, min-max bars over seeds) against eval images/s, one panel per task (the paper's Figure 5)."""
     import matplotlib
@@ -592,7 +597,7 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         "on a CPU, so only the ordering, not the numbers, is comparable.",
         "",
     ]
-    for run in results.get("further_runs", []):
+    for index, run in enumerate(results.get("further_runs", [])):
         lines += [
             f"## Further run: `{run['command']}`",
             "",
@@ -602,6 +607,8 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
             budget_table(run),
             "",
             *task_sections(run, "###", prefix="Further run, "),
+            f"![metric vs throughput, further run]({further_plot_name(index)})",
+            "",
         ]
     if notes:
         lines += ["## Discussion", "", notes.strip(), ""]
@@ -646,9 +653,12 @@ def attach_run(results: dict[str, Any], other: dict[str, Any]) -> None:
 
 
 def render_docs(results: dict[str, Any], out_dir: str | Path, notes: str | None = None) -> Path:
-    """Write `results.md` and `results_tradeoff.png` from the results; returns the markdown path."""
+    """Write `results.md` and the trade-off plots (main run and further runs) from the results; returns the
+    markdown path."""
     out_dir = Path(out_dir)
     plot_tradeoff(results, out_dir / "results_tradeoff.png")
+    for index, run in enumerate(results.get("further_runs", [])):
+        plot_tradeoff(run, out_dir / further_plot_name(index))
     path = out_dir / "results.md"
     path.write_text(render_markdown(results, notes if notes is not None else results.get("notes")))
     return path
