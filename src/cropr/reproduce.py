@@ -458,7 +458,7 @@ def plot_tradeoff(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = results["tasks"]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.0), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(max(4.6 * len(tasks), 7.0), 4.0), squeeze=False)
     markers = {"none": "s", "cropr": "*", "random": "o", "variance": "^", "attention": "D", "non_salient": "v"}
     for axis, (task_name, task) in zip(axes[0], tasks.items(), strict=True):
         for selector, row in task["selectors"].items():
