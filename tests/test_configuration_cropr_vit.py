@@ -2,6 +2,7 @@ import pytest
 from conftest import tiny_config_kwargs
 
 from cropr import CroprViTConfig
+from cropr.configuration_cropr_vit import per_block_schedule
 
 
 def test_default_is_vit_b16_with_per_block_schedule_and_llf():
@@ -100,3 +101,11 @@ def test_mutated_config_is_checked_again_by_the_model():
     config.pruning_rate = 50
     with pytest.raises(ValueError, match="removes"):
         CroprViTModel(config)
+
+
+def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks():
+    assert per_block_schedule(12, 64, 0.85) == [6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 0, 0]
+    assert per_block_schedule(4, 16, 0.85) == [7, 7, 0, 0]
+    assert per_block_schedule(4, 16, 0.85, last_layer_fusion=False) == [5, 5, 4, 0]
+    with pytest.raises(ValueError, match="removed_fraction"):
+        per_block_schedule(12, 64, 1.0)

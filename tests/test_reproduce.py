@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from cropr.reproduce import SELECTORS, main, per_block_schedule, resolve_backbone
+from cropr.reproduce import SELECTORS, main, resolve_backbone
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -67,13 +67,6 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
     assert stored["notes"] == "What was tried."
     assert [run["command"] for run in stored["further_runs"]] == [results["command"]]
     assert "](results_tradeoff_further1.png)" in report and (tmp_path / "results_tradeoff_further1.png").is_file()
-
-
-def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks():
-    assert per_block_schedule(12, 64, 0.85) == [6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 0, 0]
-    assert per_block_schedule(4, 16, 0.85) == [7, 7, 0, 0]
-    with pytest.raises(ValueError, match="removed_fraction"):
-        per_block_schedule(12, 64, 1.0)
 
 
 def test_a_missing_backbone_folder_falls_back_to_the_preset_with_a_warning(tmp_path):

@@ -31,6 +31,7 @@ from PIL import Image
 from transformers import AutoConfig, Trainer, TrainingArguments, set_seed
 
 from . import metrics
+from .configuration_cropr_vit import per_block_schedule
 from .curriculum import PruningCurriculumCallback
 from .modeling_cropr_vit import CroprViTPreTrainedModel
 from .presets import PRESETS
@@ -145,19 +146,6 @@ def model_geometry(config: ReproduceConfig, backbone: str | None) -> tuple[int, 
         depth, patch_size = preset["num_hidden_layers"], preset["patch_size"]
         image_size = config.image_size or preset["image_size"]
     return depth, image_size, (image_size // patch_size) ** 2
-
-
-def per_block_schedule(depth: int, num_patches: int, removed_fraction: float) -> list[int]:
-    """Patches removed after each block: a module after every block but the last two (LLF), removing together
-    `round(removed_fraction * num_patches)` patches, as evenly as possible (earlier modules take the remainder)."""
-    if not 0.0 < removed_fraction < 1.0:
-        raise ValueError(f"removed_fraction must be in (0, 1), got {removed_fraction}")
-    num_modules = depth - 2
-    if num_modules < 1:
-        raise ValueError(f"a per-block schedule with LLF needs at least 3 blocks, got {depth}")
-    total = min(round(removed_fraction * num_patches), num_patches - 1)
-    base, extra = divmod(total, num_modules)
-    return [base + (module < extra) for module in range(num_modules)] + [0, 0]
 
 
 def freeze_early_blocks(model: CroprViTPreTrainedModel, num_blocks: int | None) -> None:
@@ -799,7 +787,6 @@ __all__ = [
     "load_results",
     "main",
     "parameter_groups",
-    "per_block_schedule",
     "render_docs",
     "render_markdown",
     "run_reproduction",
