@@ -23,6 +23,35 @@ def tiny_config_kwargs(**overrides) -> dict:
     return {**PRESETS["tiny"], "num_labels": 5, **overrides}
 
 
+def head_classes() -> dict:
+    """Each model class under a short name: the bare backbone and the three task heads."""
+    from cropr import (
+        CroprViTForImageClassification,
+        CroprViTForMultiLabelClassification,
+        CroprViTForSemanticSegmentation,
+        CroprViTModel,
+    )
+
+    return {
+        "base": CroprViTModel,
+        "classification": CroprViTForImageClassification,
+        "multi_label": CroprViTForMultiLabelClassification,
+        "segmentation": CroprViTForSemanticSegmentation,
+    }
+
+
+TASK_HEADS = ("classification", "multi_label", "segmentation")
+
+
+def build_tiny(head: str, **overrides):
+    """A `tiny`-preset model of `head` (a `head_classes()` key); segmentation gets one query per patch."""
+    from cropr import CroprViTConfig
+
+    if head == "segmentation":
+        overrides.setdefault("num_queries", 16)
+    return head_classes()[head](CroprViTConfig(**tiny_config_kwargs(**overrides)))
+
+
 @pytest.fixture
 def tiny_config():
     from cropr import CroprViTConfig

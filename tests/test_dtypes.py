@@ -2,27 +2,14 @@
 
 import pytest
 import torch
-from conftest import tiny_config_kwargs
+from conftest import TASK_HEADS, build_tiny
 
-from cropr import (
-    CroprViTConfig,
-    CroprViTForImageClassification,
-    CroprViTForMultiLabelClassification,
-    CroprViTForSemanticSegmentation,
-)
 from cropr.configuration_cropr_vit import TOKEN_SELECTORS
-
-HEAD_CLASSES = {
-    "classification": CroprViTForImageClassification,
-    "multi_label": CroprViTForMultiLabelClassification,
-    "segmentation": CroprViTForSemanticSegmentation,
-}
 
 
 def build(head: str, selector: str):
     torch.manual_seed(0)
-    kwargs = tiny_config_kwargs(token_selector=selector, num_queries=16 if head == "segmentation" else 1)
-    return HEAD_CLASSES[head](CroprViTConfig(**kwargs))
+    return build_tiny(head, token_selector=selector)
 
 
 def labels_for(head: str, device: str = "cpu") -> torch.Tensor:
@@ -58,13 +45,13 @@ def check_reduced_precision(model, head: str, device: str, dtype: torch.dtype) -
 
 
 @pytest.mark.parametrize("selector", TOKEN_SELECTORS)
-@pytest.mark.parametrize("head", HEAD_CLASSES)
+@pytest.mark.parametrize("head", TASK_HEADS)
 def test_bf16_autocast_on_cpu_trains_and_evaluates(head, selector):
     check_reduced_precision(build(head, selector), head, "cpu", torch.bfloat16)
 
 
 @pytest.mark.parametrize("selector", TOKEN_SELECTORS)
-@pytest.mark.parametrize("head", HEAD_CLASSES)
+@pytest.mark.parametrize("head", TASK_HEADS)
 def test_bf16_weights_evaluate_float32_and_bf16_pixels(head, selector):
     model = build(head, selector).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -82,14 +69,14 @@ def test_bf16_weights_evaluate_float32_and_bf16_pixels(head, selector):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("selector", TOKEN_SELECTORS)
-@pytest.mark.parametrize("head", HEAD_CLASSES)
+@pytest.mark.parametrize("head", TASK_HEADS)
 def test_autocast_on_gpu_trains_and_evaluates(head, selector, dtype):
     check_reduced_precision(build(head, selector), head, "cuda", dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head", HEAD_CLASSES)
+@pytest.mark.parametrize("head", TASK_HEADS)
 def test_half_weights_on_gpu_evaluate(head, dtype):
     model = build(head, "cropr").to("cuda", dtype).eval()
     with torch.no_grad():

@@ -6,36 +6,23 @@ each head, and conflicting training-script arguments.
 
 import pytest
 import torch
-from conftest import tiny_config_kwargs
+from conftest import build_tiny, head_classes, tiny_config_kwargs
 from transformers import ViTImageProcessorPil
 
 from cropr import (
     CroprViTConfig,
     CroprViTForImageClassification,
-    CroprViTForMultiLabelClassification,
-    CroprViTForSemanticSegmentation,
     CroprViTModel,
 )
 from cropr.training import TASKS, ModelArguments, PruningArguments, build_model, run
 
-HEAD_CLASSES = {
-    "base": CroprViTModel,
-    "classification": CroprViTForImageClassification,
-    "multi_label": CroprViTForMultiLabelClassification,
-    "segmentation": CroprViTForSemanticSegmentation,
-}
-
-
-def build(head: str, **overrides):
-    if head == "segmentation":
-        overrides.setdefault("num_queries", 16)
-    return HEAD_CLASSES[head](CroprViTConfig(**tiny_config_kwargs(**overrides)))
+HEAD_CLASSES = head_classes()
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    return {head: build(head) for head in HEAD_CLASSES}
+    return {head: build_tiny(head) for head in HEAD_CLASSES}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -91,7 +78,7 @@ def test_half_and_double_pixel_values_are_cast_to_the_weights(models, head):
 
 @pytest.mark.parametrize("selector", ["cropr", "variance", "attention"])
 def test_strided_and_channels_last_pixel_values_give_the_same_outputs(selector):
-    model = build("segmentation", token_selector=selector).eval()
+    model = build_tiny("segmentation", token_selector=selector).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))[:, :, ::2, ::2]
     expected = model(x.contiguous()).logits
     assert torch.allclose(model(x).logits, expected, atol=1e-6)
@@ -149,7 +136,7 @@ def test_segmentation_at_another_resolution_evaluates_but_refuses_to_train_its_m
 
 
 def test_training_free_segmentation_trains_at_another_resolution():
-    model = build("segmentation", token_selector="variance").train()
+    model = build_tiny("segmentation", token_selector="variance").train()
     output = model(torch.randn(2, 3, 48, 48), labels=torch.randint(0, 5, (2, 48, 48)), interpolate_pos_encoding=True)
     output.loss.backward()
     assert output.logits.shape == (2, 5, 6, 6)
@@ -237,13 +224,13 @@ def test_bad_labels_are_named_for_each_head(models, head, labels, error, message
 
 
 def test_explicit_single_label_problem_type_rejects_float_labels():
-    model = build("classification", problem_type="single_label_classification").train()
+    model = build_tiny("classification", problem_type="single_label_classification").train()
     with pytest.raises(ValueError, match=r"integer class ids of shape \(2,\), got dtype torch.float32"):
         model(X, labels=torch.tensor([0.0, 1.0]))
 
 
 def test_a_failed_call_does_not_change_how_later_labels_are_read():
-    model = build("classification").train()
+    model = build_tiny("classification").train()
     with pytest.raises(ValueError):
         model(X, labels=torch.tensor([0.0, 1.0]))  # float ids would make it multi-label
     assert model.config.problem_type is None
@@ -252,9 +239,10 @@ def test_a_failed_call_does_not_change_how_later_labels_are_read():
 
 
 def test_valid_edge_labels_are_accepted():
-    build("segmentation").train()(X, labels=torch.full((2, 32, 32), 255)).loss.backward()  # all ignored
-    build("multi_label").train()(X, labels=torch.zeros(2, 5, dtype=torch.long)).loss.backward()  # integer multi-hot
-    build("classification", num_labels=1).train()(X, labels=torch.tensor([0.5, -1.0])).loss.backward()  # regression
+    # All pixels ignored; integer multi-hot labels; regression targets.
+    build_tiny("segmentation").train()(X, labels=torch.full((2, 32, 32), 255)).loss.backward()
+    build_tiny("multi_label").train()(X, labels=torch.zeros(2, 5, dtype=torch.long)).loss.backward()
+    build_tiny("classification", num_labels=1).train()(X, labels=torch.tensor([0.5, -1.0])).loss.backward()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

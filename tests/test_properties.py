@@ -10,24 +10,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import head_classes, tiny_config_kwargs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cropr import (
     CroprViTConfig,
-    CroprViTForImageClassification,
-    CroprViTForMultiLabelClassification,
-    CroprViTForSemanticSegmentation,
     CroprViTModel,
 )
 from cropr.configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS
 
-HEAD_CLASSES = {
-    "base": CroprViTModel,
-    "classification": CroprViTForImageClassification,
-    "multi_label": CroprViTForMultiLabelClassification,
-    "segmentation": CroprViTForSemanticSegmentation,
-}
+HEAD_CLASSES = head_classes()
 PROPERTY_SETTINGS = settings(
     max_examples=25,
     deadline=None,
@@ -179,15 +172,7 @@ def test_output_tokens_sit_at_their_original_positions(case):
 @pytest.mark.parametrize("selector", [selector for selector in TOKEN_SELECTORS if selector != "none"])
 @pytest.mark.parametrize(("height", "width"), [(48, 40), (16, 24)])
 def test_raster_order_holds_at_other_resolutions(selector, height, width):
-    config = CroprViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        pruning_rate=5,
-        token_selector=selector,
-    )
+    config = CroprViTConfig(**tiny_config_kwargs(hidden_size=16, pruning_rate=5, token_selector=selector))
     model = identity_blocks(Case("base", config).model()).eval()
     x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -228,16 +213,7 @@ def test_stripping_the_training_modules_keeps_eval_logits(case):
 @pytest.mark.parametrize("head", ["classification", "multi_label", "segmentation"])
 def test_a_samples_logits_do_not_depend_on_the_rest_of_the_batch(head, selector):
     config = CroprViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pruning_rate=3,
-        num_labels=5,
-        token_selector=selector,
-        num_queries=16 if head == "segmentation" else 1,
+        **tiny_config_kwargs(token_selector=selector, num_queries=16 if head == "segmentation" else 1)
     )
     model = Case(head, config).model().eval()
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
