@@ -12,6 +12,7 @@ from cropr.visualization import (
     MARGIN,
     NEVER_DROPPED,
     drop_block_map,
+    legend_ticks,
     render_pruning_heatmap,
     visualize_pruning,
 )
@@ -112,3 +113,11 @@ def test_visualize_pruning_refuses_center_crop(tmp_path):
     processor.do_center_crop = True
     with pytest.raises(ValueError, match="center-crops"):
         visualize_pruning(model, processor, Image.new("RGB", (32, 32)), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [(1, [0]), (5, [0, 1, 2, 3, 4]), (8, list(range(8))), (10, [0, 2, 4, 6, 9]), (11, [0, 2, 4, 6, 8, 10])],
+)
+def test_legend_ticks_keep_first_and_last_and_never_touch(count, expected):
+    assert legend_ticks(count) == expected

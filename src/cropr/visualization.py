@@ -182,6 +182,19 @@ def _mask_panel(image: Image.Image, mask: np.ndarray, palette: np.ndarray) -> Im
     return Image.blend(image, colored, OVERLAY_ALPHA)
 
 
+def legend_ticks(count: int, most: int = 8) -> list[int]:
+    """Which of `count` colour-bar cells get a number: about `most` of them, first and last included, evenly spaced
+    and never adjacent when some are skipped (so one-digit labels do not run together)."""
+    stride = max(1, -(-count // most))
+    ticks = list(range(0, count, stride))
+    if ticks[-1] != count - 1:
+        if len(ticks) > 1 and count - 1 - ticks[-1] < stride:
+            ticks[-1] = count - 1
+        else:
+            ticks.append(count - 1)
+    return ticks
+
+
 def _draw_heatmap_legend(
     draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colors: Mapping[int, tuple[int, int, int]]
 ) -> None:
@@ -199,10 +212,7 @@ def _draw_heatmap_legend(
             draw.rectangle(
                 (bar_left + rank * step, bar_top, bar_left + (rank + 1) * step, bar_bottom), fill=colors[block]
             )
-        # Label at most ~8 blocks so the numbers never overlap.
-        stride = max(1, -(-len(blocks) // 8))
-        labelled = sorted({*range(0, len(blocks), stride), len(blocks) - 1})
-        for rank in labelled:
+        for rank in legend_ticks(len(blocks)):
             label = str(blocks[rank])
             center = bar_left + (rank + 0.5) * step
             draw.text((center - draw.textlength(label, font=font) / 2, bar_bottom + 2), label, fill=_TEXT, font=font)
@@ -380,6 +390,7 @@ __all__ = [
     "block_colors",
     "class_colors",
     "drop_block_map",
+    "legend_ticks",
     "render_pruning_heatmap",
     "visualize_pruning",
 ]
