@@ -109,3 +109,12 @@ def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks
     assert per_block_schedule(4, 16, 0.85, last_layer_fusion=False) == [5, 5, 4, 0]
     with pytest.raises(ValueError, match="removed_fraction"):
         per_block_schedule(12, 64, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("ignored", "message"),
+    [([5], r"class ids in \[0, 4\].*got \[5\]"), ([-1, 2], r"got \[-1\]"), ([0, 1, 2, 3, 4], "ignores all 5 classes")],
+)
+def test_aux_ignored_labels_must_be_some_of_the_classes(ignored, message):
+    with pytest.raises(ValueError, match=message):
+        CroprViTConfig(**tiny_config_kwargs(aux_ignored_labels=ignored))

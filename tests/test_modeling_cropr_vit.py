@@ -6,32 +6,17 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_config_kwargs
+from conftest import REPO_ROOT, build_tiny, tiny_config_kwargs
 
 from cropr import (
     CroprViTConfig,
     CroprViTForImageClassification,
-    CroprViTForMultiLabelClassification,
     CroprViTForSemanticSegmentation,
     CroprViTModel,
 )
 from cropr.configuration_cropr_vit import TOKEN_SELECTORS
 
 HEADS = ("classification", "multi_label", "segmentation")
-
-
-def build(head: str, **overrides):
-    """A tiny model of the given head; segmentation gets one query per patch (16)."""
-    if head == "segmentation":
-        overrides.setdefault("num_queries", 16)
-    config = CroprViTConfig(**tiny_config_kwargs(**overrides))
-    model_class = {
-        "classification": CroprViTForImageClassification,
-        "multi_label": CroprViTForMultiLabelClassification,
-        "segmentation": CroprViTForSemanticSegmentation,
-        "base": CroprViTModel,
-    }[head]
-    return model_class(config)
 
 
 def labels_for(head: str, batch_size: int = 2, num_labels: int = 5) -> torch.Tensor:
@@ -56,9 +41,9 @@ def pixels(batch_size: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
 def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cls_token):
     if head == "segmentation" and not last_layer_fusion and selector != "none":
         with pytest.raises(ValueError, match="last_layer_fusion"):
-            build(head, token_selector=selector, last_layer_fusion=False)
+            build_tiny(head, token_selector=selector, last_layer_fusion=False)
         return
-    model = build(head, token_selector=selector, last_layer_fusion=last_layer_fusion, use_cls_token=use_cls_token)
+    model = build_tiny(head, token_selector=selector, last_layer_fusion=last_layer_fusion, use_cls_token=use_cls_token)
     config = model.config
     labels = labels_for(head)
 
@@ -88,23 +73,23 @@ def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cl
 
 
 def test_kept_indices_are_opt_in():
-    model = build("classification").eval()
+    model = build_tiny("classification").eval()
     assert model(pixels()).kept_indices is None
     assert len(model(pixels(), output_kept_indices=True).kept_indices) == len(model.config.pruning_blocks)
 
 
 def test_base_model_output_is_full_map_with_llf_and_kept_tokens_without():
     x = pixels()
-    with_llf = build("base", last_layer_fusion=True).eval()(x, output_kept_indices=True)
+    with_llf = build_tiny("base", last_layer_fusion=True).eval()(x, output_kept_indices=True)
     assert with_llf.last_hidden_state.shape == (2, 17, 32)
     assert with_llf.pooler_output.shape == (2, 32)
-    without = build("base", last_layer_fusion=False).eval()(x, output_kept_indices=True)
+    without = build_tiny("base", last_layer_fusion=False).eval()(x, output_kept_indices=True)
     assert without.last_hidden_state.shape == (2, without.kept_indices[-1].shape[1], 32)
     assert without.kept_indices[-1][:, 0].eq(0).all()  # CLS stays first
 
 
 def test_stop_gradient_separates_main_and_auxiliary_learning():
-    model = build("classification").train()
+    model = build_tiny("classification").train()
     labels = labels_for("classification")
     router_names = {name for name, _ in model.named_parameters() if ".token_selector." in name}
     assert router_names
@@ -126,7 +111,7 @@ def test_stop_gradient_separates_main_and_auxiliary_learning():
 
 @pytest.mark.parametrize("selector", ["cropr", "non_salient"])
 def test_eval_keeps_the_tokens_training_selection_keeps(selector):
-    model = build("classification", token_selector=selector, num_hidden_layers=6, pruning_rate=2)
+    model = build_tiny("classification", token_selector=selector, num_hidden_layers=6, pruning_rate=2)
     x = pixels(batch_size=4)
     model.train()
     train_kept = model(x, output_kept_indices=True).kept_indices
@@ -150,7 +135,7 @@ def identity_blocks(model: CroprViTModel) -> CroprViTModel:
 @pytest.mark.parametrize("selector", ["cropr", "random", "variance", "attention", "non_salient"])
 def test_llf_puts_every_token_back_in_its_own_position(selector):
     # With pass-through blocks a token's output is its own embedding, so any misplaced token shows.
-    model = identity_blocks(build("base", token_selector=selector)).eval()
+    model = identity_blocks(build_tiny("base", token_selector=selector)).eval()
     x = pixels()
     output = model(x, output_kept_indices=True)
     expected = model.layernorm(model.embeddings(x, interpolate_pos_encoding=False))
@@ -159,7 +144,7 @@ def test_llf_puts_every_token_back_in_its_own_position(selector):
 
 
 def test_variance_selector_keeps_the_highest_variance_patches():
-    model = build("base", token_selector="variance").eval()
+    model = build_tiny("base", token_selector="variance").eval()
     x = torch.zeros(1, 3, 32, 32)
     # A +-amplitude checkerboard per patch, amplitude growing with the raster index: variance grows with it.
     checkerboard = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0
@@ -173,7 +158,7 @@ def test_variance_selector_keeps_the_highest_variance_patches():
 
 
 def test_random_selector_is_seedable_by_generator_and_global_seed():
-    model = build("base", token_selector="random").eval()
+    model = build_tiny("base", token_selector="random").eval()
     x = pixels()
     model.token_selector.generator = torch.Generator().manual_seed(3)
     first = model(x, output_kept_indices=True).kept_indices[0]
@@ -187,7 +172,7 @@ def test_random_selector_is_seedable_by_generator_and_global_seed():
 
 
 def test_selector_none_equals_plain_blocks():
-    model = build("base", token_selector="none").eval()
+    model = build_tiny("base", token_selector="none").eval()
     x = pixels()
     hidden = model.embeddings(x, interpolate_pos_encoding=False)
     for layer in model.layers:
@@ -200,7 +185,7 @@ def test_selector_none_equals_plain_blocks():
 
 
 def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
-    model = build("classification", token_selector="cropr").eval()
+    model = build_tiny("classification", token_selector="cropr").eval()
     x = pixels()
     output = model(x, output_attentions=True, output_hidden_states=True, output_kept_indices=True)
     assert len(output.attentions) == 4 and len(output.hidden_states) == 5
@@ -210,7 +195,7 @@ def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = build("classification", token_selector="random")
+    model = build_tiny("classification", token_selector="random")
     labels = labels_for("classification")
     torch.manual_seed(1)
     model.train()
@@ -224,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_queries_are_initialised_with_std_inverse_sqrt_width():
-    model = build("classification", hidden_size=64, num_attention_heads=2, num_queries=1)
+    model = build_tiny("classification", hidden_size=64, num_attention_heads=2, num_queries=1)
     queries = torch.cat([router.queries for router in model.cropr_vit.token_selector.routers.values()])
     # Truncation bounds are absolute (+-2) as in the reference, so at this std the spread is the normal one.
     assert queries.std().item() == pytest.approx(64**-0.5, rel=0.3)
@@ -232,7 +217,7 @@ def test_queries_are_initialised_with_std_inverse_sqrt_width():
 
 
 def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
-    model = build("classification").train()
+    model = build_tiny("classification").train()
     model.set_pruning_fraction(0.0)
     output = model(pixels(), labels=labels_for("classification"), output_kept_indices=True)
     assert all(indices.shape[1] == 17 for indices in output.kept_indices)
@@ -245,7 +230,7 @@ def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
 
 @pytest.mark.parametrize("head", HEADS)
 def test_save_and_load_round_trip(tmp_path, head):
-    model = build(head).eval()
+    model = build_tiny(head).eval()
     x = pixels()
     expected = model(x).logits
     model.save_pretrained(tmp_path)
@@ -265,8 +250,8 @@ def test_save_and_load_round_trip(tmp_path, head):
 def test_auto_classes_resolve_every_head(tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
-    build("classification").save_pretrained(tmp_path / "cls")
-    build("segmentation").save_pretrained(tmp_path / "seg")
+    build_tiny("classification").save_pretrained(tmp_path / "cls")
+    build_tiny("segmentation").save_pretrained(tmp_path / "seg")
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "cls"), CroprViTConfig)
     assert type(AutoModelForImageClassification.from_pretrained(tmp_path / "cls")) is CroprViTForImageClassification
     assert type(AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "seg")) is CroprViTForSemanticSegmentation
@@ -275,7 +260,7 @@ def test_auto_classes_resolve_every_head(tmp_path):
 
 @pytest.mark.parametrize("head", HEADS)
 def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, head):
-    model = build(head).train()
+    model = build_tiny(head).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(2):  # move the queries away from their init so stale aggregated queries would show
         model(pixels(), labels=labels_for(head)).loss.backward()
@@ -301,7 +286,7 @@ def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, h
 
 
 def test_trust_remote_code_loads_without_the_package(tmp_path):
-    model = build("multi_label").eval()
+    model = build_tiny("multi_label").eval()
     x = pixels()
     model.save_pretrained(tmp_path / "checkpoint")
     torch.save({"pixels": x, "logits": model(x).logits}, tmp_path / "expected.pt")
@@ -343,7 +328,7 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
 
 
 def test_segmentation_losses_respect_the_ignore_index():
-    model = build("segmentation").train()
+    model = build_tiny("segmentation").train()
     x = pixels()
     labels = torch.full((2, 32, 32), 255)
     labels[:, 16:, 16:] = 1
@@ -357,6 +342,38 @@ def test_segmentation_losses_respect_the_ignore_index():
     torch.manual_seed(0)
     second = model(x, labels=changed)
     assert torch.allclose(first.loss, second.loss)
+
+
+def test_segmentation_loss_of_an_all_ignored_batch_is_zero_not_nan():
+    model = build_tiny("segmentation").train()
+    output = model(pixels(), labels=torch.full((2, 32, 32), 255))
+    assert output.loss.item() == 0.0 and output.aux_loss.item() == 0.0
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_aux_ignored_labels_are_ignored_by_the_auxiliary_loss_only():
+    torch.manual_seed(0)
+    ignoring = build_tiny("segmentation", aux_ignored_labels=[0, 3]).train()
+    plain = build_tiny("segmentation").train()
+    plain.load_state_dict(ignoring.state_dict())
+    x, labels = pixels(), labels_for("segmentation")
+    relabelled = labels.masked_fill((labels == 0) | (labels == 3), 255)
+    with torch.no_grad():
+        ignoring_output = ignoring(x, labels=labels)
+        assert torch.allclose(ignoring_output.aux_loss, plain(x, labels=relabelled).aux_loss)
+        plain_output = plain(x, labels=labels)
+    # The main loss still learns classes 0 and 3; only the auxiliary loss changed.
+    assert torch.allclose(ignoring_output.loss - ignoring_output.aux_loss, plain_output.loss - plain_output.aux_loss)
+    assert not torch.allclose(ignoring_output.aux_loss, plain_output.aux_loss)
+    # A batch of ignored classes only trains nothing in the Cropr modules, and stays finite.
+    only_ignored = ignoring(x, labels=torch.zeros(2, 32, 32, dtype=torch.long))
+    assert only_ignored.aux_loss.item() == 0.0 and torch.isfinite(only_ignored.loss)
+
+
+def test_aux_ignored_labels_are_refused_by_image_level_heads():
+    with pytest.raises(ValueError, match="semantic segmentation only"):
+        build_tiny("classification", aux_ignored_labels=[0])
 
 
 def test_segmentation_rejects_wrong_number_of_queries():

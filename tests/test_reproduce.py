@@ -56,13 +56,17 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
 
     notes = tmp_path / "notes.md"
     notes.write_text("What was tried.")
+    assert "Segmentation's Cropr auxiliary loss ignores the background class" in report
     other = tmp_path / "other.json"
-    other.write_text((tmp_path / "results.json").read_text())
+    older_run = json.loads((tmp_path / "results.json").read_text())
+    del older_run["config"]["aux_ignore_background"]  # a run from before the option: background was trained
+    other.write_text(json.dumps(older_run))
     argv = ["--render-only", "--output-dir", str(tmp_path), "--notes", str(notes), "--attach", str(other)]
     assert main(argv) == 0
     report = (tmp_path / "results.md").read_text()
     assert "## Discussion\n\nWhat was tried." in report
     assert f"## Further run: `{results['command']}`" in report
+    assert "except for the options of this command, and `aux_ignore_background` = False (main run: True)" in report
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["notes"] == "What was tried."
     assert [run["command"] for run in stored["further_runs"]] == [results["command"]]
@@ -73,3 +77,12 @@ def test_a_missing_backbone_folder_falls_back_to_the_preset_with_a_warning(tmp_p
     with pytest.warns(UserWarning, match="from-scratch preset"):
         assert resolve_backbone(str(tmp_path / "absent")) is None
     assert resolve_backbone(str(tmp_path)) == str(tmp_path)
+
+
+def test_render_only_refuses_a_file_that_is_not_a_results_json(tmp_path):
+    (tmp_path / "results.json").write_text('{"command": "x"}')
+    with pytest.raises(ValueError, match=r"results.json of scripts/reproduce.py: it lacks \['started'"):
+        main(["--render-only", "--output-dir", str(tmp_path)])
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the results file .*results.json"):
+        main(["--render-only", "--output-dir", str(tmp_path)])

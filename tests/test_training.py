@@ -7,7 +7,7 @@ import torch
 from conftest import REPO_ROOT
 
 from cropr import CroprViTConfig
-from cropr.training import TASKS, run
+from cropr.training import TASKS, resolve_aux_ignored_labels, run
 
 TINY_RUN = [
     "--preset", "tiny",
@@ -50,6 +50,8 @@ def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, ta
     model = load_saved(task, tmp_path)
     assert not any("queries" in name for name, _ in model.named_parameters())
     assert model(torch.randn(1, 3, 32, 32)).logits.shape[1] == len(model.config.id2label)
+    # A new segmentation model's Cropr modules do not learn the built-in scenes' background class (label 0).
+    assert model.config.aux_ignored_labels == ([0] if task == "semantic-segmentation" else None)
 
 
 def test_pruning_arguments_reach_the_config(tmp_path):
@@ -80,6 +82,22 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path):
         run("semantic-segmentation", TINY_RUN + ["--output_dir", str(tmp_path), "--builtin_task", "multi-label"])
     with pytest.raises(ValueError, match="removes"):
         run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--pruning_rate", "30"])
+    with pytest.raises(ValueError, match="not image-classification"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--aux_ignored_labels", "0"])
+    with pytest.raises(ValueError, match="random has no Cropr modules"):
+        argv = ["--output_dir", str(tmp_path), "--token_selector", "random", "--aux_ignored_labels", "0"]
+        run("semantic-segmentation", TINY_RUN + argv)
+
+
+def test_aux_ignored_labels_are_read_as_names_or_ids():
+    labels = {0: "background", 1: "cat", 2: "sky"}
+    assert resolve_aux_ignored_labels(None, labels) is None
+    assert resolve_aux_ignored_labels("None", labels) == []
+    assert resolve_aux_ignored_labels("background, 2", labels) == [0, 2]
+    with pytest.raises(ValueError, match="'dog' is neither a class name nor a class id"):
+        resolve_aux_ignored_labels("dog", labels)
+    with pytest.raises(ValueError, match="'3' is neither"):
+        resolve_aux_ignored_labels("3", labels)
 
 
 def distributed_env(tmp_path) -> dict[str, str]:

@@ -83,6 +83,11 @@ class CroprViTConfig(PreTrainedConfig):
         inference_only (`bool`, defaults to `False`): set by `strip_training_modules()`; the checkpoint has no
             queries, aggregators or auxiliary heads, only each module's aggregated query.
         semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the segmentation losses.
+        aux_ignored_labels (`list[int]`, *optional*): segmentation only: class ids that the Cropr modules' per-patch
+            auxiliary loss ignores too (the main loss still learns them). Meant for a dominant background class:
+            trained on it, the per-patch queries learn to look at background, and their summed scores keep background
+            patches and drop the objects (`docs/results.md`). ADE20k, the paper's benchmark, has no such class: its
+            "other" label is the ignore index for both losses.
 
     Example:
 
@@ -133,6 +138,7 @@ class CroprViTConfig(PreTrainedConfig):
     pooling: str = "avg"
     inference_only: bool = False
     semantic_loss_ignore_index: int = 255
+    aux_ignored_labels: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -302,7 +308,23 @@ class CroprViTConfig(PreTrainedConfig):
             raise ValueError(f"`aux_loss_weight` must be >= 0, got {self.aux_loss_weight}.")
         if self.pruning_rate < 0:
             raise ValueError(f"`pruning_rate` must be >= 0, got {self.pruning_rate}.")
+        self._check_aux_ignored_labels()
         self._check_schedule()
+
+    def _check_aux_ignored_labels(self) -> None:
+        if not self.aux_ignored_labels:
+            return
+        outside = [label for label in self.aux_ignored_labels if not 0 <= label < self.num_labels]
+        if outside:
+            raise ValueError(
+                f"`aux_ignored_labels` must be class ids in [0, {self.num_labels - 1}] (`num_labels` is "
+                f"{self.num_labels}), got {outside}."
+            )
+        if len(set(self.aux_ignored_labels)) >= self.num_labels:
+            raise ValueError(
+                f"`aux_ignored_labels` {list(self.aux_ignored_labels)} ignores all {self.num_labels} classes: the "
+                "Cropr modules would learn nothing."
+            )
 
     def _check_schedule(self) -> None:
         depth = self.num_hidden_layers

@@ -637,6 +637,13 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Cross-entropy averaged over the labels that are not `ignore_index`, and 0 (not NaN, as `F.cross_entropy`
+    gives) when every label is ignored, so that such a batch leaves the weights as they are."""
+    summed = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return summed / (labels != ignore_index).sum().clamp(min=1)
+
+
 def total_loss(main_loss: torch.Tensor, aux_loss: torch.Tensor | None, weight: float) -> torch.Tensor:
     return main_loss if aux_loss is None else main_loss + weight * aux_loss
 
@@ -663,6 +670,11 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         if config.token_selector in LEARNED_SELECTORS and config.num_queries != 1:
             raise ValueError(
                 f"Image-level heads use one query per Cropr module (`num_queries=1`), got {config.num_queries}."
+            )
+        if config.aux_ignored_labels:
+            raise ValueError(
+                "`aux_ignored_labels` applies to the per-patch auxiliary loss of semantic segmentation only; "
+                f"got {list(config.aux_ignored_labels)} for an image-level head."
             )
         self.num_labels = config.num_labels
         self.cropr_vit = CroprViTModel(config)
@@ -728,7 +740,7 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
 
     The main loss compares logits upsampled (bilinear) to the label size; each Cropr module has one query per patch
     (raster order) whose aggregated token predicts that patch's label, taken from the labels downsampled by nearest.
-    `config.semantic_loss_ignore_index` is ignored by both losses.
+    `config.semantic_loss_ignore_index` is ignored by both losses, `config.aux_ignored_labels` by the auxiliary one.
     """
 
     def __init__(self, config: CroprViTConfig):
@@ -779,7 +791,7 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
             check_segmentation_labels(labels, pixel_values, self.num_labels, ignore_index)
             labels = labels.to(logits.device).long()
             upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            main_loss = F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
+            main_loss = masked_cross_entropy(upsampled, labels, ignore_index)
             if outputs.aux_logits:
                 if outputs.aux_logits[0].shape[1] != grid_h * grid_w:
                     raise ValueError(
@@ -787,11 +799,14 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
                         f"{self.config.image_size_hw} (one query per patch); got {tuple(pixel_values.shape[-2:])}."
                     )
                 patch_labels = F.interpolate(labels[:, None].float(), size=(grid_h, grid_w), mode="nearest")
-                patch_labels = patch_labels.long().flatten(1)
+                patch_labels = patch_labels.long().flatten()
+                if self.config.aux_ignored_labels:
+                    ignored = torch.tensor(self.config.aux_ignored_labels, device=patch_labels.device)
+                    patch_labels = patch_labels.masked_fill(torch.isin(patch_labels, ignored), ignore_index)
                 aux_loss = sum_aux_losses(
                     outputs.aux_logits,
-                    lambda module_logits: F.cross_entropy(
-                        module_logits.float().flatten(0, 1), patch_labels.flatten(), ignore_index=ignore_index
+                    lambda module_logits: masked_cross_entropy(
+                        module_logits.float().flatten(0, 1), patch_labels, ignore_index
                     ),
                 )
             loss = total_loss(main_loss, aux_loss, self.config.aux_loss_weight)

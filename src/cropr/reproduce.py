@@ -94,6 +94,9 @@ class ReproduceConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     aux_loss_weight: float = 1.0
+    # Segmentation: the Cropr modules' per-patch auxiliary loss ignores the background class (the package default
+    # for a class named "background"); False trains it on background too, the recipe of the first runs.
+    aux_ignore_background: bool = True
     data_seed: int = 0
     throughput_batch_size: int = 32
     throughput_repeats: int = 7
@@ -228,6 +231,8 @@ def train_variant(
         pruning_schedule=",".join(map(str, schedule)),
         last_layer_fusion=True,
         aux_loss_weight=config.aux_loss_weight,
+        # Read for segmentation only; None keeps `build_model`'s default (ignore the "background" class).
+        aux_ignored_labels=None if config.aux_ignore_background else "none",
     )
     model, processor = build_model(task, model_args, pruning_args, labels, image_size)
     freeze_early_blocks(model, config.frozen_blocks)
@@ -521,7 +526,7 @@ def task_findings(task: dict[str, Any]) -> list[str]:
 
 def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
     """The `results.md` report, entirely from the results JSON (plus optional free-text notes)."""
-    config, env = results["config"], results["environment"]
+    config, env = recorded_config(results), results["environment"]
     lines = [
         "# Token Cropr at small scale: the paper's core comparison",
         "",
@@ -558,6 +563,12 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         "- Trained: the blocks after the frozen ones (see the table), the final norm, the Cropr modules and the head; "
         "the patch embedding and the first blocks stay frozen, so the CPU budget goes into more steps.",
         f"- Schedule: per block with LLF, {config['removed_fraction']:.0%} of the patches removed by the last module.",
+        "- Segmentation's Cropr auxiliary loss "
+        + (
+            "ignores the background class (`aux_ignored_labels`; see the discussion)."
+            if config["aux_ignore_background"]
+            else "trains on every class, background included."
+        ),
         "",
         budget_table(results),
     ]
@@ -589,8 +600,8 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         lines += [
             f"## Further run: `{run['command']}`",
             "",
-            f"Same recipe as above except for the options of this command (config in `results.json`); started "
-            f"{run['started']}, wall time {run['wall_seconds'] / 60:.1f} min.",
+            f"Same recipe as above except for the options of this command{recipe_differences(results, run)} "
+            f"(config in `results.json`); started {run['started']}, wall time {run['wall_seconds'] / 60:.1f} min.",
             "",
             budget_table(run),
             "",
@@ -601,6 +612,26 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
     if notes:
         lines += ["## Discussion", "", notes.strip(), ""]
     return "\n".join(lines)
+
+
+LEGACY_CONFIG = {"aux_ignore_background": False}
+"""What runs recorded before an option existed did: results.json files of older runs lack these keys."""
+
+
+def recorded_config(results: dict[str, Any]) -> dict[str, Any]:
+    """A run's config, with the behaviour of older runs filled in for options they predate."""
+    return {**LEGACY_CONFIG, **results["config"]}
+
+
+def recipe_differences(main: dict[str, Any], run: dict[str, Any]) -> str:
+    """`run`'s recipe settings that differ from `main`'s (not tasks, seeds or budgets), as ", and a = x (...)"."""
+    main_config, run_config = recorded_config(main), recorded_config(run)
+    differences = [
+        f"`{key}` = {run_config.get(key)!r} (main run: {main_config.get(key)!r})"
+        for key in sorted(set(main_config) | set(run_config))
+        if key not in ("tasks", "seeds", "budgets", "only_selectors") and main_config.get(key) != run_config.get(key)
+    ]
+    return f", and {', '.join(differences)}" if differences else ""
 
 
 def budget_table(results: dict[str, Any]) -> str:
@@ -631,10 +662,14 @@ def task_sections(results: dict[str, Any], heading: str, prefix: str = "") -> li
     return lines
 
 
+RUN_KEYS = ("command", "started", "wall_seconds", "environment", "config", "model", "tasks")
+"""What every results.json of `scripts/reproduce.py` holds (and what a further run carries over)."""
+
+
 def attach_run(results: dict[str, Any], other: dict[str, Any]) -> None:
     """Store another run's results (e.g. a larger budget) in `results["further_runs"]`, replacing one with the same
     command; its heat-maps are not carried over."""
-    run = {key: other[key] for key in ("command", "started", "wall_seconds", "environment", "config", "model", "tasks")}
+    run = {key: other[key] for key in RUN_KEYS}
     run["tasks"] = {name: {**task, "heatmaps": []} for name, task in other["tasks"].items()}
     runs = [existing for existing in results.get("further_runs", []) if existing["command"] != run["command"]]
     results["further_runs"] = [*runs, run]
@@ -653,7 +688,16 @@ def render_docs(results: dict[str, Any], out_dir: str | Path, notes: str | None 
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """A results.json written by `scripts/reproduce.py`; a `ValueError` naming the file for anything else."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the results file {path}: {error}") from None
+    missing = [key for key in RUN_KEYS if key not in results] if isinstance(results, dict) else list(RUN_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a results.json of scripts/reproduce.py: it lacks {missing}")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -700,6 +744,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-lr-scale", type=float, default=10.0, help="lr multiplier of the Cropr modules")
     parser.add_argument("--frozen-blocks", type=int, help="frozen first blocks (default: all but 2)")
     parser.add_argument("--aux-loss-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--no-aux-ignore-background",
+        dest="aux_ignore_background",
+        action="store_false",
+        help="segmentation: train the Cropr auxiliary loss on the background class too",
+    )
     parser.add_argument("--throughput-batch-size", type=int, default=32)
     parser.add_argument("--throughput-repeats", type=int, default=7)
     parser.add_argument("--num-heatmaps", type=int, default=3, help="validation images per heat-map figure")
@@ -746,6 +796,7 @@ def config_from_args(args: argparse.Namespace) -> ReproduceConfig:
         router_lr_scale=args.router_lr_scale,
         frozen_blocks=args.frozen_blocks,
         aux_loss_weight=args.aux_loss_weight,
+        aux_ignore_background=args.aux_ignore_background,
         throughput_batch_size=8 if args.quick else args.throughput_batch_size,
         throughput_repeats=1 if args.quick else args.throughput_repeats,
         num_heatmaps=1 if args.quick else args.num_heatmaps,

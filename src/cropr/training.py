@@ -121,6 +121,14 @@ class PruningArguments:
     aux_loss_weight: float | None = field(
         default=None, metadata={"help": "Weight of the Cropr auxiliary losses (default: the checkpoint's, or 1)."}
     )
+    aux_ignored_labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "Segmentation: comma-separated class names or ids that the Cropr modules' auxiliary loss ignores "
+            "(a dominant background class; 'none' for no class). Default: the checkpoint's; for a new model, the "
+            "class named 'background' if there is one."
+        },
+    )
     curriculum_ramp: float | None = field(
         default=None,
         metadata={"help": "Share of training over which R rises from 0 (0 = off; default 0.5 for segmentation)."},
@@ -196,6 +204,17 @@ def check_argument_conflicts(
             f"--aux_loss_weight weighs the Cropr modules' losses, but --token_selector {selector} has no Cropr "
             "modules: it would be ignored"
         )
+    if pruning_args.aux_ignored_labels is not None:
+        if task.name != "semantic-segmentation":
+            raise ValueError(
+                "--aux_ignored_labels applies to the per-patch auxiliary loss of semantic segmentation, "
+                f"not {task.name}"
+            )
+        if selector is not None and selector not in LEARNED_SELECTORS:
+            raise ValueError(
+                f"--aux_ignored_labels shapes the Cropr modules' auxiliary loss, but --token_selector {selector} has "
+                "no Cropr modules: it would be ignored"
+            )
     ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
     if pruning_args.curriculum_per_epoch and ramp == 0:
         raise ValueError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
@@ -284,6 +303,12 @@ def build_model(
     if model_args.drop_path_rate is not None:
         overrides["drop_path_rate"] = model_args.drop_path_rate
     label_kwargs = {"id2label": labels, "label2id": {name: index for index, name in labels.items()}}
+    if task.name == "semantic-segmentation":
+        ignored = resolve_aux_ignored_labels(pruning_args.aux_ignored_labels, labels)
+        if ignored is None and not model_args.model_name_or_path:
+            ignored = [index for index, name in labels.items() if name.lower() == "background"]
+        if ignored is not None:
+            overrides["aux_ignored_labels"] = ignored
     if model_args.backbone:
         from .conversion import from_backbone
 
@@ -325,6 +350,27 @@ def build_model(
     model = task.model_class(config)
     processor = default_image_processor(task, image_size)
     return model, processor
+
+
+def resolve_aux_ignored_labels(spec: str | None, labels: dict[int, str]) -> list[int] | None:
+    """Class ids of `--aux_ignored_labels` (names or ids, comma-separated; "none" = no class); None when not given."""
+    if spec is None:
+        return None
+    if spec.strip().lower() == "none":
+        return []
+    label_ids = {name: index for index, name in labels.items()}
+    ignored = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item in label_ids:
+            ignored.append(label_ids[item])
+        elif item.isdigit() and int(item) in labels:
+            ignored.append(int(item))
+        else:
+            raise ValueError(
+                f"--aux_ignored_labels: {item!r} is neither a class name nor a class id of this dataset; "
+                f"the classes are {labels}"
+            )
+    return ignored
 
 
 def backbone_schedule(backbone: str, image_size: int, overrides: dict[str, Any]) -> list[int]:
