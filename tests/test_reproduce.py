@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+import torch
+from conftest import REPO_ROOT, build_tiny
 from PIL import Image
 
-from cropr.reproduce import SELECTORS, main, resolve_backbone
+from cropr.reproduce import SELECTORS, main, object_patches, object_share_of_kept_patches, resolve_backbone
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -45,8 +46,13 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
             with Image.open(tmp_path / name) as image:
                 assert image.format == "PNG" and min(image.size) > 100
 
+    shares = results["tasks"]["semantic-segmentation"]["object_share_of_kept_patches"]
+    assert set(shares) == {"all patches", "cropr", "random", "variance"}
+    assert all(0.0 <= share <= 1.0 for share in shares.values())
+
     report = (tmp_path / "results.md").read_text()
     assert "python scripts/reproduce.py --quick" in report
+    assert "Object patches among the patch tokens the last pruning module keeps" in report
     assert "![metric vs throughput](results_tradeoff.png)" in report
     for task_name in SELECTORS:
         assert f"### {task_name}" in report
@@ -86,3 +92,26 @@ def test_render_only_refuses_a_file_that_is_not_a_results_json(tmp_path):
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read the results file .*results.json"):
         main(["--render-only", "--output-dir", str(tmp_path)])
+
+
+def test_object_patches_are_those_mostly_covered_by_objects():
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 3  # all object
+    labels[0, :2, 2:] = torch.tensor([[0, 5], [255, 255]])  # half of the labelled pixels: not more than half
+    labels[0, 2:, :2] = torch.tensor([[1, 1], [1, 0]])  # three quarters
+    assert object_patches(labels, (2, 2), background=0, ignore_index=255).tolist() == [[True, False, True, False]]
+
+
+def test_object_share_counts_what_the_last_module_keeps():
+    torch.manual_seed(0)
+    model = build_tiny("segmentation", token_selector="variance")
+    # Patch p (raster order on the 4x4 grid) gets noise of amplitude 16 - p: the variance selector keeps the first.
+    amplitude = (16 - torch.arange(16.0)).reshape(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * amplitude
+    kept = model.eval()(pixel_values, output_kept_indices=True).kept_indices[-1].shape[1] - 1
+    assert 2 < kept < 14
+    first, last = torch.zeros(2, 16, dtype=torch.bool), torch.zeros(2, 16, dtype=torch.bool)
+    first[:, :2] = True
+    last[:, 14:] = True
+    assert object_share_of_kept_patches(model, pixel_values, first) == pytest.approx(2 / kept)
+    assert object_share_of_kept_patches(model, pixel_values, last) == 0.0

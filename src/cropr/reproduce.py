@@ -43,7 +43,6 @@ from .training import (
     PruningArguments,
     TaskSpec,
     build_model,
-    eval_pixel_values,
     load_task_data,
     make_transforms,
 )
@@ -282,6 +281,28 @@ def train_variant(
     return TrainedVariant(float(metric), train_seconds, stripped), processor
 
 
+def object_patches(labels: torch.Tensor, patch_size: tuple[int, int], background: int, ignore_index: int):
+    """(B, H, W) class maps -> (B, patches) booleans in raster order: True where more than half of a patch's labelled
+    pixels belong to an object (neither `background` nor `ignore_index`)."""
+    patch_h, patch_w = patch_size
+    batch, height, width = labels.shape
+    grid_h, grid_w = height // patch_h, width // patch_w
+    tiles = labels[:, : grid_h * patch_h, : grid_w * patch_w].reshape(batch, grid_h, patch_h, grid_w, patch_w)
+    tiles = tiles.permute(0, 1, 3, 2, 4).reshape(batch, grid_h * grid_w, patch_h * patch_w)
+    labelled = tiles != ignore_index
+    on_object = labelled & (tiles != background)
+    return on_object.sum(-1) * 2 > labelled.sum(-1)
+
+
+@torch.no_grad()
+def object_share_of_kept_patches(model: CroprViTPreTrainedModel, pixel_values: torch.Tensor, is_object: torch.Tensor):
+    """The share of object patches (`object_patches`) among the patch tokens that the model's last pruning module
+    keeps. A pruner blind to content keeps objects at their share of all patches; one that seeks them, more."""
+    prefix = model.config.num_prefix_tokens
+    kept = model.eval()(pixel_values, output_kept_indices=True).kept_indices[-1][:, prefix:] - prefix
+    return float(is_object.gather(1, kept).float().mean())
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -320,8 +341,22 @@ def run_task(
                     model_config = variant.model.config
 
     eval_transform = make_transforms(task, cropr_processor, augment=False, seed=0)
-    pixel_values = eval_pixel_values(dataset["validation"], eval_transform, config.throughput_batch_size)
+    validation = dataset["validation"]
+    eval_batch = eval_transform(validation.select(range(min(config.throughput_batch_size, len(validation))))[:])
+    pixel_values = eval_batch["pixel_values"]
     throughput = measure_throughput(timed_models, pixel_values, repeats=config.throughput_repeats)
+    object_shares = {}
+    if task_name == "semantic-segmentation":
+        is_object = object_patches(
+            eval_batch["labels"],
+            model_config.patch_size_hw,
+            background=model_config.label2id["background"],
+            ignore_index=model_config.semantic_loss_ignore_index,
+        )
+        object_shares = {"all patches": float(is_object.float().mean())}
+        for selector, model in timed_models.items():
+            if model.config.pruning_blocks:
+                object_shares[selector] = object_share_of_kept_patches(model, pixel_values, is_object)
     heatmaps = draw_heatmaps(task_name, timed_models["cropr"], cropr_processor, dataset["validation"], config, out_dir)
 
     selectors = {}
@@ -346,6 +381,7 @@ def run_task(
         "throughput_batch_size": int(pixel_values.shape[0]),
         "budget": asdict(budget),
         "selectors": selectors,
+        "object_share_of_kept_patches": object_shares,
         "heatmaps": heatmaps,
     }
 
@@ -521,6 +557,13 @@ def task_findings(task: dict[str, Any]) -> list[str]:
             findings.append(f"Cropr vs {name}: {gap:+.1f} points (median); {spread}")
     ranked = sorted(rows, key=lambda name: rows[name]["median"], reverse=True)
     findings.append("Ranking by median: " + " > ".join(ranked) + ".")
+    shares = task.get("object_share_of_kept_patches")
+    if shares:
+        kept = ", ".join(f"{name} {share:.0%}" for name, share in shares.items() if name != "all patches")
+        findings.append(
+            f"Object patches among the patch tokens the last pruning module keeps (seed 0, throughput batch): {kept}; "
+            f"among all patches: {shares['all patches']:.0%}."
+        )
     return findings
 
 
