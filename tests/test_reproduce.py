@@ -10,7 +10,15 @@ import torch
 from conftest import REPO_ROOT, build_tiny
 from PIL import Image
 
-from cropr.reproduce import SELECTORS, main, object_patches, object_share_of_kept_patches, resolve_backbone
+from cropr.reproduce import (
+    SELECTORS,
+    command_options,
+    main,
+    object_patches,
+    object_share_of_kept_patches,
+    recipe_differences,
+    resolve_backbone,
+)
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -77,6 +85,19 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
     assert stored["notes"] == "What was tried."
     assert [run["command"] for run in stored["further_runs"]] == [results["command"]]
     assert "](results_tradeoff_further1.png)" in report and (tmp_path / "results_tradeoff_further1.png").is_file()
+
+
+def test_recipe_differences_name_only_what_the_further_command_does_not_set():
+    main_run = {"command": "python scripts/reproduce.py", "config": {"seeds": [0], "aux_ignore_background": True}}
+    older_run = {"command": "python scripts/reproduce.py --router-lr-scale=1", "config": {"router_lr_scale": 1.0}}
+    assert command_options(older_run["command"]) == {"router_lr_scale"}
+    # a default that changed since the older run is reported; its own option and its seeds are not
+    assert recipe_differences(main_run, older_run) == ", and `aux_ignore_background` = False (main run: True)"
+    flagged_run = {
+        "command": "python scripts/reproduce.py --seeds 0 1 --no-aux-ignore-background",
+        "config": {"seeds": [0, 1], "aux_ignore_background": False},
+    }
+    assert recipe_differences(main_run, flagged_run) == ""
 
 
 def test_a_missing_backbone_folder_falls_back_to_the_preset_with_a_warning(tmp_path):

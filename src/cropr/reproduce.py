@@ -666,13 +666,27 @@ def recorded_config(results: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY_CONFIG, **results["config"]}
 
 
+def command_options(command: str) -> set[str]:
+    """The config keys that a reproduce command line sets itself (`--router-lr-scale 1`, `--no-aux-ignore-background`,
+    `--seeds=0`)."""
+    options = set()
+    for word in command.split():
+        if word.startswith("--"):
+            flag = word[2:].split("=", 1)[0]
+            options.add(flag.removeprefix("no-").replace("-", "_"))
+    return options
+
+
 def recipe_differences(main: dict[str, Any], run: dict[str, Any]) -> str:
-    """`run`'s recipe settings that differ from `main`'s (not tasks, seeds or budgets), as ", and a = x (...)"."""
+    """`run`'s recipe settings that differ from `main`'s and that its command does not set (a default that changed
+    between the runs), leaving out tasks, seeds and budgets, as ", and a = x (...)"."""
     main_config, run_config = recorded_config(main), recorded_config(run)
+    own_options = command_options(run["command"])
     differences = [
         f"`{key}` = {run_config.get(key)!r} (main run: {main_config.get(key)!r})"
         for key in sorted(set(main_config) | set(run_config))
-        if key not in ("tasks", "seeds", "budgets", "only_selectors") and main_config.get(key) != run_config.get(key)
+        if key not in ("tasks", "seeds", "budgets", "only_selectors", *own_options)
+        and main_config.get(key) != run_config.get(key)
     ]
     return f", and {', '.join(differences)}" if differences else ""
 
