@@ -12,7 +12,7 @@ from PIL import Image
 
 from cropr.reproduce import (
     SELECTORS,
-    command_options,
+    command_settings,
     main,
     object_patches,
     object_share_of_kept_patches,
@@ -89,9 +89,12 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
 
 def test_recipe_differences_name_only_what_the_further_command_does_not_set():
     main_run = {"command": "python scripts/reproduce.py", "config": {"seeds": [0], "aux_ignore_background": True}}
-    older_run = {"command": "python scripts/reproduce.py --router-lr-scale=1", "config": {"router_lr_scale": 1.0}}
-    assert command_options(older_run["command"]) == {"router_lr_scale"}
-    # a default that changed since the older run is reported; its own option and its seeds are not
+    older_run = {
+        "command": "python scripts/reproduce.py --router-lr-scale=1 --from-scratch",
+        "config": {"router_lr_scale": 1.0, "backbone": None},
+    }
+    assert command_settings(older_run["command"]) == {"router_lr_scale", "backbone"}
+    # a default that changed since the older run is reported; what its own command set is not
     assert recipe_differences(main_run, older_run) == ", and `aux_ignore_background` = False (main run: True)"
     flagged_run = {
         "command": "python scripts/reproduce.py --seeds 0 1 --no-aux-ignore-background",

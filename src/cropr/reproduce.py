@@ -666,26 +666,24 @@ def recorded_config(results: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY_CONFIG, **results["config"]}
 
 
-def command_options(command: str) -> set[str]:
-    """The config keys that a reproduce command line sets itself (`--router-lr-scale 1`, `--no-aux-ignore-background`,
-    `--seeds=0`)."""
-    options = set()
-    for word in command.split():
-        if word.startswith("--"):
-            flag = word[2:].split("=", 1)[0]
-            options.add(flag.removeprefix("no-").replace("-", "_"))
-    return options
+def command_settings(command: str) -> set[str]:
+    """The config keys that a recorded `scripts/reproduce.py` command sets away from their defaults, found by parsing
+    it the way `main` did (so `--from-scratch` counts as setting `backbone`)."""
+    parser = build_parser()
+    given = asdict(config_from_args(parser.parse_args(shlex.split(command)[2:])))
+    defaults = asdict(config_from_args(parser.parse_args([])))
+    return {key for key, value in given.items() if value != defaults[key]}
 
 
 def recipe_differences(main: dict[str, Any], run: dict[str, Any]) -> str:
     """`run`'s recipe settings that differ from `main`'s and that its command does not set (a default that changed
     between the runs), leaving out tasks, seeds and budgets, as ", and a = x (...)"."""
     main_config, run_config = recorded_config(main), recorded_config(run)
-    own_options = command_options(run["command"])
+    own_settings = command_settings(run["command"])
     differences = [
         f"`{key}` = {run_config.get(key)!r} (main run: {main_config.get(key)!r})"
         for key in sorted(set(main_config) | set(run_config))
-        if key not in ("tasks", "seeds", "budgets", "only_selectors", *own_options)
+        if key not in ("tasks", "seeds", "budgets", "only_selectors", *own_settings)
         and main_config.get(key) != run_config.get(key)
     ]
     return f", and {', '.join(differences)}" if differences else ""
