@@ -73,6 +73,12 @@ PRESETS: dict[str, Preset] = {
         description="DINOv2-S/14 at 224 px (256 patches), layer scale, R=20 after every block + LLF "
         "(257 -> 236 -> ... -> 56 tokens, the share ViT-B/16 R=16 keeps)",
     ),
+    "vit-l16": Preset(
+        family="vit",
+        config={**MODEL_PRESETS["vit-l16"], "num_labels": 1000},
+        description="ViT-L/16 at 224 px, R=8 after every block + LLF (197 -> 188 -> ... -> 20 tokens), the paper's "
+        "ImageNet model",
+    ),
     "tiny": Preset(
         family="vit",
         config={**MODEL_PRESETS["tiny"], "num_labels": 5},
