@@ -538,7 +538,12 @@ def report_table(rows: Sequence[tuple[str, str, str]]) -> str:
 
 
 def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, fine-tune, evaluate, save the stripped checkpoint and report; returns the final numbers."""
+    """Parse arguments, fine-tune, evaluate, save the stripped checkpoint and report; returns the final numbers.
+
+    Raises:
+        RunError: conflicting arguments, an output folder or checkpoint to refuse, or a diverged run (non-finite
+            weights or eval loss, found before anything is saved).
+    """
     task = TASKS[task_name]
     parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, CroprTrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
