@@ -4,7 +4,7 @@ Built-in data by default; --dataset_name / --train_dir for your own, --backbone 
 Runs unchanged under `accelerate launch` and `torchrun`.
 """
 
-from cropr.training import run
+from cropr.training import main
 
 if __name__ == "__main__":
-    run("multi-label-classification")
+    main("multi-label-classification")

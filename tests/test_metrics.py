@@ -168,3 +168,46 @@ def test_compute_metrics_for_task():
         compute_metrics_for_task("segmentation")
     with pytest.raises(ValueError, match="task"):
         compute_metrics_for_task("detection")
+
+
+# A diverged model outputs nan (or inf) scores: they count as wrong, never as a guess argmax or a ranking makes of them.
+def test_classification_counts_non_finite_rows_as_wrong():
+    # np.argmax of a row holding nan is the nan's index: class 0 here, the true class of the second example.
+    logits = np.array([[0.1, 0.9, 0.0], [np.nan, 0.2, 0.1], [np.inf, 0.0, 0.0]])
+    labels = np.array([1, 0, 0])
+    metrics = ClassificationMetrics(top_k=3)(EvalPrediction(logits, labels))
+    # Only the first example is right; with k = 3 every finite example would be a top-k hit.
+    assert metrics == {"accuracy": pytest.approx(1 / 3), "top3_accuracy": pytest.approx(1 / 3)}
+    assert top_k_accuracy(logits, labels, k=5) == pytest.approx(1 / 3)
+
+
+def test_average_precision_does_not_rank_non_finite_scores():
+    # Finite ranking: negative (0.8), positive (0.7): precision 1/2 at half the recall; the positive scored nan is
+    # never retrieved -> 1/2 * 1/2.
+    assert average_precision(np.array([np.nan, 0.8, 0.7]), np.array([1, 0, 1])) == pytest.approx(0.25)
+    assert average_precision(np.full(3, np.nan), np.array([1, 0, 1])) == 0.0
+    assert math.isnan(average_precision(np.full(2, np.nan), np.array([0, 0])))  # still: no positive
+
+
+def test_multilabel_metrics_of_a_diverged_model_are_zero():
+    labels = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    nan_metrics = MultiLabelMetrics()(EvalPrediction(np.full((3, 2), np.nan), labels))
+    assert nan_metrics == {"mAP": 0.0, "micro_f1": 0.0, "macro_f1": 0.0}
+    # Infinite logits have a finite sigmoid but are failed predictions too: each is the opposite of its label.
+    inf_logits = np.where(labels > 0.5, -np.inf, np.inf)
+    assert MultiLabelMetrics()(EvalPrediction(inf_logits, labels)) == {"mAP": 0.0, "micro_f1": 0.0, "macro_f1": 0.0}
+    # F1 alone: one finite right prediction (class 0 of example 0), the nan probability of class 1 counts as a miss.
+    scores = multilabel_f1(np.array([[0.9, np.nan]]), np.array([[1, 1]]))
+    assert scores == {"micro_f1": pytest.approx(2 / 3), "macro_f1": pytest.approx(0.5)}
+
+
+def test_segmentation_counts_pixels_with_non_finite_logits_as_wrong():
+    # Logits at label size (no upsampling), 2 classes, 3 pixels labelled 0 1 1. The middle pixel's class-1 logit is
+    # nan, which torch's argmax would pick (right by chance): it counts as a miss of class 1.
+    logits = np.array([[[[2.0, 0.0, 0.0]], [[0.0, np.nan, 1.0]]]], dtype=np.float32)
+    labels = np.array([[[0, 1, 1]]])
+    metrics = SegmentationMetrics(2)(EvalPrediction(logits, labels))
+    # class 0: intersection 1, union 1; class 1: intersection 1, predicted 1, labelled 2 -> 1/2. Pixels right: 2/3.
+    assert metrics == {"mean_iou": 0.75, "pixel_accuracy": pytest.approx(2 / 3), "iou_0": 1.0, "iou_1": 0.5}
+    all_nan = SegmentationMetrics(2)(EvalPrediction(np.full_like(logits, np.nan), labels))
+    assert all_nan == {"mean_iou": 0.0, "pixel_accuracy": 0.0, "iou_0": 0.0, "iou_1": 0.0}

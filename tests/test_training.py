@@ -7,7 +7,7 @@ import torch
 from conftest import REPO_ROOT
 
 from cropr import CroprViTConfig
-from cropr.training import TASKS, resolve_aux_ignored_labels, run
+from cropr.training import TASKS, main, resolve_aux_ignored_labels, run
 
 TINY_RUN = [
     "--preset", "tiny",
@@ -143,14 +143,47 @@ def test_accelerate_launch_runs_the_script_unchanged(tmp_path):
     load_saved("image-classification", output_dir)
 
 
-def test_backbone_runs_get_the_papers_pruning_regime(tmp_path):
+def save_tiny_vit(folder) -> None:
     from transformers import ViTConfig, ViTModel
 
-    backbone = tmp_path / "vit"
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)).save_pretrained(backbone)  # fmt: skip
+                       image_size=32, patch_size=8)).save_pretrained(folder)  # fmt: skip
+
+
+def test_backbone_runs_get_the_papers_pruning_regime(tmp_path):
+    backbone = tmp_path / "vit"
+    save_tiny_vit(backbone)
     argv = [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")]
     run("image-classification", argv + ["--output_dir", str(tmp_path / "out"), "--backbone", str(backbone)])
     config = CroprViTConfig.from_pretrained(tmp_path / "out")
     # 16 patches, 2 modules (4 blocks with LLF): 80% of the patches, i.e. 13, set aside as evenly as possible.
     assert config.prune_counts == [7, 6, 0, 0]
+
+
+def test_a_plain_vit_checkpoint_is_pointed_to_backbone_in_one_line(tmp_path):
+    save_tiny_vit(tmp_path / "vit")
+    argv = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "vit")]
+    with pytest.raises(SystemExit) as exit_:  # what the scripts run: a message on stderr, exit status 1
+        main("image-classification", [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")] + argv)
+    assert exit_.value.code.endswith(
+        f"error: --model_name_or_path {tmp_path / 'vit'} is a 'vit' checkpoint, not a CroprViT one: to start from "
+        "vit / dinov2 weights, pass it as --backbone, which converts it to CroprViT"
+    )
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_diverged_run_fails_and_keeps_the_previous_output(tmp_path, task):
+    # What an earlier, good run left in the output folder.
+    (tmp_path / "model.safetensors").write_bytes(b"earlier weights")
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        main(task, TINY_RUN + ["--output_dir", str(tmp_path), "--learning_rate", "1e6"])
+    message = exit_.value.code  # a string: printed on stderr, exit status 1
+    assert isinstance(message, str) and "\n" not in message
+    assert "weight tensors hold nan or inf (cropr_vit.embeddings.cls_token, " in message
+    assert "and the eval loss is nan; the final checkpoint was not saved" in message
+    assert "lower --learning_rate" in message
+    assert (tmp_path / "model.safetensors").read_bytes() == b"earlier weights"
+    assert (tmp_path / "preprocessor_config.json").read_text() == "{}"
+    assert not (tmp_path / "config.json").exists()

@@ -1,4 +1,4 @@
-"""The R curriculum of DESIGN §4 as a `TrainerCallback`: pruning grows linearly from nothing to the target."""
+"""The pruning curriculum as a `TrainerCallback`: the tokens removed (R) grow linearly from none to the target."""
 
 from __future__ import annotations
 

@@ -12,6 +12,12 @@ arrays, or tensors with `batch_eval_metrics=True`, in which case they accumulate
 one), use its first prediction when the model returns several outputs, and return a dict of floats. Undefined values
 (e.g. the IoU of a class absent from both predictions and labels) are `nan`.
 
+Non-finite scores (`nan` or `inf`, as a diverged model produces) are failed predictions and count as wrong, never as
+a guess: such an example is no hit in accuracy and top-k accuracy (whatever `argmax` would pick), a non-finite score is
+ranked below every finite one and its positive is never retrieved in average precision, its multi-label prediction
+is the opposite of its label in F1, and such a pixel counts against its true class in IoU and pixel accuracy. The
+metrics thus stay the share of what the model got right: a model that outputs only `nan` scores 0.
+
 Example:
 
 ```python
@@ -98,7 +104,12 @@ def _top_k_hits(logits: np.ndarray, references: np.ndarray, k: int) -> np.ndarra
     if logits.ndim != 2 or references.shape != (len(logits),):
         raise ValueError(f"logits must be (N, C) and references (N,); got {logits.shape} and {references.shape}")
     true_scores = np.take_along_axis(logits, references[:, None].astype(np.int64), axis=1)
-    return np.sum(logits > true_scores, axis=1) < k
+    return (np.sum(logits > true_scores, axis=1) < k) & _finite_rows(logits)
+
+
+def _finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Per example, whether all its scores are finite (the others are failed predictions, counted as wrong)."""
+    return np.isfinite(logits).all(axis=-1)
 
 
 def confusion_matrix(
@@ -123,14 +134,18 @@ def confusion_matrix(
         raise ValueError(f"predictions {predictions.shape} and references {references.shape} differ in shape")
     valid = references != ignore_index if ignore_index is not None else np.ones(references.shape, dtype=bool)
     predictions, references = predictions[valid].astype(np.int64), references[valid].astype(np.int64)
-    for name, values in (("references", references), ("predictions", predictions)):
-        if values.size and (values.min() < 0 or values.max() >= num_labels):
-            raise ValueError(f"{name} hold class ids outside [0, {num_labels}): {values.min()}..{values.max()}")
+    _check_class_ids("references", references, num_labels)
+    _check_class_ids("predictions", predictions, num_labels)
     counts = np.bincount(references * num_labels + predictions, minlength=num_labels * num_labels)
     return counts.reshape(num_labels, num_labels)
 
 
-def iou_from_confusion(confusion: np.ndarray) -> dict[str, float | np.ndarray]:
+def _check_class_ids(name: str, values: np.ndarray, num_labels: int) -> None:
+    if values.size and (values.min() < 0 or values.max() >= num_labels):
+        raise ValueError(f"{name} hold class ids outside [0, {num_labels}): {values.min()}..{values.max()}")
+
+
+def iou_from_confusion(confusion: np.ndarray, missed: np.ndarray | None = None) -> dict[str, float | np.ndarray]:
     """Segmentation scores from a confusion matrix (rows: true class, columns: predicted class).
 
     Returns:
@@ -138,14 +153,20 @@ def iou_from_confusion(confusion: np.ndarray) -> dict[str, float | np.ndarray]:
         `per_category_iou` (`np.ndarray` of shape `(C,)`): intersection over union, `nan` for a class absent from
         both; `pixel_accuracy`: fraction of (non-ignored) pixels predicted right. Like `evaluate`'s `mean_iou`
         with `nan_to_num=None`: areas are summed over all images before dividing.
+
+    Args:
+        confusion (`np.ndarray` of shape `(C, C)`): pixel counts by true and predicted class.
+        missed (`np.ndarray` of shape `(C,)`, *optional*): per true class, pixels without a valid prediction
+            (non-finite logits); they count as wrong, in the union of their true class and in the pixel total.
     """
     confusion = np.asarray(confusion, dtype=np.float64)
+    missed = np.zeros(len(confusion)) if missed is None else np.asarray(missed, dtype=np.float64)
     intersection = np.diag(confusion)
-    union = confusion.sum(axis=0) + confusion.sum(axis=1) - intersection
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) + missed - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
         per_category_iou = intersection / union
     present = union > 0
-    total = confusion.sum()
+    total = confusion.sum() + missed.sum()
     return {
         "mean_iou": float(per_category_iou[present].mean()) if present.any() else float("nan"),
         "per_category_iou": per_category_iou,
@@ -171,7 +192,8 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     """Average precision of one binary problem: the sum over score thresholds of the recall gained times precision.
 
     Examples with equal scores are ranked together (as scikit-learn's `average_precision_score`). `nan` when there
-    is no positive.
+    is no positive. Non-finite scores are failed predictions: left out of the ranking, so a positive with such a
+    score is never retrieved (all scores non-finite: 0).
 
     Args:
         scores (`np.ndarray` of shape `(N,)`): higher means more likely positive.
@@ -181,6 +203,10 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     num_positives = targets.sum()
     if num_positives == 0:
         return float("nan")
+    finite = np.isfinite(scores)
+    if not finite.any():
+        return 0.0
+    scores, targets = scores[finite], targets[finite]
     order = np.argsort(-scores, kind="stable")
     scores, targets = scores[order], targets[order]
     # The last position of each run of equal scores: precision and recall are only defined between distinct scores.
@@ -211,7 +237,8 @@ def multilabel_f1(probabilities: np.ndarray, targets: np.ndarray, threshold: flo
 
     Micro F1 pools true/false positives and false negatives over all classes: `2 TP / (2 TP + FP + FN)`. Macro F1
     averages the per-class F1 over classes where it is defined, i.e. with at least one positive label or prediction.
-    Either is `nan` when nothing is positive in labels or predictions.
+    Either is `nan` when nothing is positive in labels or predictions. A non-finite probability is a failed
+    prediction, counted as wrong (the opposite of its label).
 
     Args:
         probabilities (`np.ndarray` of shape `(N, C)`): per-class probabilities (apply [`sigmoid`] to logits).
@@ -221,7 +248,8 @@ def multilabel_f1(probabilities: np.ndarray, targets: np.ndarray, threshold: flo
     probabilities, targets = np.asarray(probabilities), np.asarray(targets)
     if probabilities.shape != targets.shape or probabilities.ndim != 2:
         raise ValueError(f"probabilities {probabilities.shape} and targets {targets.shape} must be equal (N, C)")
-    predicted, actual = probabilities >= threshold, targets > 0.5
+    actual = targets > 0.5
+    predicted = np.where(np.isfinite(probabilities), probabilities >= threshold, ~actual)
     true_positives = np.sum(predicted & actual, axis=0)
     errors = np.sum(predicted != actual, axis=0)  # false positives + false negatives, per class
     denominator = 2 * true_positives + errors
@@ -286,7 +314,7 @@ class ClassificationMetrics(TaskMetrics):
 
     def update(self, predictions, labels) -> None:
         logits, labels = _to_numpy(predictions), _to_numpy(labels).astype(np.int64)
-        self._num_correct += int(np.sum(logits.argmax(axis=-1) == labels))
+        self._num_correct += int(np.sum((logits.argmax(axis=-1) == labels) & _finite_rows(logits)))
         self._num_top_k += int(np.sum(_top_k_hits(logits, labels, self.top_k)))
         self._count += len(labels)
 
@@ -327,9 +355,11 @@ class MultiLabelMetrics(TaskMetrics):
         if not self._logits:
             return {"mAP": float("nan"), "micro_f1": float("nan"), "macro_f1": float("nan")}
         logits, labels = np.concatenate(self._logits), np.concatenate(self._labels)
+        # An infinite logit is a failed prediction too, although its sigmoid is finite.
+        probabilities = sigmoid(np.where(np.isfinite(logits), logits, np.nan))
         return {
             "mAP": mean_average_precision(logits, labels),
-            **multilabel_f1(sigmoid(logits), labels, self.threshold),
+            **multilabel_f1(probabilities, labels, self.threshold),
         }
 
 
@@ -340,7 +370,8 @@ class SegmentationMetrics(TaskMetrics):
     (as the model's loss does) before the argmax, or class maps `(N, H, W)` (e.g. from a
     `preprocess_logits_for_metrics` that takes the argmax to save memory). Label pixels equal to `ignore_index`, or
     to -100 (`Trainer`'s padding), are left out. Per-class IoU is `nan` for a class absent from both predictions and
-    labels, and such classes are left out of `mean_iou`.
+    labels, and such classes are left out of `mean_iou`. A pixel whose (upsampled) logits are not all finite counts
+    as wrong: against its true class's IoU and the pixel accuracy.
 
     Args:
         num_labels: number of classes `C`.
@@ -369,34 +400,40 @@ class SegmentationMetrics(TaskMetrics):
 
     def reset(self) -> None:
         self._confusion = np.zeros((self.num_labels, self.num_labels), dtype=np.int64)
+        self._missed = np.zeros(self.num_labels, dtype=np.int64)  # per true class, pixels with non-finite logits
 
-    def _class_maps(self, predictions: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    def _class_maps(self, predictions: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted class per pixel, and where the logits are not all finite (failed predictions)."""
         if predictions.ndim == 3:
-            return predictions
+            return predictions, np.zeros(predictions.shape, dtype=bool)
         if predictions.ndim != 4 or predictions.shape[1] != self.num_labels:
             raise ValueError(
                 f"segmentation predictions must be logits (N, {self.num_labels}, h, w) or class maps (N, H, W); "
                 f"got shape {predictions.shape}"
             )
-        maps = []
+        maps, failed = [], []
         with torch.no_grad():
             for start in range(0, len(predictions), self.chunk_size):
                 logits = torch.from_numpy(np.ascontiguousarray(predictions[start : start + self.chunk_size]))
                 if tuple(logits.shape[-2:]) != size:
                     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
                 maps.append(logits.argmax(dim=1).numpy())
-        return np.concatenate(maps)
+                failed.append((~torch.isfinite(logits).all(dim=1)).numpy())
+        return np.concatenate(maps), np.concatenate(failed)
 
     def update(self, predictions, labels) -> None:
         predictions, labels = _to_numpy(predictions), _to_numpy(labels)
         if labels.ndim != 3:
             raise ValueError(f"segmentation labels must be (N, H, W); got shape {labels.shape}")
         labels = np.where(labels == PADDING_INDEX, self.ignore_index, labels)
-        class_maps = self._class_maps(predictions, labels.shape[-2:])
-        self._confusion += confusion_matrix(class_maps, labels, self.num_labels, self.ignore_index)
+        class_maps, failed = self._class_maps(predictions, labels.shape[-2:])
+        self._confusion += confusion_matrix(class_maps[~failed], labels[~failed], self.num_labels, self.ignore_index)
+        missed = labels[failed & (labels != self.ignore_index)].astype(np.int64)
+        _check_class_ids("references", missed, self.num_labels)
+        self._missed += np.bincount(missed, minlength=self.num_labels)
 
     def compute(self) -> dict[str, float]:
-        scores = iou_from_confusion(self._confusion)
+        scores = iou_from_confusion(self._confusion, self._missed)
         per_class = dict(zip(self.metric_names, map(float, scores["per_category_iou"]), strict=True))
         return {"mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"], **per_class}
 

@@ -39,9 +39,11 @@ from .timing import measure_throughput
 from .training import (
     TASKS,
     DataArguments,
+    EpochCallback,
     ModelArguments,
     PruningArguments,
     TaskSpec,
+    TrainingSplit,
     build_model,
     load_task_data,
     make_transforms,
@@ -263,15 +265,17 @@ def train_variant(
         lr=config.learning_rate,
     )
     ramp = 0.0 if selector == "none" else config.curriculum
+    train_dataset = TrainingSplit(dataset["train"], make_transforms(task, processor, augment=True, seed=seed))
+    callbacks = [EpochCallback(train_dataset)] + ([PruningCurriculumCallback(ramp)] if ramp > 0 else [])
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=dataset["train"].with_transform(make_transforms(task, processor, augment=True, seed=seed)),
+        train_dataset=train_dataset,
         eval_dataset=dataset["validation"].with_transform(make_transforms(task, processor, augment=False, seed=seed)),
         compute_metrics=metrics.compute_metrics_for_task(task.builtin_task, id2label=labels),
         processing_class=processor,
         optimizers=(optimizer, None),
-        callbacks=[PruningCurriculumCallback(ramp)] if ramp > 0 else [],
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.train()

@@ -5,13 +5,18 @@ Data comes from a Hub dataset / `imagefolder` or from the built-in Fashion-MNIST
 checkpoint, a ViT/DINOv2 backbone converted on the fly, or a preset trained from scratch. At the end the script
 evaluates, saves the stripped inference checkpoint with its image processor, and prints the eval metric and
 throughput of the pruned model next to the same weights with pruning off.
+
+The scripts call [`main`], which reports a [`RunError`] (bad arguments, a diverged run) as one line on stderr and exits
+with status 1; [`run`] raises it, for use from Python.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +34,13 @@ from transformers import (
     HfArgumentParser,
     SegformerImageProcessorPil,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     ViTImageProcessorPil,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
 
 from . import metrics
 from .configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprViTConfig, per_block_schedule
@@ -49,6 +57,13 @@ from .presets import PRESETS, preset_config
 from .timing import measure_throughput
 
 logger = logging.getLogger(__name__)
+
+LATEST_CHECKPOINT = "latest"
+"""`--resume_from_checkpoint` value that picks the newest complete checkpoint in `--output_dir`."""
+
+
+class RunError(ValueError):
+    """A problem with a run's arguments or outcome that the scripts report as one line, without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -172,17 +187,42 @@ class DataArguments:
     throughput_batch_size: int = field(default=32, metadata={"help": "Batch size of the final throughput check."})
 
 
+@dataclass
+class CroprTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the output-folder options of the scripts (transformers 5 dropped its own flag)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from scratch although --output_dir holds checkpoints of an earlier run (they are deleted). "
+            "Without it, such a folder is refused unless --resume_from_checkpoint is given."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A checkpoint folder to continue training from, or '{LATEST_CHECKPOINT}' for the newest complete "
+            "checkpoint in --output_dir."
+        },
+    )
+
+
 def check_argument_conflicts(
     task: TaskSpec,
     model_args: ModelArguments,
     pruning_args: PruningArguments,
     do_train: bool,
     resume_from_checkpoint: str | None,
+    overwrite_output_dir: bool = False,
 ) -> None:
     """Refuse arguments that the run would silently ignore, and evaluation of Cropr modules that never trained.
 
-    Runs right after parsing, before any data or weights are loaded.
+    Runs right after parsing, before any data or weights are loaded (it reads the config of --model_name_or_path).
     """
+    if model_args.model_name_or_path and model_args.backbone:
+        raise RunError("give either --model_name_or_path (a CroprViT checkpoint) or --backbone, not both")
+    if model_args.model_name_or_path:
+        check_cropr_checkpoint(model_args.model_name_or_path, model_args.trust_remote_code)
     if pruning_args.token_selector == "none":
         given = [
             flag
@@ -194,35 +234,37 @@ def check_argument_conflicts(
             if value is not None
         ]
         if given:
-            raise ValueError(f"--token_selector none prunes nothing, so {' and '.join(given)} would be ignored")
+            raise RunError(f"--token_selector none prunes nothing, so {' and '.join(given)} would be ignored")
     if pruning_args.pruning_rate is not None and pruning_args.pruning_schedule:
-        raise ValueError("--pruning_schedule replaces --pruning_rate: give one of them")
+        raise RunError("--pruning_schedule replaces --pruning_rate: give one of them")
     # The selector the model will have, where known before loading (a checkpoint's own is read only later).
     selector = pruning_args.token_selector or (None if model_args.model_name_or_path else CroprViTConfig.token_selector)
     if pruning_args.aux_loss_weight is not None and selector is not None and selector not in LEARNED_SELECTORS:
-        raise ValueError(
+        raise RunError(
             f"--aux_loss_weight weighs the Cropr modules' losses, but --token_selector {selector} has no Cropr "
             "modules: it would be ignored"
         )
     if pruning_args.aux_ignored_labels is not None:
         if task.name != "semantic-segmentation":
-            raise ValueError(
+            raise RunError(
                 "--aux_ignored_labels applies to the per-patch auxiliary loss of semantic segmentation, "
                 f"not {task.name}"
             )
         if selector is not None and selector not in LEARNED_SELECTORS:
-            raise ValueError(
+            raise RunError(
                 f"--aux_ignored_labels shapes the Cropr modules' auxiliary loss, but --token_selector {selector} has "
                 "no Cropr modules: it would be ignored"
             )
     ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
     if pruning_args.curriculum_per_epoch and ramp == 0:
-        raise ValueError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
+        raise RunError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
     if not do_train and resume_from_checkpoint:
-        raise ValueError("--resume_from_checkpoint continues training, but this run does not train (--do_train)")
+        raise RunError("--resume_from_checkpoint continues training, but this run does not train (--do_train)")
+    if overwrite_output_dir and resume_from_checkpoint:
+        raise RunError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: give one of them")
     if not do_train and not model_args.model_name_or_path:
         if selector in LEARNED_SELECTORS:
-            raise ValueError(
+            raise RunError(
                 f"--token_selector {selector} without training and without a trained checkpoint "
                 "would evaluate untrained Cropr modules: train (--do_train), pass a fine-tuned CroprViT with "
                 "--model_name_or_path, or pick a training-free selector (random, variance, attention, none)"
@@ -297,8 +339,6 @@ def build_model(
     task: TaskSpec, model_args: ModelArguments, pruning_args: PruningArguments, labels: dict[int, str], image_size: int
 ) -> tuple[CroprViTPreTrainedModel, ViTImageProcessorPil | SegformerImageProcessorPil]:
     """A CroprViT for the task from a checkpoint, a converted backbone or a preset; and its image processor."""
-    if model_args.model_name_or_path and model_args.backbone:
-        raise ValueError("give either --model_name_or_path (a CroprViT checkpoint) or --backbone, not both")
     overrides = pruning_args.config_overrides()
     if model_args.drop_path_rate is not None:
         overrides["drop_path_rate"] = model_args.drop_path_rate
@@ -331,7 +371,7 @@ def build_model(
         )
         if model_args.image_size is not None and model.config.image_size_hw != (model_args.image_size,) * 2:
             height, width = model.config.image_size_hw
-            raise ValueError(
+            raise RunError(
                 f"--image_size {model_args.image_size} does not match the input size of "
                 f"{model_args.model_name_or_path} ({height}x{width}): a checkpoint keeps its own size (config and "
                 "image processor); drop --image_size"
@@ -350,6 +390,22 @@ def build_model(
     model = task.model_class(config)
     processor = default_image_processor(task, image_size)
     return model, processor
+
+
+def check_cropr_checkpoint(path: str, trust_remote_code: bool = False) -> None:
+    """Refuse another architecture's checkpoint for `--model_name_or_path`, pointing ViT / DINOv2 ones to `--backbone`.
+
+    Raises:
+        RunError: the checkpoint's config is not a CroprViT one.
+    """
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    if model_type != CroprViTConfig.model_type:
+        from .conversion import SUPPORTED_MODEL_TYPES
+
+        raise RunError(
+            f"--model_name_or_path {path} is a {model_type!r} checkpoint, not a CroprViT one: to start from "
+            f"{' / '.join(SUPPORTED_MODEL_TYPES)} weights, pass it as --backbone, which converts it to CroprViT"
+        )
 
 
 def resolve_aux_ignored_labels(spec: str | None, labels: dict[int, str]) -> list[int] | None:
@@ -395,15 +451,30 @@ def flip_image(image: Image.Image) -> Image.Image:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
+def flip_example(seed: int, epoch: int, index: int) -> bool:
+    """Whether the training augmentation flips example `index` in `epoch`: a fair coin that is a pure function of its
+    arguments (no generator state), so a run resumed from a checkpoint flips every example as one that never stopped.
+    """
+    return random.Random(f"{seed}:{epoch}:{index}").random() < 0.5
+
+
 def make_transforms(
     task: TaskSpec, processor: ViTImageProcessorPil | SegformerImageProcessorPil, augment: bool, seed: int
-) -> Callable[[dict[str, list]], dict[str, Any]]:
-    """A `Dataset.with_transform` function: image processor plus random horizontal flips for training."""
-    rng = random.Random(seed)
+) -> Callable[..., dict[str, Any]]:
+    """The image processor, plus with `augment` random horizontal flips decided by [`flip_example`].
 
-    def transform(batch: dict[str, list]) -> dict[str, Any]:
+    Without `augment`, a `Dataset.with_transform` function. With it, the transform needs each example's index and
+    the epoch (`transform(batch, indices=..., epoch=...)`): wrap the split in a [`TrainingSplit`].
+    """
+
+    def transform(batch: dict[str, list], indices: Sequence[int] | None = None, epoch: int = 0) -> dict[str, Any]:
         images = [image.convert("RGB") for image in batch["image"]]
-        flips = [augment and rng.random() < 0.5 for _ in images]
+        if not augment:
+            flips = [False] * len(images)
+        elif indices is None:
+            raise ValueError("random flips depend on each example's index: wrap the split in a TrainingSplit")
+        else:
+            flips = [flip_example(seed, epoch, index) for index in indices]
         images = [flip_image(image) if flip else image for image, flip in zip(images, flips, strict=True)]
         if task.name == "semantic-segmentation":
             masks = [flip_image(mask) if flip else mask for mask, flip in zip(batch["label"], flips, strict=True)]
@@ -417,6 +488,45 @@ def make_transforms(
     return transform
 
 
+class TrainingSplit(torch.utils.data.Dataset):
+    """A training split with its augmenting transform (from [`make_transforms`]), which gets each example's index and
+    the epoch: the same example in the same epoch is augmented the same way, also after resuming from a checkpoint.
+
+    Give `Trainer` an [`EpochCallback`] of it as well: it sets the epoch (accelerate's dataloaders forward their
+    `set_epoch` to the dataset in single-process runs only).
+    """
+
+    def __init__(self, split, transform: Callable[..., dict[str, Any]]) -> None:
+        self.split, self.transform = split, transform
+        # In shared memory, so that persistent dataloader workers see each new epoch too.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        batch = self.transform(self.split[indices], indices=indices, epoch=int(self._epoch))
+        return [{name: values[position] for name, values in batch.items()} for position in range(len(indices))]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+
+class EpochCallback(TrainerCallback):
+    """Tells a [`TrainingSplit`] which epoch starts."""
+
+    def __init__(self, dataset: TrainingSplit) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # `state.epoch` is the epoch plus its completed share: whole at an epoch's start, fractional when a run
+        # resumes mid-epoch (whose number Trainer computes the same way, from the steps done).
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
+
+
 def eval_pixel_values(dataset, transform, limit: int) -> torch.Tensor:
     rows = dataset.select(range(min(limit, len(dataset))))
     return transform(rows[:])["pixel_values"]
@@ -428,9 +538,14 @@ def report_table(rows: Sequence[tuple[str, str, str]]) -> str:
 
 
 def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, fine-tune, evaluate, save the stripped checkpoint and report; returns the final numbers."""
+    """Parse arguments, fine-tune, evaluate, save the stripped checkpoint and report; returns the final numbers.
+
+    Raises:
+        RunError: conflicting arguments, an output folder or checkpoint to refuse, or a diverged run (non-finite
+            weights or eval loss, found before anything is saved).
+    """
     task = TASKS[task_name]
-    parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, CroprTrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(arg.startswith("--output_dir") for arg in argv):
         argv += ["--output_dir", f"outputs/{task.builtin_task}"]
@@ -438,7 +553,14 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Unlike transformers' examples, train by default: `--do_eval` alone (or `--do_train false`) evaluates only.
     # (`--eval_strategy` also switches `do_eval` on, so it cannot tell an eval-only run.)
     do_train = training_args.do_train or not any(arg.split("=")[0] in ("--do_train", "--do_eval") for arg in argv)
-    check_argument_conflicts(task, model_args, pruning_args, do_train, training_args.resume_from_checkpoint)
+    check_argument_conflicts(
+        task,
+        model_args,
+        pruning_args,
+        do_train,
+        training_args.resume_from_checkpoint,
+        training_args.overwrite_output_dir,
+    )
     # `with_transform` datasets expose only the raw columns: Trainer must not drop them before the transform.
     training_args.remove_unused_columns = False
     # Every Cropr module computes its auxiliary loss at every step (also while the curriculum prunes nothing), so
@@ -453,6 +575,7 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns otherwise
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
+    checkpoint = checkpoint_to_resume(training_args) if do_train else None
 
     dataset, labels = load_task_data(task, data_args, training_args.data_seed or training_args.seed)
     image_size = model_args.image_size or data_args.canvas_size
@@ -465,11 +588,13 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     train_transform = make_transforms(task, processor, augment=True, seed=training_args.seed)
     eval_transform = make_transforms(task, processor, augment=False, seed=training_args.seed)
-    train_dataset = dataset["train"].with_transform(train_transform)
+    train_dataset = TrainingSplit(dataset["train"], train_transform)
     eval_dataset = dataset["validation"].with_transform(eval_transform)
 
     ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
-    callbacks = [PruningCurriculumCallback(ramp, per_epoch=pruning_args.curriculum_per_epoch)] if ramp > 0 else []
+    callbacks = [EpochCallback(train_dataset)]
+    if ramp > 0:
+        callbacks.append(PruningCurriculumCallback(ramp, per_epoch=pruning_args.curriculum_per_epoch))
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -481,16 +606,83 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     train_metrics = {}
     if do_train:
-        train_metrics = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics
+        train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
         trainer.log_metrics("train", train_metrics)
     eval_metrics = trainer.evaluate()
     trainer.log_metrics("eval", eval_metrics)
+    # Before `final_report` writes anything: a diverged run must not replace an earlier good output.
+    check_finite(trainer.model, eval_metrics, training_args.output_dir, trained=do_train)
 
     return {
         "train": train_metrics,
         "eval": eval_metrics,
         **final_report(task, trainer, eval_metrics, dataset["validation"], eval_transform, data_args),
     }
+
+
+def checkpoint_to_resume(args: CroprTrainingArguments) -> str | None:
+    """The checkpoint a training run continues from (None: from scratch), after checking `--output_dir`.
+
+    `--resume_from_checkpoint latest` takes the newest complete checkpoint in `--output_dir`. `Trainer` writes a
+    checkpoint's `trainer_state.json` last, so a `checkpoint-N` folder without one was interrupted while saving: it
+    is skipped with a warning, and refused when named. Without `--resume_from_checkpoint`, checkpoints of an earlier
+    run in `--output_dir` are refused: training would start again from step 0 among them (and a later `latest` could
+    pick theirs). `--overwrite_output_dir` deletes them and starts over.
+
+    Raises:
+        RunError: no complete checkpoint to resume from, or earlier checkpoints without `--overwrite_output_dir`.
+    """
+    checkpoints = sort_checkpoints(args.output_dir)[::-1]  # newest first
+    if args.resume_from_checkpoint == LATEST_CHECKPOINT:
+        for checkpoint in checkpoints:
+            if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+                logger.info("Resuming from %s, the newest complete checkpoint", checkpoint)
+                return checkpoint
+            logger.warning("Skipping %s: it has no %s (interrupted while saving)", checkpoint, TRAINER_STATE_NAME)
+        raise RunError(f"--resume_from_checkpoint {LATEST_CHECKPOINT}: no complete checkpoint in {args.output_dir}")
+    if args.resume_from_checkpoint is not None:
+        if not os.path.isfile(os.path.join(args.resume_from_checkpoint, TRAINER_STATE_NAME)):
+            raise RunError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a complete checkpoint (no "
+                f"{TRAINER_STATE_NAME}; a checkpoint interrupted while saving lacks it): pass another one, or "
+                f"'{LATEST_CHECKPOINT}' for the newest complete one in --output_dir"
+            )
+        return args.resume_from_checkpoint
+    if checkpoints and not args.overwrite_output_dir:
+        raise RunError(
+            f"--output_dir {args.output_dir} holds {len(checkpoints)} checkpoints of an earlier run (newest "
+            f"{os.path.basename(checkpoints[0])}): continue it with --resume_from_checkpoint {LATEST_CHECKPOINT}, "
+            "or start over with --overwrite_output_dir (deletes them)"
+        )
+    if checkpoints and args.should_save:
+        logger.warning("--overwrite_output_dir: deleting the %d checkpoints of an earlier run", len(checkpoints))
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+    return None
+
+
+def check_finite(model: torch.nn.Module, eval_metrics: dict[str, float], output_dir: str, trained: bool) -> None:
+    """Refuse a model whose weights or eval loss are not finite, naming them.
+
+    Raises:
+        RunError: some floating-point weight holds nan or inf, or the eval loss is not finite.
+    """
+    weights = {name: tensor for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    problems = []
+    if broken:
+        names = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        problems.append(f"{len(broken)} of {len(weights)} weight tensors hold nan or inf ({names})")
+    loss = eval_metrics.get("eval_loss")
+    if loss is not None and not math.isfinite(loss):
+        problems.append(f"the eval loss is {loss}")
+    if problems:
+        cause = (
+            "training diverged: lower --learning_rate, or clip gradients with --max_grad_norm"
+            if trained
+            else "the checkpoint is broken"
+        )
+        raise RunError(f"{' and '.join(problems)}; the final checkpoint was not saved to {output_dir} ({cause})")
 
 
 def final_report(
@@ -545,4 +737,21 @@ def final_report(
     }
 
 
-__all__ = ["DataArguments", "ModelArguments", "PruningArguments", "TASKS", "run"]
+def main(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of the `scripts/train_*.py`: [`run`], with a [`RunError`] reported as one line and exit status 1."""
+    try:
+        return run(task_name, argv)
+    except RunError as error:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {error}")
+
+
+__all__ = [
+    "CroprTrainingArguments",
+    "DataArguments",
+    "ModelArguments",
+    "PruningArguments",
+    "RunError",
+    "TASKS",
+    "main",
+    "run",
+]
