@@ -39,7 +39,7 @@ from .configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprVi
 from .curriculum import PruningCurriculumCallback
 from .data import id2label as builtin_id2label
 from .data import load_builtin_task
-from .data.formats import LabelFormat, find_id2label_file, prepare_dataset, read_id2label, read_label_names
+from .data.formats import LabelFormat, find_id2label_file, prepare_dataset, read_class_names, read_id2label
 from .data.images import to_rgb
 from .modeling_cropr_vit import (
     CroprViTForImageClassification,
@@ -173,7 +173,7 @@ class DataArguments:
             "or annotation (segmentation masks)."
         },
     )
-    label_names: str | None = field(
+    class_names: str | None = field(
         default=None,
         metadata={
             "help": "Class names, comma-separated or a text file with one per line, for labels stored as ids or "
@@ -277,11 +277,11 @@ def load_task_data(
     if data_args.dataset_name or data_args.train_dir:
         if data_args.builtin_task:
             raise ValueError("give either --builtin_task or --dataset_name/--train_dir, not both")
-        if data_args.label_names and data_args.id2label:
-            raise ValueError("give the class names once: --label_names or --id2label, not both")
+        if data_args.class_names and data_args.id2label:
+            raise ValueError("give the class names once: --class_names or --id2label, not both")
         id2label = None
-        if data_args.label_names:
-            id2label = read_label_names(data_args.label_names)
+        if data_args.class_names:
+            id2label = read_class_names(data_args.class_names)
         elif data_args.id2label:
             id2label = read_id2label(data_args.id2label)
         data_files = {}
@@ -319,7 +319,7 @@ def load_task_data(
             for flag, value in (
                 ("--image_column_name", data_args.image_column_name),
                 ("--label_column_name", data_args.label_column_name),
-                ("--label_names", data_args.label_names),
+                ("--class_names", data_args.class_names),
                 ("--id2label", data_args.id2label),
                 ("--do_reduce_labels", data_args.do_reduce_labels),
             )

@@ -14,8 +14,8 @@ from cropr.data.formats import (
     find_column,
     find_id2label_file,
     prepare_dataset,
+    read_class_names,
     read_id2label,
-    read_label_names,
 )
 
 NAMES = {0: "cat", 1: "dog", 2: "bird"}
@@ -34,14 +34,14 @@ def splits(labels, feature=None, **extra_columns) -> DatasetDict:
     return DatasetDict(train=dataset, validation=dataset)
 
 
-def test_label_names_from_a_list_or_a_file(tmp_path):
-    assert read_label_names("cat, dog,bird") == NAMES
+def test_class_names_from_a_list_or_a_file(tmp_path):
+    assert read_class_names("cat, dog,bird") == NAMES
     (tmp_path / "names.txt").write_text("cat\ndog\n\nbird\n")
-    assert read_label_names(str(tmp_path / "names.txt")) == NAMES
+    assert read_class_names(str(tmp_path / "names.txt")) == NAMES
     with pytest.raises(ValueError, match=r"\['dog'\] appear more than once"):
-        read_label_names("cat,dog,dog")
+        read_class_names("cat,dog,dog")
     with pytest.raises(ValueError, match="non-empty"):
-        read_label_names("cat,,dog")
+        read_class_names("cat,,dog")
 
 
 def test_id2label_files(tmp_path):
@@ -79,7 +79,7 @@ def test_classification_layouts():
     strings = detect_label_format(splits(["dog", "cat", "dog"]), "image-classification", "label")
     assert (strings.layout, strings.id2label) == ("class_names", {0: "cat", 1: "dog"})
     assert strings.targets(["dog", "cat"]).tolist() == [1, 0]
-    with pytest.raises(ValueError, match="without names: pass --label_names"):
+    with pytest.raises(ValueError, match="without names: pass --class_names"):
         detect_label_format(splits([0, 2]), "image-classification", "label")
     with pytest.raises(ValueError, match=r"class ids -1..1, outside 0..1"):
         detect_label_format(splits([0, 1, -1], ClassLabel(names=["a", "b"])), "image-classification", "label")

@@ -12,7 +12,7 @@ Label layouts ([`LabelFormat.layout`]), found from the label column's feature an
   the loss and the metrics ignore. With `reduce_labels` (ADE20k's convention, transformers' `do_reduce_labels`) mask
   value 0 marks unlabelled pixels and becomes 255, and value k is class k - 1.
 
-Class names come from the caller (`id2label`, e.g. read by [`read_label_names`] or [`read_id2label`]), else from the
+Class names come from the caller (`id2label`, e.g. read by [`read_class_names`] or [`read_id2label`]), else from the
 label feature (`ClassLabel`, or a list of them), else, for string labels, from the sorted set of strings in the data.
 
 Example:
@@ -73,7 +73,7 @@ LAYOUTS = {
 _LIST_FEATURES = (List, LargeList)
 
 
-def read_label_names(spec: str) -> dict[int, str]:
+def read_class_names(spec: str) -> dict[int, str]:
     """Class names from a comma-separated string (`"cat,dog,bird"`) or a text file with one name per line.
 
     Returns:
@@ -334,7 +334,7 @@ def _mask_format(
     if id2label is None:
         raise ValueError(
             f"the masks in column {column!r} come without class names: pass --id2label FILE (a JSON object "
-            f'{{"0": "name", ...}}) or --label_names a,b,c, or put {ID2LABEL_FILE} in the dataset folder'
+            f'{{"0": "name", ...}}) or --class_names a,b,c, or put {ID2LABEL_FILE} in the dataset folder'
         )
     if len(id2label) > IGNORE_INDEX:
         raise ValueError(
@@ -355,7 +355,7 @@ def _named(column: str, id2label: dict[int, str] | None, feature_names: list[str
     if feature_names is not None:
         return dict(enumerate(feature_names))
     raise ValueError(
-        f"column {column!r} holds class ids without names: pass --label_names a,b,c (or a file with one name per "
+        f"column {column!r} holds class ids without names: pass --class_names a,b,c (or a file with one name per "
         f"line) or --id2label FILE, or put {ID2LABEL_FILE} in the dataset folder"
     )
 
@@ -461,5 +461,5 @@ __all__ = [
     "mask_array",
     "prepare_dataset",
     "read_id2label",
-    "read_label_names",
+    "read_class_names",
 ]
