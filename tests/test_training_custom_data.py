@@ -125,7 +125,7 @@ def test_segmentation_scene_parse_150_layout(tmp_path):
     assert 0.0 <= results["pruned_metric"] <= 1.0
     assert load_saved("semantic-segmentation", tmp_path / "out").config.id2label == {0: "wall", 1: "building", 2: "sky"}
     # Without --do_reduce_labels, mask value 3 is no class of the three: the run says what to do.
-    with pytest.raises(ValueError, match=r"values \[3\], which are no class ids.*pass --do_reduce_labels"):
+    with pytest.raises(ValueError, match=r"values \[3\] outside class ids 0..2.*pass --do_reduce_labels"):
         train("semantic-segmentation", tmp_path, *data, "--label_column_name", "annotation")
 
 

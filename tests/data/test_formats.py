@@ -170,10 +170,13 @@ def test_masks_are_checked_and_reduced():
     reduced = LabelFormat("masks", NAMES, reduce_labels=True)
     ade = np.array([[0, 1], [3, 255]], dtype=np.uint8)
     np.testing.assert_array_equal(reduced.mask(ade, shape=(2, 2)), [[255, 0], [2, 255]])
-    with pytest.raises(ValueError, match=r"values \[3\], which are no class ids.*pass --do_reduce_labels"):
+    with pytest.raises(ValueError, match=r"values \[3\] outside class ids 0..2 and 255.*pass --do_reduce_labels"):
         plain.mask(ade, shape=(2, 2))
     with pytest.raises(ValueError, match=r"values \[7\]"):
         plain.mask(np.array([[7, 0]]), shape=(1, 2))
+    # A stored 256 would become 255 (ignored) when reduced: it is refused as no class instead.
+    with pytest.raises(ValueError, match=r"values \[4, 256\] outside 0 = unlabelled, 1..3 = classes 0..2"):
+        reduced.mask(np.array([[4, 256, 255]]), shape=(1, 3))
     with pytest.raises(ValueError, match="masks must have their image's size"):
         plain.mask(mask, shape=(2, 3))
 

@@ -25,7 +25,8 @@ dataset = load_dataset("scene_parse_150")  # columns image, annotation, scene_ca
 dataset, label_format = prepare_dataset(
     dataset, "semantic-segmentation", id2label=read_id2label("ade20k-id2label.json"), reduce_labels=True
 )
-label_format.mask(dataset["train"][0]["label"], shape=(512, 683))  # uint8 class ids, 255 = ignored
+example = dataset["train"][0]
+label_format.mask(example["label"], shape=(example["image"].height, example["image"].width))  # uint8, 255 = ignored
 ```
 """
 
@@ -64,7 +65,7 @@ LABEL_COLUMNS = {
 ID2LABEL_FILE = "id2label.json"
 """File name of class names next to a dataset (`{"0": "wall", "1": "building", ...}`), as on the Hub."""
 
-LAYOUTS = {
+LAYOUTS = {  # the label layouts of each task
     "image-classification": ("class_ids", "class_names"),
     "multi-label-classification": ("id_lists", "name_lists", "multi_hot"),
     "semantic-segmentation": ("masks",),
@@ -203,11 +204,15 @@ class LabelFormat:
                 f"a mask of {values.shape[1]}x{values.shape[0]} pixels belongs to an image of {shape[1]}x{shape[0]}: "
                 "masks must have their image's size"
             )
-        if self.reduce_labels:
-            values = np.where((values == 0) | (values == IGNORE_INDEX), IGNORE_INDEX, values - 1)
-        if values.min() < 0 or values.max() >= self.num_labels:
-            invalid = np.unique(values[(values < 0) | ((values >= self.num_labels) & (values != IGNORE_INDEX))])
+        # Checked before reducing, so that no stored value can turn into the ignore index on the way.
+        stored_classes = self.num_labels + int(self.reduce_labels)
+        if values.min() < 0 or values.max() >= stored_classes:
+            invalid = np.unique(values[(values < 0) | ((values >= stored_classes) & (values != IGNORE_INDEX))])
             if invalid.size:
+                if self.reduce_labels:
+                    expected = f"0 = unlabelled, 1..{stored_classes - 1} = classes 0..{self.num_labels - 1}"
+                else:
+                    expected = f"class ids 0..{self.num_labels - 1}"
                 hint = ""
                 if not self.reduce_labels and invalid.max() == self.num_labels:
                     hint = (
@@ -215,9 +220,11 @@ class LabelFormat:
                         "--do_reduce_labels"
                     )
                 raise ValueError(
-                    f"a mask holds values {invalid[:10].tolist()}, which are no class ids: the dataset has "
-                    f"{self.num_labels} classes (0..{self.num_labels - 1}, {IGNORE_INDEX} = ignored){hint}"
+                    f"a mask holds values {invalid[:10].tolist()} outside {expected} and {IGNORE_INDEX} (ignored): "
+                    f"the dataset has {self.num_labels} classes{hint}"
                 )
+        if self.reduce_labels:
+            values = np.where((values == 0) | (values == IGNORE_INDEX), IGNORE_INDEX, values - 1)
         return values.astype(np.uint8)
 
 
@@ -440,7 +447,7 @@ def _check_values(column: str, layout: str, names: dict[int, str], values: list[
             unknown = set(pc.unique(flat).to_pylist()) - set(names.values())
             if unknown:
                 raise ValueError(f"column {column!r} holds names that are no class: {sorted(unknown)[:10]}")
-        elif layout == "multi_hot":
+        elif layout == "multi_hot" and len(array):
             low, high = _min_max(pc.list_value_length(array))
             if (low, high) != (len(names), len(names)):
                 raise ValueError(
