@@ -299,9 +299,7 @@ def load_task_data(
             dataset = DatasetDict(train=split["train"], validation=split["test"])
         dataset = DatasetDict(train=dataset["train"], validation=dataset["validation"])
         if id2label is None:
-            folders = [data_args.dataset_name, data_args.train_dir]
-            folders += [os.path.dirname(os.path.normpath(data_args.train_dir))] if data_args.train_dir else []
-            if (names_file := find_id2label_file([folder for folder in folders if folder])) is not None:
+            if (names_file := find_id2label_file(data_args.dataset_name, data_args.train_dir)) is not None:
                 logger.info("class names from %s", names_file)
                 id2label = read_id2label(names_file)
         dataset, label_format = prepare_dataset(

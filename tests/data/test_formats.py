@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image as PILImage
 
+from cropr.data import formats
 from cropr.data.formats import (
     LabelFormat,
     detect_label_format,
@@ -49,12 +51,33 @@ def test_id2label_files(tmp_path):
     path.write_text(json.dumps({"2": "bird", "0": "cat", "1": "dog"}))
     assert read_id2label(path) == NAMES
     assert list(read_id2label(path)) == [0, 1, 2]
-    assert find_id2label_file([None, tmp_path / "missing", tmp_path]) == path
     path.write_text(json.dumps(["cat", "dog", "bird"]))
     assert read_id2label(path) == NAMES
     path.write_text(json.dumps({"0": "cat", "2": "bird"}))
     with pytest.raises(ValueError, match="without gaps"):
         read_id2label(path)
+
+
+def test_id2label_file_beside_the_data_or_on_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "train").mkdir()
+    assert find_id2label_file(str(tmp_path), None) is None
+    (tmp_path / "id2label.json").write_text("{}")
+    # The dataset folder, or the folder holding the split folders.
+    assert find_id2label_file(str(tmp_path), None) == tmp_path / "id2label.json"
+    assert find_id2label_file(None, str(tmp_path / "train")) == tmp_path / "id2label.json"
+    assert find_id2label_file(None, str(tmp_path / "train") + "/") == tmp_path / "id2label.json"
+
+    assert find_id2label_file("org/not-downloaded", None) is None  # offline: not in the cache
+
+    def hf_hub_download(repo_id, filename, repo_type):
+        assert (filename, repo_type) == ("id2label.json", "dataset")
+        if repo_id != "org/segmentation":
+            raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        return str(tmp_path / "id2label.json")
+
+    monkeypatch.setattr(formats, "hf_hub_download", hf_hub_download)
+    assert find_id2label_file("org/segmentation", None) == tmp_path / "id2label.json"
+    assert find_id2label_file("org/classification", None) is None
 
 
 def test_missing_columns_name_the_dataset_columns():

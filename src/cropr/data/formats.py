@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +46,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Array2D, ClassLabel, DatasetDict, Image, LargeList, List, Value
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 from PIL import Image as PILImage
 
 logger = logging.getLogger(__name__)
@@ -116,11 +119,21 @@ def read_id2label(path: str | Path) -> dict[int, str]:
     return dict(sorted(id2label.items()))
 
 
-def find_id2label_file(directories: Sequence[str | Path | None]) -> Path | None:
-    """The first [`ID2LABEL_FILE`] found in `directories` (entries that are None or not folders are skipped)."""
-    for directory in directories:
-        if directory is not None and (candidate := Path(directory) / ID2LABEL_FILE).is_file():
+def find_id2label_file(dataset_name: str | None = None, train_dir: str | None = None) -> Path | None:
+    """The dataset's [`ID2LABEL_FILE`], or None where it has none.
+
+    Looked for in the folder `dataset_name` or `train_dir` (or the folder above `train_dir`, which holds the split
+    folders), else in the Hub dataset repository `dataset_name`, as transformers' segmentation example reads it.
+    """
+    parent = os.path.dirname(os.path.normpath(train_dir)) if train_dir else None
+    for folder in (dataset_name, train_dir, parent):
+        if folder and (candidate := Path(folder) / ID2LABEL_FILE).is_file():
             return candidate
+    if dataset_name and not Path(dataset_name).is_dir():
+        try:
+            return Path(hf_hub_download(dataset_name, ID2LABEL_FILE, repo_type="dataset"))
+        except (EntryNotFoundError, RepositoryNotFoundError, HFValidationError):  # no such file, repo, or offline
+            return None
     return None
 
 
