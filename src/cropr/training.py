@@ -183,8 +183,9 @@ class DataArguments:
     id2label: str | None = field(
         default=None,
         metadata={
-            "help": 'Class names as a JSON file {"0": "name", ...} (transformers\' id2label); default: id2label.json '
-            "in the dataset folder, else the label feature's names."
+            "help": 'Class names as a JSON file {"0": "name", ...} (transformers\' id2label); default: the '
+            "dataset's id2label.json (in its folder, beside --train_dir, or in its Hub repository), else the label "
+            "feature's names."
         },
     )
     do_reduce_labels: bool = field(
