@@ -435,9 +435,9 @@ def _multi_label_layout(column: str, feature, values: list[pa.ChunkedArray], id2
     if pa_type is not None and pa.types.is_integer(pa_type):
         names = _named(column, id2label, None)
         # Integer lists are class ids unless every one holds exactly one 0/1 entry per class.
-        lengths = [_min_max(pc.list_value_length(array)) for array in values]
-        entries = [_min_max(pc.list_flatten(array)) for array in values]
-        one_per_class = all(low == high == len(names) for low, high in lengths)
+        lengths = [_min_max(pc.list_value_length(array)) for array in values if len(array)]
+        entries = [_min_max(pc.list_flatten(array)) for array in values if len(array)]
+        one_per_class = bool(lengths) and all(low == high == len(names) for low, high in lengths)
         zero_or_one = all(low is not None and low >= 0 and high <= 1 for low, high in entries)
         return ("multi_hot" if one_per_class and zero_or_one else "id_lists"), names
     raise ValueError(f"column {column!r} holds {feature}: expected lists of class ids, class names or multi-hot values")
