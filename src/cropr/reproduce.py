@@ -322,7 +322,7 @@ def run_task(
     data_args = DataArguments(
         num_train_samples=budget.num_train, num_eval_samples=budget.num_eval, canvas_size=config.canvas_size
     )
-    dataset, labels = load_task_data(task, data_args, config.data_seed)
+    dataset, labels, _ = load_task_data(task, data_args, config.data_seed)
 
     per_seed: dict[str, list[float]] = {selector: [] for selector in config.selectors(task_name)}
     train_seconds: dict[str, list[float]] = {selector: [] for selector in config.selectors(task_name)}

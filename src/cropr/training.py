@@ -47,6 +47,8 @@ from .configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprVi
 from .curriculum import PruningCurriculumCallback
 from .data import id2label as builtin_id2label
 from .data import load_builtin_task
+from .data.formats import LabelFormat, find_id2label_file, prepare_dataset, read_class_names, read_id2label
+from .data.images import to_rgb
 from .modeling_cropr_vit import (
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
@@ -176,8 +178,39 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None)
     train_dir: str | None = field(default=None, metadata={"help": "imagefolder training directory."})
     validation_dir: str | None = field(default=None, metadata={"help": "imagefolder validation directory."})
-    image_column: str = field(default="image")
-    label_column: str | None = field(default=None, metadata={"help": "Defaults to the task's column."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Column of the images; default: the first of image, img, pixel_values."}
+    )
+    label_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the labels; default: label (classification), labels or label (multi-label), label "
+            "or annotation (segmentation masks)."
+        },
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "Class names, comma-separated or a text file with one per line, for labels stored as ids or "
+            "multi-hot lists without names (and segmentation masks)."
+        },
+    )
+    id2label: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Class names as a JSON file {"0": "name", ...} (transformers\' id2label); default: the '
+            "dataset's id2label.json (in its folder, beside --train_dir, or in its Hub repository), else the label "
+            "feature's names."
+        },
+    )
+    do_reduce_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "Segmentation: the masks mark unlabelled pixels with 0 and class k with k + 1 (as ADE20k / "
+            "scene_parse_150): 0 becomes 255 (ignored) and k + 1 becomes k. Off: mask values are the class ids, "
+            "0 included."
+        },
+    )
     num_train_samples: int = field(default=4000, metadata={"help": "Built-in data: training scenes."})
     num_eval_samples: int = field(default=500, metadata={"help": "Built-in data: validation scenes."})
     canvas_size: int = field(default=112, metadata={"help": "Built-in data: canvas side in pixels."})
@@ -274,11 +307,26 @@ def check_argument_conflicts(
         )
 
 
-def load_task_data(task: TaskSpec, data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[int, str]]:
-    """The train/validation splits and the label names."""
+def load_task_data(
+    task: TaskSpec, data_args: DataArguments, seed: int
+) -> tuple[DatasetDict, dict[int, str], LabelFormat]:
+    """The train/validation splits (columns `image` and `task.label_column`), the label names and the label format.
+
+    Custom data (`--dataset_name` / `--train_dir`) keeps only its image and label columns, renamed; its label layout
+    is found by `cropr.data.formats.detect_label_format`.
+    """
+    if data_args.do_reduce_labels and task.name != "semantic-segmentation":
+        raise ValueError(f"--do_reduce_labels applies to segmentation masks, not {task.name}")
     if data_args.dataset_name or data_args.train_dir:
         if data_args.builtin_task:
             raise ValueError("give either --builtin_task or --dataset_name/--train_dir, not both")
+        if data_args.class_names and data_args.id2label:
+            raise ValueError("give the class names once: --class_names or --id2label, not both")
+        id2label = None
+        if data_args.class_names:
+            id2label = read_class_names(data_args.class_names)
+        elif data_args.id2label:
+            id2label = read_id2label(data_args.id2label)
         data_files = {}
         if data_args.train_dir:
             data_files["train"] = os.path.join(data_args.train_dir, "**")
@@ -287,31 +335,41 @@ def load_task_data(task: TaskSpec, data_args: DataArguments, seed: int) -> tuple
         dataset = load_dataset(
             data_args.dataset_name or "imagefolder", data_args.dataset_config_name, data_files=data_files or None
         )
+        if "train" not in dataset:
+            raise ValueError(f"the dataset has no train split (splits: {list(dataset)})")
         if "validation" not in dataset:
             split = dataset["train"].train_test_split(test_size=0.1, seed=seed)
             dataset = DatasetDict(train=split["train"], validation=split["test"])
-        label_column = data_args.label_column or task.label_column
-        for split_name, split in dataset.items():
-            for column in (data_args.image_column, label_column):
-                if column not in split.column_names:
-                    raise ValueError(
-                        f"the {split_name} split has no column {column!r} (columns: {split.column_names}); "
-                        "set --image_column / --label_column"
-                    )
-        label_feature = dataset["train"].features[label_column]
-        names = getattr(label_feature, "names", None) or getattr(getattr(label_feature, "feature", None), "names", None)
-        if names is None:
-            raise ValueError(f"cannot read label names from the {label_column!r} feature ({label_feature})")
-        labels = dict(enumerate(names))
-        if data_args.image_column != "image" or label_column != task.label_column:
-            dataset = dataset.rename_columns(
-                {
-                    old: new
-                    for old, new in ((data_args.image_column, "image"), (label_column, task.label_column))
-                    if old != new
-                }
-            )
+        dataset = DatasetDict(train=dataset["train"], validation=dataset["validation"])
+        if id2label is None:
+            if (names_file := find_id2label_file(data_args.dataset_name, data_args.train_dir)) is not None:
+                logger.info("class names from %s", names_file)
+                id2label = read_id2label(names_file)
+        dataset, label_format = prepare_dataset(
+            dataset,
+            task.name,
+            image_column=data_args.image_column_name,
+            label_column=data_args.label_column_name,
+            id2label=id2label,
+            reduce_labels=data_args.do_reduce_labels,
+            target_columns=("image", task.label_column),
+        )
     else:
+        custom_only = [
+            flag
+            for flag, value in (
+                ("--image_column_name", data_args.image_column_name),
+                ("--label_column_name", data_args.label_column_name),
+                ("--class_names", data_args.class_names),
+                ("--id2label", data_args.id2label),
+                ("--do_reduce_labels", data_args.do_reduce_labels),
+            )
+            if value
+        ]
+        if custom_only:
+            raise ValueError(
+                f"{', '.join(custom_only)} describe your own data (--dataset_name / --train_dir), not the built-in task"
+            )
         builtin = data_args.builtin_task or task.builtin_task
         if builtin != task.builtin_task:
             raise ValueError(
@@ -325,14 +383,20 @@ def load_task_data(task: TaskSpec, data_args: DataArguments, seed: int) -> tuple
             seed=seed,
             source=data_args.fashion_mnist_dir,
         )
-        labels = builtin_id2label(builtin)
+        label_format = builtin_label_format(task)
     if data_args.max_train_samples is not None:
         dataset["train"] = dataset["train"].select(range(min(data_args.max_train_samples, len(dataset["train"]))))
     if data_args.max_eval_samples is not None:
         dataset["validation"] = dataset["validation"].select(
             range(min(data_args.max_eval_samples, len(dataset["validation"])))
         )
-    return dataset, labels
+    return dataset, label_format.id2label, label_format
+
+
+def builtin_label_format(task: TaskSpec) -> LabelFormat:
+    """The label layout of the task's built-in data (`cropr.data.load_builtin_task`)."""
+    layout = {"cluttered-classification": "class_ids", "multi-label": "multi_hot", "segmentation": "masks"}
+    return LabelFormat(layout[task.builtin_task], builtin_id2label(task.builtin_task))
 
 
 def build_model(
@@ -459,16 +523,24 @@ def flip_example(seed: int, epoch: int, index: int) -> bool:
 
 
 def make_transforms(
-    task: TaskSpec, processor: ViTImageProcessorPil | SegformerImageProcessorPil, augment: bool, seed: int
+    task: TaskSpec,
+    processor: ViTImageProcessorPil | SegformerImageProcessorPil,
+    augment: bool,
+    seed: int,
+    label_format: LabelFormat | None = None,
 ) -> Callable[..., dict[str, Any]]:
     """The image processor, plus with `augment` random horizontal flips decided by [`flip_example`].
 
+    Images become 8-bit RGB (`to_rgb`: 16-bit images are scaled, not clipped); labels become targets as
+    `label_format` says (default: the built-in data's layout). Segmentation masks keep their class ids as given:
+    `label_format` alone applies `reduce_labels`, whatever the image processor's `do_reduce_labels`.
     Without `augment`, a `Dataset.with_transform` function. With it, the transform needs each example's index and
     the epoch (`transform(batch, indices=..., epoch=...)`): wrap the split in a [`TrainingSplit`].
     """
+    label_format = label_format or builtin_label_format(task)
 
     def transform(batch: dict[str, list], indices: Sequence[int] | None = None, epoch: int = 0) -> dict[str, Any]:
-        images = [image.convert("RGB") for image in batch["image"]]
+        images = [to_rgb(image) for image in batch["image"]]
         if not augment:
             flips = [False] * len(images)
         elif indices is None:
@@ -477,13 +549,15 @@ def make_transforms(
             flips = [flip_example(seed, epoch, index) for index in indices]
         images = [flip_image(image) if flip else image for image, flip in zip(images, flips, strict=True)]
         if task.name == "semantic-segmentation":
-            masks = [flip_image(mask) if flip else mask for mask, flip in zip(batch["label"], flips, strict=True)]
-            encoded = processor(images=images, segmentation_maps=masks, return_tensors="pt")
+            masks = [
+                label_format.mask(mask, (image.height, image.width))
+                for mask, image in zip(batch[task.label_column], images, strict=True)
+            ]
+            masks = [np.fliplr(mask).copy() if flip else mask for mask, flip in zip(masks, flips, strict=True)]
+            encoded = processor(images=images, segmentation_maps=masks, do_reduce_labels=False, return_tensors="pt")
             return {"pixel_values": encoded["pixel_values"], "labels": encoded["labels"].long()}
         encoded = processor(images=images, return_tensors="pt")
-        labels = batch[task.label_column]
-        dtype = torch.float32 if task.name == "multi-label-classification" else torch.long
-        return {"pixel_values": encoded["pixel_values"], "labels": torch.tensor(np.asarray(labels), dtype=dtype)}
+        return {"pixel_values": encoded["pixel_values"], "labels": label_format.targets(batch[task.label_column])}
 
     return transform
 
@@ -577,7 +651,7 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     set_seed(training_args.seed)
     checkpoint = checkpoint_to_resume(training_args) if do_train else None
 
-    dataset, labels = load_task_data(task, data_args, training_args.data_seed or training_args.seed)
+    dataset, labels, label_format = load_task_data(task, data_args, training_args.data_seed or training_args.seed)
     image_size = model_args.image_size or data_args.canvas_size
     model, processor = build_model(task, model_args, pruning_args, labels, image_size)
     logger.info(
@@ -586,8 +660,8 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.config.token_counts(),
         model.config.flop_ceiling(),
     )
-    train_transform = make_transforms(task, processor, augment=True, seed=training_args.seed)
-    eval_transform = make_transforms(task, processor, augment=False, seed=training_args.seed)
+    train_transform = make_transforms(task, processor, augment=True, seed=training_args.seed, label_format=label_format)
+    eval_transform = make_transforms(task, processor, augment=False, seed=training_args.seed, label_format=label_format)
     train_dataset = TrainingSplit(dataset["train"], train_transform)
     eval_dataset = dataset["validation"].with_transform(eval_transform)
 
