@@ -312,7 +312,7 @@ def structural_change_hint(name: str) -> str:
             "`model.set_pruning_fraction(...)` scales every module's removal while training; another schedule needs "
             f"a model built for it, e.g. `from_pretrained(path, {name}=...)`"
         )
-    return f"build a model for it: `from_pretrained(path, {name}=...)`, or the model class on a changed copy of the config"
+    return f"build a model for it: `from_pretrained(path, {name}=...)`, or the model class on a new config"
 
 
 def untrained_router_error(model: CroprViTPreTrainedModel, missing_keys: Iterable[str], unexpected_keys: Iterable[str]):
