@@ -269,7 +269,7 @@ def test_checkpoint_saved_in_training_mode_loads_inference_only_with_current_rou
     torch.manual_seed(0)
     model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs())).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
-    for step in range(3):
+    for _ in range(3):
         model(torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -431,7 +431,9 @@ def test_structural_change_error_points_at_the_supported_way():
         ("segmentation", "aux_ignored_labels", [7], r"`aux_ignored_labels` must be class ids in \[0, 4\]"),
     ],
 )
-def test_invalid_values_set_on_a_built_model_fail_at_forward_and_save_writes_nothing(tmp_path, head, field, value, message):
+def test_invalid_values_set_on_a_built_model_fail_at_forward_and_save_writes_nothing(
+    tmp_path, head, field, value, message
+):
     """Before: forward ran with the invalid value; saving failed after the code files were written."""
     model = build_tiny(head).train()
     setattr(model.config, field, value)
