@@ -251,7 +251,7 @@ def test_full_checkpoint_can_gain_a_trainable_router(stripped):
 def test_stripped_model_cannot_switch_to_a_learned_selector_without_routers():
     model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs(token_selector="variance")))
     model.strip_training_modules()
-    with pytest.raises(ValueError, match=r"routers after blocks \[0, 1\].*the checkpoint has no router"):
+    with pytest.raises(ValueError, match=r"routers after blocks \[0, 1\].*selector without routers"):
         model.with_token_selector("cropr")
 
 

@@ -315,7 +315,14 @@ def structural_change_hint(name: str) -> str:
     return f"build a model for it: `from_pretrained(path, {name}=...)`, or the model class on a new config"
 
 
-def untrained_router_error(model: CroprViTPreTrainedModel, missing_keys: Iterable[str], unexpected_keys: Iterable[str]):
+def router_blocks(state_dict_keys: Iterable[str]) -> set[int]:
+    """Blocks whose Cropr router has an aggregated query among `state_dict_keys`."""
+    return {int(match.group(1)) for key in state_dict_keys if (match := ROUTER_BUFFER_KEY.search(key))}
+
+
+def untrained_router_error(
+    model: CroprViTPreTrainedModel, missing_keys: Iterable[str], unexpected_keys: Iterable[str]
+) -> ValueError | None:
     """A `ValueError` when an inference-only model got routers without weights, else `None`.
 
     Stripped routers have no queries to train: one that was not loaded would score tokens with a vector nobody
@@ -323,15 +330,14 @@ def untrained_router_error(model: CroprViTPreTrainedModel, missing_keys: Iterabl
     """
     if not model.config.inference_only:
         return None
-    blocks_of = lambda keys: {int(match.group(1)) for key in keys if (match := ROUTER_BUFFER_KEY.search(key))}  # noqa: E731
-    untrained = sorted(blocks_of(missing_keys))
+    untrained = sorted(router_blocks(missing_keys))
     if not untrained:
         return None
-    available = sorted((set(model.config.pruning_blocks) - set(untrained)) | blocks_of(unexpected_keys))
+    available = sorted((set(model.config.pruning_blocks) - set(untrained)) | router_blocks(unexpected_keys))
     alternative = (
         f"or a schedule that prunes only after blocks {available}, which have one"
         if available
-        else f"or `token_selector` {model.config.token_selector!r} off (the checkpoint has no router)"
+        else 'or a selector without routers ("random", "variance", "attention" or "none"): the checkpoint has none'
     )
     return ValueError(
         f"The config asks for Cropr routers after blocks {untrained}, which this inference-only checkpoint (saved "
