@@ -176,3 +176,107 @@ def test_package_source_has_no_pickle_path():
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+def unknown_key_warnings(records) -> list[str]:
+    return [str(record.message) for record in records if "is not a CroprViTConfig field" in str(record.message)]
+
+
+def test_saved_checkpoints_and_standard_keyword_arguments_load_without_unknown_key_warnings(tmp_path, recwarn):
+    """transformers passes and writes many standard keys (id2label, problem_type, architectures, dtype, auto_map,
+    transformers_version, ...): none of them is taken for a misspelled field."""
+    from transformers import AutoConfig, AutoModel
+
+    from cropr import CroprViTForMultiLabelClassification
+
+    classifier = CroprViTForImageClassification(
+        CroprViTConfig(**tiny_config_kwargs(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}))
+    )
+    classifier(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))  # records problem_type
+    classifier.save_pretrained(tmp_path / "classifier")
+    CroprViTForMultiLabelClassification(CroprViTConfig(**tiny_config_kwargs())).save_pretrained(tmp_path / "multi")
+    segmenter = CroprViTForSemanticSegmentation(CroprViTConfig(**tiny_config_kwargs(num_queries=16)))
+    segmenter.to(torch.bfloat16).strip_training_modules().save_pretrained(tmp_path / "segmenter")
+    for name in ("classifier", "multi", "segmenter"):
+        folder = tmp_path / name
+        CroprViTConfig(**json.loads((folder / "config.json").read_text()))
+        AutoConfig.from_pretrained(folder, num_labels=3, output_attentions=True, attn_implementation="eager")
+        AutoModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    CroprViTForImageClassification.from_pretrained(
+        tmp_path / "classifier", num_labels=4, ignore_mismatched_sizes=True, problem_type="single_label_classification"
+    )
+    assert unknown_key_warnings(recwarn) == []
+
+
+@pytest.fixture(scope="module")
+def stripped(tmp_path_factory) -> tuple[Path, Path]:
+    """A trained-looking model saved in full and after `strip_training_modules()` (routers after blocks 0 and 1)."""
+    folder = tmp_path_factory.mktemp("stripped")
+    torch.manual_seed(0)
+    model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs())).eval()
+    model.save_pretrained(folder / "full")
+    model.strip_training_modules().save_pretrained(folder / "stripped")
+    return folder / "full", folder / "stripped"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "untrained", "alternative"),
+    [
+        ({"last_layer_fusion": False}, [2], r"prunes only after blocks \[0, 1\]"),
+        ({"pruning_schedule": [2, 2, 2, 0], "last_layer_fusion": False}, [2], r"prunes only after blocks \[0, 1\]"),
+        ({"token_selector": "none"}, None, None),
+        ({"pruning_schedule": [3, 0, 0, 0]}, None, None),
+    ],
+)
+def test_stripped_checkpoint_cannot_gain_an_untrained_router(stripped, overrides, untrained, alternative):
+    """Before: the new router's aggregated query was uninitialised memory (1e34, inf, different on every load)."""
+    if untrained is not None:
+        message = rf"routers after blocks {re.escape(str(untrained))}.*Load the full training checkpoint.*{alternative}"
+        with pytest.raises(ValueError, match=message):
+            CroprViTForImageClassification.from_pretrained(stripped[1], **overrides)
+        return
+    x = torch.randn(2, 3, 32, 32)
+    first, second = (CroprViTForImageClassification.from_pretrained(stripped[1], **overrides) for _ in range(2))
+    assert torch.equal(first(x).logits, second(x).logits)
+    assert all(torch.isfinite(buffer).all() for buffer in first.buffers())
+
+
+def test_full_checkpoint_can_gain_a_trainable_router(stripped):
+    model = CroprViTForImageClassification.from_pretrained(stripped[0], last_layer_fusion=False)
+    router = model.cropr_vit.token_selector.routers["2"]
+    assert router.queries is not None and torch.isfinite(router.aggregated_query).all()
+    assert torch.allclose(router.aggregated_query, router.queries.sum(0))
+
+
+def test_stripped_model_cannot_switch_to_a_learned_selector_without_routers():
+    model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs(token_selector="variance")))
+    model.strip_training_modules()
+    with pytest.raises(ValueError, match=r"routers after blocks \[0, 1\].*selector without routers"):
+        model.with_token_selector("cropr")
+
+
+def test_unloaded_stripped_router_is_initialised_to_zeros():
+    model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs(inference_only=True)))
+    router = model.cropr_vit.token_selector.routers["0"]
+    router.aggregated_query.fill_(float("nan"))
+    model._init_weights(router)
+    assert torch.equal(router.aggregated_query, torch.zeros_like(router.aggregated_query))
+
+
+def test_checkpoint_saved_in_training_mode_loads_inference_only_with_current_routing(tmp_path):
+    """The aggregated queries are refreshed only on `eval()`; saving refreshes them, so that the saved buffer matches
+    the saved queries and the checkpoint also loads with `inference_only=True`."""
+    torch.manual_seed(0)
+    model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs())).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    for _ in range(3):
+        model(torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path)  # still in training mode, as Trainer saves checkpoints
+    stripped_model = CroprViTForImageClassification.from_pretrained(tmp_path, inference_only=True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = model.eval()(x, output_kept_indices=True)
+    output = stripped_model(x, output_kept_indices=True)
+    for indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
+        assert torch.equal(indices, expected_indices)

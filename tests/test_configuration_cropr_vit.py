@@ -118,3 +118,55 @@ def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks
 def test_aux_ignored_labels_must_be_some_of_the_classes(ignored, message):
     with pytest.raises(ValueError, match=message):
         CroprViTConfig(**tiny_config_kwargs(aux_ignored_labels=ignored))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"aux_loss_weight": float("nan")}, "`aux_loss_weight` must be >= 0 and finite, got nan"),
+        ({"aux_loss_weight": float("inf")}, "`aux_loss_weight` must be >= 0 and finite, got inf"),
+        ({"layer_norm_eps": 0.0}, "`layer_norm_eps` must be > 0 and finite, got 0.0"),
+        ({"layer_norm_eps": -1e-6}, "`layer_norm_eps` must be > 0 and finite, got -1e-06"),
+        ({"num_labels": 0}, "`num_labels` must be >= 1"),
+    ],
+)
+def test_non_finite_and_empty_values_are_refused(overrides, message):
+    with pytest.raises(ValueError) as error:
+        CroprViTConfig(**tiny_config_kwargs(**overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("head", ["classification", "multi_label", "segmentation"])
+def test_task_heads_refuse_zero_labels(head):
+    from conftest import build_tiny
+
+    with pytest.raises(ValueError, match="`num_labels` must be >= 1"):
+        build_tiny(head, num_labels=0)
+
+
+def test_overrides_given_to_from_pretrained_are_validated(tmp_path):
+    CroprViTConfig(**tiny_config_kwargs()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"removes 201 tokens"):
+        CroprViTConfig.from_pretrained(tmp_path, pruning_rate=100)
+    with pytest.raises(ValueError, match="aux_loss_weight"):
+        CroprViTConfig.from_pretrained(tmp_path, aux_loss_weight=float("nan"))
+
+
+def test_misspelled_keys_warn_with_the_closest_field(tmp_path):
+    with pytest.warns(UserWarning, match=r"`pruning_rat` is not a CroprViTConfig field.*did you mean `pruning_rate`"):
+        config = CroprViTConfig(**tiny_config_kwargs(pruning_rat=3))
+    assert config.pruning_rate == 3  # the tiny preset's own rate: the misspelled key changed nothing
+    CroprViTConfig(**tiny_config_kwargs()).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"`token_selecter`.*the override is ignored; did you mean `token_selector`"):
+        CroprViTConfig.from_pretrained(tmp_path, token_selecter="none")
+    with pytest.warns(UserWarning, match=r"`zzz_unrelated` is not a CroprViTConfig field.*nothing reads it\.$"):
+        CroprViTConfig(zzz_unrelated=1)
+
+
+def test_model_from_pretrained_names_the_field_a_misspelled_override_meant(tmp_path):
+    from cropr import CroprViTForImageClassification
+
+    CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs())).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"`last_layer_fuson`.*did you mean `last_layer_fusion`"):
+        with pytest.raises(TypeError, match="last_layer_fuson"):
+            CroprViTForImageClassification.from_pretrained(tmp_path, last_layer_fuson=False)

@@ -373,3 +373,23 @@ def test_pickled_weights_are_never_loaded(vit_source, tmp_path):
     torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
         from_backbone(tmp_path, "image-classification", num_labels=3)
+
+
+def test_a_pruning_rate_that_no_module_uses_is_refused(vit_source, tmp_path):
+    """Before: `--pruning-rate 999` on a 2-block backbone was accepted, ignored and saved as an unpruned model."""
+    from cropr.conversion_cli import main
+
+    shallow = tmp_path / "shallow"
+    ViTModel(ViTConfig(intermediate_size=64, **{**TINY, "num_hidden_layers": 2})).save_pretrained(shallow)
+    output = tmp_path / "converted"
+    message = r"`pruning_rate=999` would not be used: a 2-block model has no block for a per-block module.*at least 3"
+    with pytest.raises(ValueError, match=message):
+        main([str(shallow), "--num-labels", "2", "--pruning-rate", "999", "--output-dir", str(output)])
+    assert not output.exists()
+    _, directory = vit_source
+    with pytest.raises(ValueError, match=r"`pruning_rate=2` would not be used: `token_selector=\"none\"`"):
+        from_backbone(directory, num_labels=2, token_selector="none", pruning_rate=2)
+    with pytest.raises(ValueError, match=r"`pruning_schedule` \[1, 0, 0, 0\] sets every module's count"):
+        from_backbone(directory, num_labels=2, pruning_schedule=[1, 0, 0, 0], pruning_rate=2)
+    model, _ = from_backbone(shallow, num_labels=2, pruning_rate=0, last_layer_fusion=False)
+    assert model.config.pruning_blocks == []

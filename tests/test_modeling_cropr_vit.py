@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -379,3 +380,135 @@ def test_aux_ignored_labels_are_refused_by_image_level_heads():
 def test_segmentation_rejects_wrong_number_of_queries():
     with pytest.raises(ValueError, match="num_queries=16"):
         CroprViTForSemanticSegmentation(CroprViTConfig(**tiny_config_kwargs(num_queries=3)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("token_selector", "none"),
+        ("last_layer_fusion", False),
+        ("pruning_rate", 2),
+        ("pruning_rate", 100),
+        ("pruning_schedule", [1, 0, 0, 0]),
+        ("num_queries", 2),
+        ("hidden_size", 64),
+        ("num_labels", 3),
+        ("pooling", "cls"),
+        ("drop_path_rate", 0.1),
+        ("inference_only", True),
+    ],
+)
+def test_structural_config_fields_cannot_change_on_a_built_model(tmp_path, field, value):
+    """Before: forward ran on the old modules, and the saved config no longer matched the saved weights."""
+    model = build_tiny("classification").eval()
+    setattr(model.config, field, value)
+    message = rf"`config\.{field}` was changed from .* after this CroprViTForImageClassification was built"
+    with pytest.raises(ValueError, match=message):
+        model(pixels())
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_structural_change_error_points_at_the_supported_way():
+    model = build_tiny("base").eval()
+    model.config.token_selector = "random"
+    with pytest.raises(ValueError, match=r"with_token_selector"):
+        model(pixels())
+    model.config.token_selector = "cropr"  # set back: the model works again
+    model.config.pruning_schedule = [2, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"set_pruning_fraction.*from_pretrained\(path, pruning_schedule=\.\.\.\)"):
+        model(pixels())
+    model.config.pruning_schedule = None
+    assert model(pixels()).last_hidden_state.shape == (2, 17, 32)
+
+
+@pytest.mark.parametrize(
+    ("head", "field", "value", "message"),
+    [
+        ("classification", "aux_loss_weight", -1.0, "`aux_loss_weight` must be >= 0"),
+        ("classification", "aux_ignored_labels", [0], "semantic segmentation only"),
+        ("segmentation", "aux_ignored_labels", [7], r"`aux_ignored_labels` must be class ids in \[0, 4\]"),
+    ],
+)
+def test_invalid_values_set_on_a_built_model_fail_at_forward_and_save_writes_nothing(
+    tmp_path, head, field, value, message
+):
+    """Before: forward ran with the invalid value; saving failed after the code files were written."""
+    model = build_tiny(head).train()
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=message):
+        model(pixels(), labels=labels_for(head))
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(existing)
+    assert list(existing.iterdir()) == []
+
+
+def test_runtime_fields_may_change_on_a_built_model(tmp_path):
+    model = build_tiny("classification").train()
+    labels = labels_for("classification")
+    torch.manual_seed(0)
+    full = model(pixels(), labels=labels)
+    model.config.aux_loss_weight = 0.0
+    torch.manual_seed(0)
+    main_only = model(pixels(), labels=labels)
+    assert torch.allclose(main_only.loss, full.loss - full.aux_loss)
+    model.config.interpolate_pos_encoding = True
+    assert model.eval()(pixels(size=48)).logits.shape == (2, 5)
+    model.save_pretrained(tmp_path)
+    reloaded = CroprViTForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.aux_loss_weight == 0.0 and reloaded.config.interpolate_pos_encoding
+
+
+def test_supported_structure_changes_keep_working(tmp_path):
+    model = build_tiny("classification").eval()
+    x = pixels()
+    unpruned = model.with_token_selector("none")
+    assert unpruned.config.token_selector == "none" and unpruned(x).logits.shape == (2, 5)
+    model.train().set_pruning_fraction(0.5)
+    model(x, labels=labels_for("classification"))
+    model.eval().strip_training_modules()
+    expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    reloaded = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=2)
+    assert reloaded.config.pruning_rate == 2 and reloaded(x).logits.shape == (2, 5)
+    assert torch.equal(CroprViTForImageClassification.from_pretrained(tmp_path)(x).logits, expected)
+
+
+def test_a_save_that_fails_midway_removes_the_folder_it_created(tmp_path, monkeypatch):
+    model = build_tiny("classification")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(CroprViTConfig, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "kept")
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("first", ["base", "classification", "multi_label", "segmentation"])
+def test_constructors_leave_the_callers_config_unchanged(first):
+    """Before: the multi-label head set `problem_type` on the caller's config, and a classifier built from the same
+    config afterwards read class-id labels as multi-hot."""
+    from conftest import head_classes
+
+    config = CroprViTConfig(**tiny_config_kwargs(num_queries=16 if first == "segmentation" else 1))
+    before = copy.deepcopy(config.to_dict())
+    model = head_classes()[first](config)
+    assert config.to_dict() == before
+    if first == "multi_label":
+        assert model.config.problem_type == "multi_label_classification"
+        classifier = CroprViTForImageClassification(config)
+        assert config.to_dict() == before
+        assert torch.isfinite(classifier(pixels(), labels=torch.tensor([0, 4])).loss)

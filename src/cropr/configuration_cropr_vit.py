@@ -1,6 +1,10 @@
 """CroprViT model configuration: a ViT backbone plus a Token Cropr pruning schedule."""
 
-from collections.abc import Sequence
+import dataclasses
+import difflib
+import math
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -10,6 +14,43 @@ from transformers.activations import ACT2FN
 TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
 LEARNED_SELECTORS = ("cropr", "non_salient")
 POOLING_MODES = ("avg", "cls")
+
+# Fields the modules of a CroprViT model are built from: shapes, which modules exist, dropout and drop-path rates, the
+# selector with its schedule and pooling, the label count of the heads. Changed on the config of a built model, the
+# model would compute, and save weights for, a network that its config no longer describes, so models refuse it.
+STRUCTURAL_FIELDS = (
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "drop_path_rate",
+    "use_cls_token",
+    "layerscale_value",
+    "pruning_rate",
+    "pruning_schedule",
+    "last_layer_fusion",
+    "token_selector",
+    "num_queries",
+    "aggregator_mlp",
+    "pooling",
+    "inference_only",
+    "num_labels",
+)
+
+# Keys that transformers itself passes to, or writes into, every config besides its fields and properties (names
+# starting with "_" are its internal ones): never worth a warning.
+_TRANSFORMERS_CONFIG_KEYS = frozenset(
+    {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    | {"attn_implementation", "experts_implementation", "per_layer_config", "auto_map"}
+)
 
 
 def _as_pair(value: int | Sequence[int], name: str = "size") -> tuple[int, int]:
@@ -38,6 +79,26 @@ def per_block_schedule(
     total = min(round(removed_fraction * num_patches), num_patches - 1)
     base, extra = divmod(total, num_modules)
     return [base + (module < extra) for module in range(num_modules)] + [0] * (depth - num_modules)
+
+
+def warn_unknown_config_keys(keys: Iterable[str], consequence: str, only_likely_typos: bool = False) -> None:
+    """Warn about each of `keys` that is neither a [`CroprViTConfig`] field nor a standard transformers config key,
+    naming the closest field: a misspelled `pruning_rat=3` would otherwise be kept or dropped without a word.
+
+    `only_likely_typos` limits the warnings to keys very close to a field, for key sets that mix config overrides with
+    other options (the keyword arguments of `from_pretrained`).
+    """
+    known = [field.name for field in dataclasses.fields(CroprViTConfig)]
+    own = [name for name in known if name in CroprViTConfig.__annotations__]
+    candidates = [*own, "num_labels", "id2label", "label2id", "problem_type"]
+    for key in keys:
+        if key.startswith("_") or key in known or key in _TRANSFORMERS_CONFIG_KEYS or hasattr(PreTrainedConfig, key):
+            continue
+        closest = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8 if only_likely_typos else 0.6)
+        if only_likely_typos and not closest:
+            continue
+        hint = f"; did you mean `{closest[0]}`?" if closest else "."
+        warnings.warn(f"`{key}` is not a CroprViTConfig field: {consequence}{hint}", UserWarning, stacklevel=3)
 
 
 @strict
@@ -141,6 +202,7 @@ class CroprViTConfig(PreTrainedConfig):
     aux_ignored_labels: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        warn_unknown_config_keys(kwargs, "it is stored on the config, but nothing reads it")
         if self.intermediate_size is None:
             self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
         if isinstance(self.image_size, list):
@@ -157,14 +219,24 @@ class CroprViTConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """Refuse another model's config (transformers only warns), naming what to do instead."""
+        """`PreTrainedConfig.from_dict` that refuses another model's config (transformers only warns), checks the
+        values once the overrides (`from_pretrained(path, field=value)`) are applied, and warns about overrides that
+        are no field (transformers drops them, or hands them to the model constructor, which refuses them)."""
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(
                 f"This is a {model_type!r} config, not a {cls.model_type!r} one. To start from a ViT or DINOv2 "
                 "checkpoint, convert it with `cropr.from_backbone(...)` (or `scripts/convert_backbone.py`)."
             )
-        return super().from_dict(config_dict, **kwargs)
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        config.check_values()
+        if return_unused_kwargs:
+            # The caller (a model's `from_pretrained`) takes the other keys as its own options.
+            warn_unknown_config_keys(unused, "it is not applied to the config", only_likely_typos=True)
+            return config, unused
+        warn_unknown_config_keys(unused, "the override is ignored")
+        return config
 
     # ----------------------------------------------------------------------------------------------------------
     # Geometry and schedule
@@ -200,11 +272,17 @@ class CroprViTConfig(PreTrainedConfig):
             return [0] * depth
         if self.pruning_schedule is not None:
             return [int(count) for count in self.pruning_schedule]
-        num_modules = max(depth - (2 if self.last_layer_fusion else 1), 0)
+        num_modules = self.num_per_block_modules
         counts = [self.pruning_rate if block < num_modules else 0 for block in range(depth)]
         if self.use_cls_token and self.pruning_rate > 0 and num_modules > 0:
             counts[0] += 1
         return counts
+
+    @property
+    def num_per_block_modules(self) -> int:
+        """Modules of the per-block schedule that `pruning_rate` sets: one after every block but the last (the last
+        two with Last Layer Fusion)."""
+        return max(self.num_hidden_layers - (2 if self.last_layer_fusion else 1), 0)
 
     @property
     def pruning_blocks(self) -> list[int]:
@@ -278,6 +356,8 @@ class CroprViTConfig(PreTrainedConfig):
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(f"`num_labels` must be >= 1 (`id2label` needs at least one class), got {self.num_labels}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
@@ -304,12 +384,37 @@ class CroprViTConfig(PreTrainedConfig):
             raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if self.pooling == "cls" and not self.use_cls_token:
             raise ValueError('`pooling="cls"` needs `use_cls_token=True`.')
-        if self.aux_loss_weight < 0:
-            raise ValueError(f"`aux_loss_weight` must be >= 0, got {self.aux_loss_weight}.")
+        if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
+            raise ValueError(f"`aux_loss_weight` must be >= 0 and finite, got {self.aux_loss_weight}.")
+        if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            raise ValueError(f"`layer_norm_eps` must be > 0 and finite, got {self.layer_norm_eps}.")
         if self.pruning_rate < 0:
             raise ValueError(f"`pruning_rate` must be >= 0, got {self.pruning_rate}.")
         self._check_aux_ignored_labels()
         self._check_schedule()
+
+    def check_pruning_rate_is_used(self) -> None:
+        """Raise a `ValueError` when a positive `pruning_rate` removes no token.
+
+        For callers given a rate explicitly (conversion, command lines): the config alone cannot tell such a rate
+        from the default one, which unpruned or explicitly scheduled configs carry unused.
+        """
+        if self.pruning_rate == 0:
+            return
+        if self.token_selector == "none":
+            reason = '`token_selector="none"` prunes nothing'
+        elif self.pruning_schedule is not None:
+            reason = f"`pruning_schedule` {list(self.pruning_schedule)} sets every module's count"
+        elif self.num_per_block_modules == 0:
+            needed = 3 if self.last_layer_fusion else 2
+            reason = (
+                f"a {self.num_hidden_layers}-block model has no block for a per-block module (one after every block "
+                f"but the last{' two, with `last_layer_fusion`' if self.last_layer_fusion else ''}: it needs at "
+                f"least {needed} blocks)"
+            )
+        else:
+            return
+        raise ValueError(f"`pruning_rate={self.pruning_rate}` would not be used: {reason}.")
 
     def _check_aux_ignored_labels(self) -> None:
         if not self.aux_ignored_labels:
@@ -358,4 +463,11 @@ class CroprViTConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["CroprViTConfig", "TOKEN_SELECTORS", "LEARNED_SELECTORS", "per_block_schedule"]
+__all__ = [
+    "CroprViTConfig",
+    "LEARNED_SELECTORS",
+    "STRUCTURAL_FIELDS",
+    "TOKEN_SELECTORS",
+    "per_block_schedule",
+    "warn_unknown_config_keys",
+]

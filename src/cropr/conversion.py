@@ -268,7 +268,9 @@ def cropr_config_from_backbone(
 
     Backbone fields come from the source; `image_size` defaults to the source's; `interpolate_pos_encoding` defaults
     to `True` for DINOv2 (whose model always interpolates) and `False` for ViT. Segmentation sets one query per patch
-    and Last Layer Fusion. See [`from_backbone`] for the arguments.
+    and Last Layer Fusion. An explicit `pruning_rate` that no module would use (the selector is "none", a
+    `pruning_schedule` is given, or the backbone is too shallow for a per-block module) raises a `ValueError`. See
+    [`from_backbone`] for the arguments.
     """
     family = backbone_family(source_config)
     if task not in CONVERSION_TASKS:
@@ -309,7 +311,11 @@ def cropr_config_from_backbone(
         # Explicit conflicting values are left in so that the segmentation head's own check explains the problem.
         kwargs.update(num_queries=(height // patch_h) * (width // patch_w), last_layer_fusion=True)
     kwargs.update(cropr_config_overrides)
-    return CroprViTConfig(**kwargs)
+    config = CroprViTConfig(**kwargs)
+    if "pruning_rate" in cropr_config_overrides:
+        # An explicit rate that removes nothing is a mistake, not a request for an unpruned model.
+        config.check_pruning_rate_is_used()
+    return config
 
 
 def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str, str] | None) -> dict:

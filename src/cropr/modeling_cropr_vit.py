@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
+from .configuration_cropr_vit import LEARNED_SELECTORS, STRUCTURAL_FIELDS, CroprViTConfig
 from .routing_cropr_vit import (
     CroprPredictionHead,
     CroprRouter,
@@ -276,6 +281,71 @@ class CroprViTLayer(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------------
 # Pretrained model base
 # ----------------------------------------------------------------------------------------------------------------------
+# The other CroprViTConfig fields, read at every forward: they may change on a built model and are checked when they do.
+RUNTIME_FIELDS = tuple(
+    field.name
+    for field in dataclasses.fields(CroprViTConfig)
+    if field.name in CroprViTConfig.__annotations__ and field.name not in STRUCTURAL_FIELDS
+)
+ROUTER_BUFFER_KEY = re.compile(r"(?:^|\.)token_selector\.routers\.(\d+)\.aggregated_query$")
+
+
+def config_state(config: CroprViTConfig) -> tuple[tuple, tuple]:
+    """(structural, runtime) field values of `config`, read from its `__dict__` (a few microseconds per forward)."""
+    values = vars(config)
+    id2label = values.get("id2label")
+    structural = tuple(
+        (len(id2label) if id2label is not None else None) if name == "num_labels" else values.get(name)
+        for name in STRUCTURAL_FIELDS
+    )
+    return structural, tuple(values.get(name) for name in RUNTIME_FIELDS)
+
+
+def structural_change_hint(name: str) -> str:
+    """The supported way to get a model with another value of the structural field `name`."""
+    if name == "token_selector":
+        return "`model.with_token_selector(...)` gives the same weights with another selector"
+    if name == "inference_only":
+        return "`model.strip_training_modules()` removes the training modules"
+    if name in ("pruning_rate", "pruning_schedule"):
+        return (
+            "`model.set_pruning_fraction(...)` scales every module's removal while training; another schedule needs "
+            f"a model built for it, e.g. `from_pretrained(path, {name}=...)`"
+        )
+    return f"build a model for it: `from_pretrained(path, {name}=...)`, or the model class on a new config"
+
+
+def router_blocks(state_dict_keys: Iterable[str]) -> set[int]:
+    """Blocks whose Cropr router has an aggregated query among `state_dict_keys`."""
+    return {int(match.group(1)) for key in state_dict_keys if (match := ROUTER_BUFFER_KEY.search(key))}
+
+
+def untrained_router_error(
+    model: CroprViTPreTrainedModel, missing_keys: Iterable[str], unexpected_keys: Iterable[str]
+) -> ValueError | None:
+    """A `ValueError` when an inference-only model got routers without weights, else `None`.
+
+    Stripped routers have no queries to train: one that was not loaded would score tokens with a vector nobody
+    learned, so loading one is refused rather than reported as "newly initialized".
+    """
+    if not model.config.inference_only:
+        return None
+    untrained = sorted(router_blocks(missing_keys))
+    if not untrained:
+        return None
+    available = sorted((set(model.config.pruning_blocks) - set(untrained)) | router_blocks(unexpected_keys))
+    alternative = (
+        f"or a schedule that prunes only after blocks {available}, which have one"
+        if available
+        else 'or a selector without routers ("random", "variance", "attention" or "none"): the checkpoint has none'
+    )
+    return ValueError(
+        f"The config asks for Cropr routers after blocks {untrained}, which this inference-only checkpoint (saved "
+        "after `strip_training_modules()`) does not have, and a stripped router cannot be trained. Load the full "
+        f"training checkpoint (saved before stripping), {alternative}."
+    )
+
+
 class CroprViTPreTrainedModel(PreTrainedModel):
     config_class = CroprViTConfig
     config: CroprViTConfig
@@ -289,6 +359,47 @@ class CroprViTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+
+    def __init__(self, config: CroprViTConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        config.check_values()
+        self._check_task_config(config)
+        self._built_config = copy.deepcopy(config_state(config))
+
+    def _check_task_config(self, config: CroprViTConfig) -> None:
+        """What a head needs of the config beyond `config.check_values()` (nothing for the bare backbone)."""
+
+    def check_config(self) -> None:
+        """Raise a `ValueError` when the config no longer describes this model.
+
+        Structural fields (`STRUCTURAL_FIELDS`: shapes, schedule, selector, ...) must keep the values the modules were
+        built with; the other fields may change and are checked again when they do. Runs at every forward (outside
+        `torch.compile`) and before saving, so a changed config fails at once instead of computing, or saving, a
+        network it does not describe.
+        """
+        if torch.compiler.is_compiling():
+            return
+        state = config_state(self.config)
+        if state == self._built_config:
+            return
+        built = dict(zip(STRUCTURAL_FIELDS, self._built_config[0], strict=True))
+        for name, value in zip(STRUCTURAL_FIELDS, state[0], strict=True):
+            if value != built[name]:
+                raise ValueError(
+                    f"`config.{name}` was changed from {built[name]!r} to {value!r} after this "
+                    f"{type(self).__name__} was built, but its modules follow {built[name]!r}: it would compute, and "
+                    f"save, a network its config does not describe. Set it back; to change it, "
+                    f"{structural_change_hint(name)}."
+                )
+        self.config.check_values()
+        self._check_task_config(self.config)
+        self._built_config = copy.deepcopy(state)
+
+    def _record_config(self) -> None:
+        """Take the current config as the one this model (and its CroprViT submodules) is built with."""
+        for module in self.modules():
+            if isinstance(module, CroprViTPreTrainedModel):
+                module._built_config = copy.deepcopy(config_state(module.config))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -304,9 +415,13 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.cls_token, mean=0.0, std=std)
         elif isinstance(module, CroprViTLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
-        elif isinstance(module, CroprRouter) and module.queries is not None:
-            init.trunc_normal_(module.queries, mean=0.0, std=self.config.hidden_size**-0.5)
-            init.copy_(module.aggregated_query, module.queries.sum(dim=0))
+        elif isinstance(module, CroprRouter):
+            if module.queries is not None:
+                init.trunc_normal_(module.queries, mean=0.0, std=self.config.hidden_size**-0.5)
+                init.copy_(module.aggregated_query, module.queries.sum(dim=0))
+            else:
+                # A stripped router is only ever loaded; zeros keep an unloaded one deterministic (loading refuses it).
+                init.zeros_(module.aggregated_query)
 
     @property
     def backbone(self) -> CroprViTModel:
@@ -338,7 +453,14 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                 router.aggregator = None
                 router.aux_head = None
         self.config.inference_only = True
+        self._record_config()
         return self
+
+    def refresh_routers(self) -> None:
+        """Recompute every Cropr module's aggregated query from its queries (they drift apart while training)."""
+        routers = self.backbone.token_selector.routers
+        for router in routers.values() if routers is not None else ():
+            router.refresh_aggregated_query()
 
     def with_token_selector(self, token_selector: str) -> CroprViTPreTrainedModel:
         """The same network with another selector: backbone and head weights shared by copy, same schedule.
@@ -349,15 +471,30 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         """
         config = self.config.__class__.from_dict({**self.config.to_dict(), "token_selector": token_selector})
         variant = self.__class__(config).to(device=self.device, dtype=self.dtype)
-        missing, _ = variant.load_state_dict(self.state_dict(), strict=False)
+        missing, unexpected = variant.load_state_dict(self.state_dict(), strict=False)
+        error = untrained_router_error(variant, missing, unexpected)
+        if error is not None:
+            raise error
         unexpected_missing = [name for name in missing if ".token_selector." not in f".{name}"]
         if unexpected_missing:
             raise RuntimeError(f"weights missing when switching selector: {unexpected_missing}")
         return variant.train(self.training)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` that checks the config before writing anything (transformers copies the
+        code files first, then fails on an invalid config), stores up-to-date aggregated queries (so the checkpoint
+        also loads inference-only), and removes the folder again when it created it and the save fails."""
+        self.check_config()
+        self.config.validate()
+        self.refresh_routers()
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        created = not os.path.exists(save_directory)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        except BaseException:
+            if created:
+                shutil.rmtree(save_directory, ignore_errors=True)
+            raise
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -366,11 +503,16 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         transformers 5 falls back to unpickling a `pytorch_model.bin` when no safetensors file is there; CroprViT
         checkpoints are always saved as safetensors, so that fallback is off (`use_safetensors=True` unless the
         caller passes `use_safetensors=False` explicitly) and such a folder raises an `OSError`. A `*.safetensors`
-        file that cannot be read (truncated, overwritten) raises an `OSError` naming it.
+        file that cannot be read (truncated, overwritten) raises an `OSError` naming it. An inference-only checkpoint
+        loaded with overrides that add a pruning module raises a `ValueError`: that module's router has no weights
+        and cannot be trained.
         """
         kwargs.setdefault("use_safetensors", True)
+        output_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         except SafetensorError as error:
             files = sorted(Path(pretrained_model_name_or_path).glob("*.safetensors"))
             broken = [str(file) for file in files if not _is_readable_safetensors(file)]
@@ -379,6 +521,10 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                 f"Cannot read {where}: the file is truncated or not a safetensors file ({error}). Save the model "
                 "again with `save_pretrained`, or download the checkpoint again."
             ) from error
+        error = untrained_router_error(model, loading_info["missing_keys"], loading_info["unexpected_keys"])
+        if error is not None:
+            raise error
+        return (model, loading_info) if output_loading_info else model
 
 
 def _is_readable_safetensors(path: Path) -> bool:
@@ -437,7 +583,6 @@ class CroprViTModel(CroprViTPreTrainedModel):
 
     def __init__(self, config: CroprViTConfig):
         super().__init__(config)
-        config.check_values()
         self.embeddings = CroprViTEmbeddings(config)
         drop_path_rates = [
             config.drop_path_rate * block / max(config.num_hidden_layers - 1, 1)
@@ -465,6 +610,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CroprViTModelOutput | tuple:
+        self.check_config()
         config = self.config
         if interpolate_pos_encoding is None:
             interpolate_pos_encoding = config.interpolate_pos_encoding
@@ -667,6 +813,12 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
 
     def __init__(self, config: CroprViTConfig):
         super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cropr_vit = CroprViTModel(config)
+        self.classifier = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.post_init()
+
+    def _check_task_config(self, config: CroprViTConfig) -> None:
         if config.token_selector in LEARNED_SELECTORS and config.num_queries != 1:
             raise ValueError(
                 f"Image-level heads use one query per Cropr module (`num_queries=1`), got {config.num_queries}."
@@ -676,10 +828,6 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
                 "`aux_ignored_labels` applies to the per-patch auxiliary loss of semantic segmentation only; "
                 f"got {list(config.aux_ignored_labels)} for an image-level head."
             )
-        self.num_labels = config.num_labels
-        self.cropr_vit = CroprViTModel(config)
-        self.classifier = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
-        self.post_init()
 
     def forward(
         self,
@@ -692,6 +840,7 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CroprViTImageClassifierOutput | tuple:
+        self.check_config()
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.cropr_vit(
             pixel_values,
@@ -731,7 +880,10 @@ class CroprViTForMultiLabelClassification(CroprViTForImageClassification):
     so `pipeline("image-classification")` reports sigmoid scores."""
 
     def __init__(self, config: CroprViTConfig):
-        config.problem_type = "multi_label_classification"
+        if config.problem_type != "multi_label_classification":
+            # On a copy: the caller's config may go on to build a single-label head.
+            config = copy.deepcopy(config)
+            config.problem_type = "multi_label_classification"
         super().__init__(config)
 
 
@@ -745,6 +897,12 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
 
     def __init__(self, config: CroprViTConfig):
         super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cropr_vit = CroprViTModel(config)
+        self.decode_head = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.post_init()
+
+    def _check_task_config(self, config: CroprViTConfig) -> None:
         if config.pruning_blocks and not config.last_layer_fusion:
             raise ValueError(
                 "Semantic segmentation needs every token at the output: set `last_layer_fusion=True` "
@@ -755,10 +913,6 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
                 f"Segmentation Cropr modules need one query per patch: set `num_queries={config.num_patches}` "
                 f"({config.patch_grid[0]}x{config.patch_grid[1]} patches), got {config.num_queries}."
             )
-        self.num_labels = config.num_labels
-        self.cropr_vit = CroprViTModel(config)
-        self.decode_head = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
-        self.post_init()
 
     def forward(
         self,
@@ -771,6 +925,7 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CroprViTSemanticSegmenterOutput | tuple:
+        self.check_config()
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.cropr_vit(
             pixel_values,
