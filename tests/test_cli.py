@@ -132,6 +132,12 @@ def test_visualize_draws_a_very_wide_image_at_the_width_limit_with_a_note(checkp
         assert png.size == (MAX_PANEL_SIDE + 2 * MARGIN, height + LEGEND_HEIGHT + 3 * MARGIN)
 
 
+def test_visualize_refuses_images_beyond_the_pillow_size_limit(checkpoint, image_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses images of more than twice this
+    argv = ["visualize", str(checkpoint), str(image_path), "--output-dir", str(tmp_path)]
+    assert_one_line_error(capsys, argv, f"image {image_path} is too large: ")
+
+
 def test_visualize_scales_16_bit_images_instead_of_clipping(checkpoint, tmp_path, capsys):
     levels = np.random.default_rng(1).integers(0, 256, (40, 60), dtype=np.uint16)
     Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "eight.png")

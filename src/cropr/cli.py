@@ -10,7 +10,9 @@ cropr convert --help                    # delegates to cropr.conversion_cli
 ```
 
 Expected failures (missing file, bad JSON, wrong model type, unknown preset, invalid schedule) print one line,
-`cropr: error: ...`, on stderr and exit with status 1; usage errors exit with status 2 as argparse does.
+`cropr: error: ...`, on stderr and exit with status 1; usage errors, which include option values refused before
+anything loads (a negative count, an output path that is a file, a device this machine lacks), exit with status 2 as
+argparse does.
 """
 
 from __future__ import annotations
