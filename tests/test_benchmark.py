@@ -12,9 +12,11 @@ from cropr.benchmark import (
     BenchmarkOptions,
     build_config,
     build_inference_models,
+    check_device,
     check_outputs,
     main,
     parse_args,
+    run_benchmark,
 )
 
 
@@ -91,10 +93,53 @@ def test_parse_args_defaults_and_overrides():
     assert build_config(options.preset, options.overrides).pruning_blocks == [5]
 
 
-def test_invalid_requests_raise_clear_errors():
+def test_invalid_requests_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="preset"):
         build_config("vit-h14")
     with pytest.raises(ValueError, match="fp16"):
-        main(["--preset", "tiny", "--device", "cpu", "--dtypes", "fp16", "--quiet"])
+        run_benchmark(BenchmarkOptions(preset="tiny", dtypes=["fp16"]))
     with pytest.raises(ValueError, match="variants"):
-        main(["--preset", "tiny", "--device", "cpu", "--variants", "fast", "--quiet"])
+        run_benchmark(BenchmarkOptions(preset="tiny", variants=["fast"]))
+    with pytest.raises(ValueError, match="Unsupported device 'tpu'"):
+        run_benchmark(BenchmarkOptions(preset="tiny", device="tpu"))
+    with pytest.raises(ValueError, match="CLS token"):
+        run_benchmark(BenchmarkOptions(preset="tiny", overrides={"use_cls_token": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="Device 'cuda:1'"):
+        check_device("cuda:1")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["--device", "cuda"], "Device 'cuda'"),
+        (["--device", "tpu"], "Unsupported device 'tpu'"),
+        (["--threads", "-1"], "argument --threads: expected an integer >= 1, got '-1'"),
+        (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+        (["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
+        (["--train-repeats", "0"], "argument --train-repeats: expected an integer >= 1"),
+        (["--batch-sizes", "8,0"], "argument --batch-sizes: expected integers >= 1"),
+        (["--min-time", "nan"], "argument --min-time: expected a finite number >= 0"),
+        (["--dtypes", "fp16", "--device", "cpu"], "fp16 autocast is for CUDA"),
+        (["--pruning-rate", "99"], "The pruning schedule removes"),
+        (["--set", 'hidden_size="wide"'], "hidden_size"),
+    ],
+)
+def test_bad_options_end_in_one_usage_error_line(arguments, fragment, capsys, monkeypatch):
+    """What `scripts/benchmark.py` and `cropr benchmark` print for options that cannot run: argparse's usage and
+    one error line, exit status 2, before any model is built."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    quick = ["--dtypes", "fp32", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--min-time", "0"]
+    quick += ["--train-batch-size", "0", "--no-flop-count"]  # an option accepted by mistake costs seconds
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "tiny", "--quiet", *quick, *arguments])
+    assert exit_.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith("cropr-benchmark: error: ") and fragment in last_line
+
+
+def test_pruning_schedule_accepts_blocks_without_pruning():
+    options = parse_args(["--preset", "tiny", "--device", "cpu", "--pruning-schedule", "0,3,0,0"])
+    assert build_config(options.preset, options.overrides).pruning_blocks == [1]

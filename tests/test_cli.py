@@ -7,12 +7,13 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT, tiny_config_kwargs
 from PIL import Image
 
 from cropr import CroprViTConfig, CroprViTForImageClassification
 from cropr.cli import main
-from cropr.visualization import LEGEND_HEIGHT, MARGIN
+from cropr.visualization import LEGEND_HEIGHT, MARGIN, MAX_PANEL_SIDE
 
 MEASUREMENTS = {
     "schema_version": 1,
@@ -51,10 +52,25 @@ def assert_one_line_error(capsys, argv, fragment):
     assert "Traceback" not in err
 
 
+def assert_usage_error(capsys, argv, fragment):
+    """`main(argv)` fails with argparse's status 2, its last stderr line an `error:` line holding `fragment`."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error: " in err.splitlines()[-1] and fragment in err.splitlines()[-1], err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["info", "--help"], ["visualize", "--help"], ["card", "--help"]])
 def test_help(argv, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("usage: cropr")
+
+
+def test_visualize_help_names_the_panel_limit(capsys):
+    assert main(["visualize", "--help"]) == 0
+    assert f"at most {MAX_PANEL_SIDE}" in " ".join(capsys.readouterr().out.split())
 
 
 def test_usage_error_exits_2(capsys):
@@ -99,6 +115,44 @@ def test_visualize_end_to_end(checkpoint, image_path, tmp_path, capsys):
         assert image.size == (120 + 2 * MARGIN, 80 + LEGEND_HEIGHT + 3 * MARGIN)
 
 
+def test_visualize_refuses_a_panel_height_above_the_limit(checkpoint, image_path, tmp_path, capsys):
+    argv = ["visualize", str(checkpoint), str(image_path), "--output-dir", str(tmp_path)]
+    assert_one_line_error(capsys, [*argv, "--panel-height", str(MAX_PANEL_SIDE + 1)], f"limit of {MAX_PANEL_SIDE}")
+    assert not list(tmp_path.iterdir())
+    assert_usage_error(capsys, [*argv, "--panel-height", "0"], "--panel-height: expected an integer >= 1")
+
+
+def test_visualize_draws_a_very_wide_image_at_the_width_limit_with_a_note(checkpoint, tmp_path, capsys):
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (600, 3), (200, 10, 10)).save(wide)
+    assert main(["visualize", str(checkpoint), str(wide), "--output-dir", str(tmp_path), "--panel-height", "40"]) == 0
+    height = round(3 * MAX_PANEL_SIDE / 600)
+    assert f"cropr: note: {wide} (600x3) is drawn {MAX_PANEL_SIDE}x{height}" in capsys.readouterr().err
+    with Image.open(tmp_path / "wide.pruning.png") as png:
+        assert png.size == (MAX_PANEL_SIDE + 2 * MARGIN, height + LEGEND_HEIGHT + 3 * MARGIN)
+
+
+def test_visualize_refuses_images_beyond_the_pillow_size_limit(checkpoint, image_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses images of more than twice this
+    argv = ["visualize", str(checkpoint), str(image_path), "--output-dir", str(tmp_path)]
+    assert_one_line_error(capsys, argv, f"image {image_path} is too large: ")
+
+
+def test_visualize_scales_16_bit_images_instead_of_clipping(checkpoint, tmp_path, capsys):
+    levels = np.random.default_rng(1).integers(0, 256, (40, 60), dtype=np.uint16)
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(levels * 257).save(tmp_path / "sixteen.png")  # the same picture over the full 16-bit range
+    with Image.open(tmp_path / "sixteen.png") as opened:
+        assert opened.mode == "I;16"
+    images = [str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png")]
+    assert main(["visualize", str(checkpoint), *images, "--output-dir", str(tmp_path / "maps")]) == 0
+    with (
+        Image.open(tmp_path / "maps" / "eight.pruning.png") as eight,
+        Image.open(tmp_path / "maps" / "sixteen.pruning.png") as sixteen,
+    ):
+        np.testing.assert_array_equal(np.asarray(sixteen), np.asarray(eight))
+
+
 def test_card_end_to_end(checkpoint, tmp_path, capsys):
     measurements = tmp_path / "measurements.json"
     measurements.write_text(json.dumps(MEASUREMENTS))
@@ -137,6 +191,45 @@ def test_error_paths(checkpoint, image_path, tmp_path, capsys):
     ]
     for argv, fragment in cases:
         assert_one_line_error(capsys, argv, fragment)
+
+
+def test_bad_counts_devices_and_output_paths_fail_before_any_work(
+    checkpoint, image_path, tmp_path, capsys, monkeypatch
+):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    measurements = tmp_path / "measurements.json"
+    measurements.write_text(json.dumps(MEASUREMENTS))
+    # As on a machine without a GPU, whatever this one has.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    # Quick settings, so that an option accepted by mistake costs seconds, not minutes.
+    benchmark = ["benchmark", "--preset", "tiny", "--quiet", "--dtypes", "fp32", "--batch-sizes", "1", "--repeats", "1"]
+    benchmark += ["--warmup", "0", "--min-time", "0", "--train-batch-size", "0", "--no-flop-count"]
+    cases = [
+        (["visualize", str(checkpoint), str(image_path), "--output-dir", str(a_file)], "is a file, not a folder"),
+        (["visualize", str(checkpoint), str(image_path), "--output-dir", str(a_file / "sub")], "is a file"),
+        (["convert", "google/vit-base-patch16-224", "--output-dir", str(a_file)], "is a file, not a folder"),
+        (["convert", "google/vit-base-patch16-224", "--output-dir", "out", "--num-labels", "0"], "integer >= 1"),
+        (["convert", "google/vit-base-patch16-224", "--output-dir", "out", "--image-size", "0"], "image size"),
+        (["convert", "google/vit-base-patch16-224", "--output-dir", "out", "--pruning-schedule", "0,-4"], ">= 0"),
+        (["card", str(checkpoint), str(measurements), "--output", str(tmp_path)], "is a folder, not a file"),
+        (["card", str(checkpoint), str(measurements), "--output", str(a_file / "c.md")], "does not exist"),
+        ([*benchmark, "--device", "cuda"], "Device 'cuda'"),
+        ([*benchmark, "--device", "tpu"], "Unsupported device 'tpu'"),
+        ([*benchmark, "--threads", "-1"], "--threads: expected an integer >= 1"),
+        ([*benchmark, "--threads", "0"], "--threads: expected an integer >= 1"),
+        ([*benchmark, "--repeats", "0"], "--repeats: expected an integer >= 1"),
+        ([*benchmark, "--warmup", "-1"], "--warmup: expected an integer >= 0"),
+        ([*benchmark, "--min-time", "-1"], "--min-time: expected a finite number >= 0"),
+        ([*benchmark, "--train-batch-size", "-2"], "--train-batch-size: expected an integer >= 0"),
+        ([*benchmark, "--output", str(a_file / "r.json")], "does not exist"),
+        ([*benchmark, "--markdown", str(tmp_path)], "is a folder, not a file"),
+        ([*benchmark, "--variants", "none,fast"], "Unknown variants ['fast']"),
+    ]
+    for argv, fragment in cases:
+        assert_usage_error(capsys, argv, fragment)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "measurements.json"]
 
 
 def test_delegated_commands(monkeypatch, capsys):

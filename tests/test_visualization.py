@@ -10,9 +10,11 @@ from cropr import CroprViTConfig, CroprViTForImageClassification, CroprViTForSem
 from cropr.visualization import (
     LEGEND_HEIGHT,
     MARGIN,
+    MAX_PANEL_SIDE,
     NEVER_DROPPED,
     drop_block_map,
     legend_ticks,
+    panel_size,
     render_pruning_heatmap,
     visualize_pruning,
 )
@@ -71,6 +73,30 @@ def test_render_writes_png_of_expected_size(tmp_path):
     assert tuple(pixels[MARGIN + 25, MARGIN + 75]) != (120, 60, 30)
 
 
+def test_panel_size_keeps_the_aspect_ratio_within_the_limit():
+    assert panel_size((60, 40), 100) == (150, 100)
+    assert panel_size((20, 60000), 384) == (1, 384)
+    assert panel_size((60000, 20)) == (MAX_PANEL_SIDE, 1)
+    assert panel_size((400, 2), 40) == (MAX_PANEL_SIDE, 20)
+    for bad in (0, MAX_PANEL_SIDE + 1):
+        with pytest.raises(ValueError, match=f"1..{MAX_PANEL_SIDE}"):
+            panel_size((60, 40), bad)
+
+
+def test_render_draws_a_very_wide_image_at_the_width_limit(tmp_path):
+    path = render_pruning_heatmap(Image.new("RGB", (400, 2)), EXPECTED, [0, 2], tmp_path / "map.png", panel_height=40)
+    with Image.open(path) as png:
+        assert png.size == (MAX_PANEL_SIDE + 2 * MARGIN, 20 + LEGEND_HEIGHT + 3 * MARGIN)
+
+
+def test_render_refuses_a_panel_height_above_the_limit(tmp_path):
+    with pytest.raises(ValueError, match=f"1..{MAX_PANEL_SIDE}"):
+        render_pruning_heatmap(
+            Image.new("RGB", (6, 4)), EXPECTED, [0, 2], tmp_path / "map.png", panel_height=MAX_PANEL_SIDE + 1
+        )
+    assert not (tmp_path / "map.png").exists()
+
+
 def test_render_with_mask_adds_a_panel(tmp_path):
     image = Image.new("RGB", (60, 40))
     mask = np.zeros((40, 60), dtype=np.int64)
@@ -103,6 +129,21 @@ def test_visualize_pruning_segmentation_end_to_end(tmp_path):
     path = visualize_pruning(model, processor, image, tmp_path / "seg.png", panel_height=96)
     with Image.open(path) as png:
         assert png.size == (2 * 128 + 3 * MARGIN, 96 + LEGEND_HEIGHT + 3 * MARGIN)
+
+
+def test_visualize_pruning_matches_for_16_and_8_bit_images(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    config = CroprViTConfig(**tiny_config_kwargs(num_queries=16, num_labels=3))
+    model = CroprViTForSemanticSegmentation(config)
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    levels = np.random.default_rng(2).integers(0, 256, (48, 64), dtype=np.uint16)
+    paths = [
+        visualize_pruning(model, processor, Image.fromarray(array), tmp_path / f"{name}.png", panel_height=48)
+        for name, array in (("eight", levels.astype(np.uint8)), ("sixteen", levels * 257))
+    ]
+    with Image.open(paths[0]) as eight, Image.open(paths[1]) as sixteen:
+        np.testing.assert_array_equal(np.asarray(sixteen), np.asarray(eight))
 
 
 def test_visualize_pruning_refuses_center_crop(tmp_path):

@@ -32,10 +32,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .argtypes import bounded_int, non_negative_float, output_file
 from .configuration_cropr_vit import CroprViTConfig
 from .modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from .presets import PRESETS as MODEL_PRESETS
@@ -506,16 +508,54 @@ def environment(options: BenchmarkOptions, device: torch.device) -> dict[str, An
     return env
 
 
-def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
-    """Build the models, check them, count FLOPs and time inference (and training); returns the JSON-able report."""
+def check_device(name: str) -> torch.device:
+    """The torch device named `name` (`cpu`, `cuda` or `cuda:N`), checked to exist on this machine.
+
+    Raises:
+        ValueError: for another device type, or a CUDA device that this torch build or machine does not have.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {name!r}: use cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"Device {name!r}: this torch build has no CUDA support (torch {torch.__version__}).")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"Device {name!r}: no CUDA GPU is visible.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"Device {name!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}).")
+    return device
+
+
+def check_options(options: BenchmarkOptions) -> None:
+    """Check the options before anything is allocated: names, the device and every variant's config.
+
+    Raises:
+        ValueError: (or `StrictDataclassError` for a config field of the wrong type) naming the first bad option.
+    """
     unknown = [name for name in options.variants if name not in INFERENCE_VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variants {unknown}; choose from {INFERENCE_VARIANTS}.")
     unknown = [name for name in options.dtypes if name not in DTYPES]
     if unknown:
         raise ValueError(f"Unknown dtypes {unknown}; choose from {sorted(DTYPES)}.")
-    if options.device == "cpu" and "fp16" in options.dtypes:
+    if check_device(options.device).type == "cpu" and "fp16" in options.dtypes:
         raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU.")
+    config = build_config(options.preset, options.overrides)
+    for variant in options.variants:
+        build_config(options.preset, options.overrides, token_selector="none" if variant == "hf" else variant)
+    if "hf" in options.variants:
+        with torch.device("meta"):  # checks that transformers' model can take the shape, allocating nothing
+            build_hf_model(PRESETS[options.preset].family, config)
+
+
+def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
+    """Build the models, check them, count FLOPs and time inference (and training); returns the JSON-able report."""
+    check_options(options)
     device = torch.device(options.device)
     if device.type == "cpu":
         torch.set_num_threads(options.threads or available_cores())
@@ -641,14 +681,19 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse `type` for a comma-separated list of integers >= `minimum`."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(item) for item in text.split(",") if item]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
 
 
 def _name_list(text: str) -> list[str]:
@@ -661,14 +706,14 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT or DINOv2.",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--dtypes", type=_name_list, help="comma list of fp32,bf16,fp16 (default: all the device runs)")
-    parser.add_argument("--batch-sizes", type=_int_list, help="comma list (default 1,8,32 on CPU, 1,8,32,64 on GPU)")
+    parser.add_argument("--batch-sizes", type=_int_list(1), help="comma list (default 1,8,32 on CPU, 1,8,32,64 on GPU)")
     parser.add_argument("--variants", type=_name_list, default=list(INFERENCE_VARIANTS), help="subset of hf,none,...")
-    parser.add_argument("--pruning-rate", type=int, help="tokens removed per module (overrides the preset)")
-    parser.add_argument("--pruning-schedule", type=_int_list, help="tokens removed after each block (0 = none)")
+    parser.add_argument("--pruning-rate", type=bounded_int(0), help="tokens removed per module (overrides the preset)")
+    parser.add_argument("--pruning-schedule", type=_int_list(0), help="tokens removed after each block (0 = none)")
     parser.add_argument("--llf", action=argparse.BooleanOptionalAction, default=None, help="Last Layer Fusion")
-    parser.add_argument("--image-size", type=int, help="input resolution (overrides the preset)")
+    parser.add_argument("--image-size", type=bounded_int(1), help="input resolution (overrides the preset)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -678,10 +723,14 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         metavar="KEY=VALUE",
         help="any other CroprViTConfig field, value parsed as JSON (repeatable)",
     )
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per variant")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per variant (median reported)")
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per sample (calls are repeated)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: all available cores)")
+    parser.add_argument("--warmup", type=bounded_int(0), default=3, help="warm-up calls per variant")
+    parser.add_argument(
+        "--repeats", type=bounded_int(1), default=7, help="interleaved samples per variant (median reported)"
+    )
+    parser.add_argument(
+        "--min-time", type=non_negative_float, default=1.0, help="seconds per sample (calls are repeated)"
+    )
+    parser.add_argument("--threads", type=bounded_int(1), help="torch threads (default: all available cores)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (dynamic=False)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument(
@@ -690,12 +739,16 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, which removes the "
         "per-kernel launch cost that dominates small batches on a GPU",
     )
-    parser.add_argument("--train-batch-size", type=int, default=8, help="training-step batch size; 0 skips it")
-    parser.add_argument("--train-repeats", type=int, default=5)
+    parser.add_argument(
+        "--train-batch-size", type=bounded_int(0), default=8, help="training-step batch size; 0 skips it"
+    )
+    parser.add_argument("--train-repeats", type=bounded_int(1), default=5)
     parser.add_argument("--no-flop-count", dest="count_flops", action="store_false", help="skip FlopCounterMode")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", help="write the JSON report here")
-    parser.add_argument("--markdown", help="append a markdown section (command, machine load, table) to this file")
+    parser.add_argument("--output", type=output_file, help="write the JSON report here")
+    parser.add_argument(
+        "--markdown", type=output_file, help="append a markdown section (command, machine load, table) to this file"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
 
@@ -731,9 +784,13 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         count_flops=args.count_flops,
         seed=args.seed,
         quiet=args.quiet,
-        output=args.output,
-        markdown=args.markdown,
+        output=None if args.output is None else str(args.output),
+        markdown=None if args.markdown is None else str(args.markdown),
     )
+    try:
+        check_options(options)
+    except (ValueError, StrictDataclassError) as error:
+        parser.error(" ".join(str(error).split()))
     return options
 
 

@@ -10,7 +10,9 @@ cropr convert --help                    # delegates to cropr.conversion_cli
 ```
 
 Expected failures (missing file, bad JSON, wrong model type, unknown preset, invalid schedule) print one line,
-`cropr: error: ...`, on stderr and exit with status 1; usage errors exit with status 2 as argparse does.
+`cropr: error: ...`, on stderr and exit with status 1; usage errors, which include option values refused before
+anything loads (a negative count, an output path that is a file, a device this machine lacks), exit with status 2 as
+argparse does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from . import modeling_cropr_vit
+from .argtypes import bounded_int, output_dir, output_file
 from .configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
 from .conversion_cli import parse_image_size
 from .modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
@@ -219,14 +222,26 @@ def run_visualize(args: argparse.Namespace) -> int:
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from .visualization import visualize_pruning
+    from .visualization import MAX_PANEL_SIDE, panel_size, visualize_pruning
 
+    if args.panel_height > MAX_PANEL_SIDE:
+        raise CliError(f"--panel-height {args.panel_height} is above the limit of {MAX_PANEL_SIDE} pixels")
     images = [Path(image) for image in args.images]
+    notes = []
     for image in images:  # every image readable before the slower model loading
         if not image.is_file():
             raise CliError(f"image {image} does not exist")
-        with Image.open(image):  # reads only the header; raises for non-images
-            pass
+        try:
+            with Image.open(image) as opened:  # reads only the header; raises for non-images
+                size = opened.size
+        except Image.DecompressionBombError as error:
+            raise CliError(f"image {image} is too large: {error}") from None
+        shown = panel_size(size, args.panel_height)
+        if shown[1] < args.panel_height:
+            notes.append(
+                f"{PROG}: note: {image} ({size[0]}x{size[1]}) is drawn {shown[0]}x{shown[1]}: panels are at most "
+                f"{MAX_PANEL_SIDE} pixels wide"
+            )
     outputs = [args.output_dir / f"{image.stem}.pruning.png" for image in images]
     if len(set(outputs)) != len(outputs):
         raise CliError("two images share a file name; visualize them in separate calls or rename them")
@@ -238,6 +253,8 @@ def run_visualize(args: argparse.Namespace) -> int:
         )
     model = load_checkpoint(args.checkpoint)
     image_processor = AutoImageProcessor.from_pretrained(args.checkpoint)
+    for note in notes:
+        print(note, file=sys.stderr)
     for image, output in zip(images, outputs, strict=True):
         print(visualize_pruning(model, image_processor, image, output, panel_height=args.panel_height))
     return 0
@@ -250,7 +267,8 @@ def run_card(args: argparse.Namespace) -> int:
     from .model_card import load_measurements, write_model_card
 
     if not args.measurements.is_file():
-        raise CliError(f"measurements file {args.measurements} does not exist")
+        problem = "is a folder" if args.measurements.is_dir() else "does not exist"
+        raise CliError(f"measurements file {args.measurements} {problem}")
     measurements = load_measurements(args.measurements)
     output = args.output or args.checkpoint / "README.md"
     if output.exists() and not args.overwrite:
@@ -314,8 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     visualize.add_argument("checkpoint", type=Path, help="checkpoint folder with its preprocessor_config.json")
     visualize.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
-    visualize.add_argument("--output-dir", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
-    visualize.add_argument("--panel-height", type=int, default=384, help="height of each panel in pixels")
+    visualize.add_argument("--output-dir", type=output_dir, default=Path("."), help="folder for the PNGs (default: .)")
+    visualize.add_argument(
+        "--panel-height",
+        type=bounded_int(1),
+        default=384,
+        help="height of each panel in pixels, at most 4096; an image too wide for it is drawn 4096 pixels wide",
+    )
     visualize.set_defaults(handler=run_visualize)
 
     card = commands.add_parser(
@@ -327,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     card.add_argument("checkpoint", type=Path, help="checkpoint folder (classification or segmentation model)")
     card.add_argument("measurements", type=Path, help="measurements JSON file")
-    card.add_argument("--output", type=Path, help="where to write the card (default: CHECKPOINT/README.md)")
+    card.add_argument("--output", type=output_file, help="where to write the card (default: CHECKPOINT/README.md)")
     card.add_argument("--overwrite", action="store_true", help="replace an existing card")
     card.set_defaults(handler=run_card)
 

@@ -24,27 +24,31 @@ import json
 import sys
 from pathlib import Path
 
+from .argtypes import bounded_int, output_dir
 from .configuration_cropr_vit import TOKEN_SELECTORS
 from .conversion import CONVERSION_TASKS, from_backbone
 
 
 def parse_image_size(value: str) -> int | tuple[int, int]:
-    """`224` or `224x320` (height x width)."""
+    """`224` or `224x320` (height x width), in pixels (at least 1)."""
     try:
-        if "x" in value:
-            height, width = value.lower().split("x")
-            return int(height), int(width)
-        return int(value)
+        sides = [int(side) for side in value.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an image size such as 224 or 224x320, got {value!r}") from None
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"expected an image size such as 224 or 224x320, got {value!r}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
 def parse_schedule(value: str) -> list[int]:
     """Comma-separated tokens removed after each block, e.g. `0,0,0,0,0,50,0,...`."""
     try:
-        return [int(count) for count in value.split(",")]
+        counts = [int(count) for count in value.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected token counts >= 0, got {value!r}")
+    return counts
 
 
 def load_id2label(value: str) -> dict[int, str]:
@@ -68,17 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="Hub id (e.g. facebook/dinov2-small) or local checkpoint folder.")
     parser.add_argument("--task", choices=list(CONVERSION_TASKS), default="image-classification")
-    parser.add_argument("--output-dir", type=Path, required=True, help="Folder for the model and image processor.")
+    parser.add_argument(
+        "--output-dir", type=output_dir, required=True, help="Folder for the model and image processor."
+    )
     parser.add_argument(
         "--image-size", type=parse_image_size, help="Resolution of the converted model (default: the source's)."
     )
     labels = parser.add_argument_group("labels (one is required for the classification and segmentation heads)")
-    labels.add_argument("--num-labels", type=int)
+    labels.add_argument("--num-labels", type=bounded_int(1))
     labels.add_argument("--id2label", type=load_id2label, help="JSON object or JSON file mapping ids to names.")
 
     pruning = parser.add_argument_group("pruning (CroprViTConfig fields; defaults are the config's)")
     pruning.add_argument("--token-selector", choices=TOKEN_SELECTORS)
-    pruning.add_argument("--pruning-rate", type=int, help="Tokens removed after every block (per-block schedule).")
+    pruning.add_argument(
+        "--pruning-rate", type=bounded_int(0), help="Tokens removed after every block (per-block schedule)."
+    )
     pruning.add_argument("--pruning-schedule", type=parse_schedule, help="Tokens removed after each block: 0,16,...")
     pruning.add_argument("--last-layer-fusion", action=argparse.BooleanOptionalAction, default=None)
     pruning.add_argument("--pooling", choices=["avg", "cls"])

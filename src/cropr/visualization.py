@@ -16,11 +16,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.images import to_rgb
+
 NEVER_DROPPED = -1
 """`drop_block_map` value of the patches that every pruning module kept."""
 
 PANEL_HEIGHT = 384
 """Default height in pixels of each panel (the image is scaled to it, keeping its aspect ratio)."""
+MAX_PANEL_SIDE = 4096
+"""Largest panel height and width in pixels: a taller `panel_height` is refused, and an image too wide for the
+requested height is drawn at this width instead (and so less high), which bounds the memory a heat-map takes."""
 MARGIN = 12
 """Space in pixels around and between the panels and the legend."""
 LEGEND_HEIGHT = 64
@@ -143,9 +148,22 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _scaled_size(image: Image.Image, panel_height: int) -> tuple[int, int]:
-    width, height = image.size
-    return max(1, round(width * panel_height / height)), panel_height
+def panel_size(image_size: tuple[int, int], panel_height: int = PANEL_HEIGHT) -> tuple[int, int]:
+    """The `(width, height)` an image of `image_size` (width, height) is drawn at in each panel.
+
+    The image is scaled to `panel_height`, keeping its aspect ratio, unless that makes it wider than `MAX_PANEL_SIDE`:
+    then it is scaled to that width instead.
+
+    Raises:
+        ValueError: when `panel_height` is not in `1 .. MAX_PANEL_SIDE`.
+    """
+    if not 1 <= panel_height <= MAX_PANEL_SIDE:
+        raise ValueError(f"`panel_height` must be in 1..{MAX_PANEL_SIDE}, got {panel_height}.")
+    width, height = image_size
+    scaled_width = round(width * panel_height / height)
+    if scaled_width > MAX_PANEL_SIDE:
+        return MAX_PANEL_SIDE, max(1, round(height * MAX_PANEL_SIDE / width))
+    return max(1, scaled_width), panel_height
 
 
 def _heatmap_panel(image: Image.Image, drop_map: np.ndarray, colors: Mapping[int, tuple[int, int, int]]) -> Image.Image:
@@ -262,17 +280,18 @@ def render_pruning_heatmap(
 
     Patches kept to the end are left untinted and outlined in white. With `segmentation_mask` (an `(H, W)` array of
     class ids at the image's size) a second panel shows the mask over the image. The PNG is
-    `n * panel_width + (n + 1) * MARGIN` wide and `panel_height + LEGEND_HEIGHT + 3 * MARGIN` high for `n` panels,
-    where `panel_width` is the image width scaled to `panel_height`.
+    `n * width + (n + 1) * MARGIN` wide and `height + LEGEND_HEIGHT + 3 * MARGIN` high for `n` panels, where
+    `(width, height)` is `panel_size(image.size, panel_height)`: the image scaled to `panel_height`, or to
+    `MAX_PANEL_SIDE` wide if it would be wider.
 
     Args:
-        image: the input image (any mode; drawn as RGB).
+        image: the input image (any mode; drawn as RGB, 16- and 32-bit integer images scaled to 8 bits).
         drop_map: output of `drop_block_map` (patch grid over the whole image).
         pruning_blocks: the model's pruning blocks, which fix the colour scale (`config.pruning_blocks`).
         path: where to write the PNG (parent folders are created).
         segmentation_mask: optional predicted class ids, shape `(image height, image width)`.
         id2label: class names for the mask legend (`config.id2label`).
-        panel_height: height of each panel in pixels.
+        panel_height: height of each panel in pixels, at most `MAX_PANEL_SIDE`.
 
     Returns:
         The path written.
@@ -282,9 +301,8 @@ def render_pruning_heatmap(
     unknown = sorted(set(np.unique(drop_map).tolist()) - {*pruning_blocks, NEVER_DROPPED})
     if unknown:
         raise ValueError(f"`drop_map` holds blocks {unknown} that are not pruning blocks {list(pruning_blocks)}.")
-    if panel_height < 1:
-        raise ValueError(f"`panel_height` must be >= 1, got {panel_height}.")
-    image = image.convert("RGB")
+    panel_width, panel_height = panel_size(image.size, panel_height)
+    image = to_rgb(image)
     if segmentation_mask is not None and segmentation_mask.shape != (image.height, image.width):
         raise ValueError(
             f"`segmentation_mask` has shape {segmentation_mask.shape}, expected the image's (height, width) "
@@ -292,7 +310,6 @@ def render_pruning_heatmap(
         )
 
     colors = block_colors(pruning_blocks)
-    panel_width, _ = _scaled_size(image, panel_height)
     shown = image.resize((panel_width, panel_height), Image.Resampling.BICUBIC)
     panels = [_heatmap_panel(shown, drop_map, colors)]
     palette = None
@@ -335,9 +352,9 @@ def visualize_pruning(
     Args:
         model: a `CroprViTModel` or task model (its outputs carry `kept_indices`).
         image_processor: the checkpoint's image processor.
-        image: an image path or a PIL image.
+        image: an image path or a PIL image (16- and 32-bit integer images are scaled to 8 bits, as in `to_rgb`).
         path: where to write the PNG.
-        panel_height: height of each panel in pixels.
+        panel_height: height of each panel in pixels, at most `MAX_PANEL_SIDE` (see `panel_size`).
 
     Returns:
         The path written.
@@ -349,9 +366,10 @@ def visualize_pruning(
         )
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
-            image = opened.convert("RGB")
+            image = to_rgb(opened)
     else:
-        image = image.convert("RGB")
+        image = to_rgb(image)
+    shown_size = panel_size(image.size, panel_height)
     pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
     config = model.config
     parameter = next(model.parameters())
@@ -366,13 +384,16 @@ def visualize_pruning(
     drop_map = drop_block_map(
         [indices[0] for indices in outputs.kept_indices], config.pruning_blocks, grid, config.num_prefix_tokens
     )
+    # Everything from here on is at panel size: a mask at the size of a large image would take `num_labels` floats
+    # per pixel.
+    shown = image.resize(shown_size, Image.Resampling.BICUBIC)
     mask = None
     logits = getattr(outputs, "logits", None)
     if logits is not None and logits.dim() == 4:
-        upsampled = F.interpolate(logits[:1].float(), size=(image.height, image.width), mode="bilinear")
+        upsampled = F.interpolate(logits[:1].float(), size=(shown.height, shown.width), mode="bilinear")
         mask = upsampled.argmax(dim=1)[0].cpu().numpy()
     return render_pruning_heatmap(
-        image,
+        shown,
         drop_map,
         config.pruning_blocks,
         path,
@@ -385,12 +406,14 @@ def visualize_pruning(
 __all__ = [
     "LEGEND_HEIGHT",
     "MARGIN",
+    "MAX_PANEL_SIDE",
     "NEVER_DROPPED",
     "PANEL_HEIGHT",
     "block_colors",
     "class_colors",
     "drop_block_map",
     "legend_ticks",
+    "panel_size",
     "render_pruning_heatmap",
     "visualize_pruning",
 ]
