@@ -33,9 +33,18 @@ def test_sixteen_bit_png_from_disk_keeps_its_contrast(tmp_path):
     assert pixels.max() == round(gradient.max() / 257)
 
 
+def test_an_rgb_image_read_from_a_closed_file_stays_readable(tmp_path):
+    Image.fromarray(np.full((3, 4, 3), 11, np.uint8)).save(tmp_path / "photo.png")
+    with Image.open(tmp_path / "photo.png") as opened:
+        converted = to_rgb(opened)
+    assert np.asarray(converted).max() == 11
+
+
 def test_other_modes_go_through_pil():
     rgb = Image.fromarray(np.full((2, 2, 3), 7, np.uint8))
-    assert to_rgb(rgb) is rgb
+    converted = to_rgb(rgb)
+    assert converted is not rgb  # a copy, so it outlives the file the image was read from
+    np.testing.assert_array_equal(np.asarray(converted), np.asarray(rgb))
     grey = Image.fromarray(np.full((2, 2), 200, np.uint8))
     np.testing.assert_array_equal(np.asarray(to_rgb(grey)), np.full((2, 2, 3), 200))
     rgba = Image.fromarray(np.full((2, 2, 4), 9, np.uint8))

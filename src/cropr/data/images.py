@@ -27,13 +27,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image (`PIL.Image.Image`): the image, in any mode.
 
     Returns:
-        `PIL.Image.Image`: an image of mode `"RGB"` (`image` itself when it already is).
+        `PIL.Image.Image`: a new, loaded image of mode `"RGB"` (also when `image` is RGB already, so that it outlives
+        the file `image` was read from).
 
     Raises:
         ValueError: for a 32-bit integer image (mode `"I"`) holding values outside the 16-bit range.
     """
-    if image.mode == "RGB":
-        return image
     if image.mode in WIDE_INTEGER_MODES:
         values = np.asarray(image)
         low, high = int(values.min()), int(values.max())
