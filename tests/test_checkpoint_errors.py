@@ -193,6 +193,7 @@ def test_saved_checkpoints_and_standard_keyword_arguments_load_without_unknown_k
         CroprViTConfig(**tiny_config_kwargs(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}))
     )
     classifier(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))  # records problem_type
+    classifier.config.use_cache = False  # what `Trainer` writes onto the config of every model it trains
     classifier.save_pretrained(tmp_path / "classifier")
     CroprViTForMultiLabelClassification(CroprViTConfig(**tiny_config_kwargs())).save_pretrained(tmp_path / "multi")
     segmenter = CroprViTForSemanticSegmentation(CroprViTConfig(**tiny_config_kwargs(num_queries=16)))

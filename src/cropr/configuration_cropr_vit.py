@@ -50,6 +50,8 @@ STRUCTURAL_FIELDS = (
 _TRANSFORMERS_CONFIG_KEYS = frozenset(
     {field.name for field in dataclasses.fields(PreTrainedConfig)}
     | {"attn_implementation", "experts_implementation", "per_layer_config", "auto_map"}
+    # `Trainer` writes `use_cache` onto the config of every model it trains, so saved checkpoints carry it.
+    | {"use_cache"}
 )
 
 
