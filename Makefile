@@ -25,4 +25,4 @@ test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts experiments

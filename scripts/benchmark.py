@@ -5,7 +5,7 @@ Final numbers (quiet machine): `python scripts/benchmark.py --preset vit-b16 --o
 
 import sys
 
-from cropr.benchmark import main
+from cropr.tools.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

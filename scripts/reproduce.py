@@ -5,8 +5,11 @@ Full run (about an hour on a 2-core CPU): `python scripts/reproduce.py`; smoke t
 """
 
 import sys
+from pathlib import Path
 
-from cropr.reproduce import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, which holds experiments/
+
+from experiments.reproduce import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -7,7 +7,7 @@ Your own data: one class per image (a ClassLabel, integer or string column); --i
 --label_column_name name the columns, --class_names / --id2label the classes where the column does not.
 """
 
-from cropr.training import main
+from cropr.training.run import main
 
 if __name__ == "__main__":
     main("image-classification")

@@ -8,7 +8,7 @@ list with one value per class named by --class_names / --id2label; --image_colum
 the columns.
 """
 
-from cropr.training import main
+from cropr.training.run import main
 
 if __name__ == "__main__":
     main("multi-label-classification")

@@ -9,7 +9,7 @@ Mask value 0 is a class like any other unless --do_reduce_labels (ADE20k: 0 = un
 ignored.
 """
 
-from cropr.training import main
+from cropr.training.run import main
 
 if __name__ == "__main__":
     main("semantic-segmentation")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cropr import CroprViTConfig, CroprViTForImageClassification
 from cropr.cli import main
-from cropr.visualization import LEGEND_HEIGHT, MARGIN, MAX_PANEL_SIDE
+from cropr.tools.visualization import LEGEND_HEIGHT, MARGIN, MAX_PANEL_SIDE
 
 MEASUREMENTS = {
     "schema_version": 1,
@@ -234,16 +234,16 @@ def test_bad_counts_devices_and_output_paths_fail_before_any_work(
 
 def test_delegated_commands(monkeypatch, capsys):
     calls = []
-    fake_benchmark = types.ModuleType("cropr.benchmark")
+    fake_benchmark = types.ModuleType("cropr.tools.benchmark")
     fake_benchmark.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "cropr.benchmark", fake_benchmark)
+    monkeypatch.setitem(sys.modules, "cropr.tools.benchmark", fake_benchmark)
     assert main(["benchmark", "--preset", "tiny"]) == 0
     assert calls == [["--preset", "tiny"]]
     assert main(["convert", "--help"]) == 0
     assert "cropr convert" in capsys.readouterr().out
     assert_one_line_error(capsys, ["convert", "/no/such/checkpoint", "--output-dir", "out"], "/no/such/checkpoint")
-    monkeypatch.setitem(sys.modules, "cropr.conversion_cli", types.ModuleType("cropr.conversion_cli"))
-    assert_one_line_error(capsys, ["convert", "google/vit"], "cropr.conversion_cli has no main(argv)")
+    monkeypatch.setitem(sys.modules, "cropr.tools.benchmark", types.ModuleType("cropr.tools.benchmark"))
+    assert_one_line_error(capsys, ["benchmark"], "cropr.tools.benchmark has no main(argv)")
 
 
 def test_subprocess_error_is_one_line():

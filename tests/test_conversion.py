@@ -375,16 +375,17 @@ def test_pickled_weights_are_never_loaded(vit_source, tmp_path):
         from_backbone(tmp_path, "image-classification", num_labels=3)
 
 
-def test_a_pruning_rate_that_no_module_uses_is_refused(vit_source, tmp_path):
+def test_a_pruning_rate_that_no_module_uses_is_refused(vit_source, tmp_path, capsys):
     """Before: `--pruning-rate 999` on a 2-block backbone was accepted, ignored and saved as an unpruned model."""
-    from cropr.conversion_cli import main
+    from cropr.cli import main
 
     shallow = tmp_path / "shallow"
     ViTModel(ViTConfig(intermediate_size=64, **{**TINY, "num_hidden_layers": 2})).save_pretrained(shallow)
     output = tmp_path / "converted"
     message = r"`pruning_rate=999` would not be used: a 2-block model has no block for a per-block module.*at least 3"
-    with pytest.raises(ValueError, match=message):
-        main([str(shallow), "--num-labels", "2", "--pruning-rate", "999", "--output-dir", str(output)])
+    argv = ["convert", str(shallow), "--num-labels", "2", "--pruning-rate", "999", "--output-dir", str(output)]
+    assert main(argv) == 1
+    assert re.search(message, capsys.readouterr().err)
     assert not output.exists()
     _, directory = vit_source
     with pytest.raises(ValueError, match=r"`pruning_rate=2` would not be used: `token_selector=\"none\"`"):

@@ -14,9 +14,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES,
 )
 
-from .configuration_cropr_vit import CroprViTConfig
 from .conversion import SUPPORTED_MODEL_TYPES, from_backbone
-from .modeling_cropr_vit import (
+from .models.cropr_vit import (
+    CroprViTConfig,
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
     CroprViTForSemanticSegmentation,

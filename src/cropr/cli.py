@@ -5,8 +5,8 @@ cropr info vit-b16                      # schedule, token counts, GMACs, FLOP ce
 cropr info path/to/checkpoint --json    # ... of a saved checkpoint (or a config JSON file), as JSON
 cropr visualize path/to/checkpoint cat.jpg dog.jpg --output-dir heatmaps
 cropr card path/to/checkpoint measurements.json
-cropr benchmark --help                  # delegates to cropr.benchmark
-cropr convert --help                    # delegates to cropr.conversion_cli
+cropr benchmark --help                  # delegates to cropr.tools.benchmark
+cropr convert facebook/dinov2-small --task image-classification --num-labels 10 --output-dir dinov2-cropr
 ```
 
 Expected failures (missing file, bad JSON, wrong model type, unknown preset, invalid schedule) print one line,
@@ -29,22 +29,21 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from . import modeling_cropr_vit
-from .argtypes import bounded_int, output_dir, output_file
-from .configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
-from .conversion_cli import parse_image_size
-from .modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
+from .conversion import CONVERSION_TASKS, from_backbone
+from .models.cropr_vit import modeling_cropr_vit
+from .models.cropr_vit.configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
+from .models.cropr_vit.modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
+from .tools.argtypes import bounded_int, load_id2label, output_dir, output_file, parse_image_size, parse_schedule
 
 PROG = "cropr"
 MODEL_TYPE = CroprViTConfig.model_type
 # Subcommands whose arguments belong to another module's own parser.
 DELEGATED = {
-    "benchmark": ("cropr.benchmark", "main", "throughput of pruned vs unpruned models (see `cropr benchmark --help`)"),
-    "convert": (
-        "cropr.conversion_cli",
+    "benchmark": (
+        "cropr.tools.benchmark",
         "main",
-        "build a CroprViT checkpoint from a pretrained ViT / DINOv2 backbone (see `cropr convert --help`)",
+        "throughput of pruned vs unpruned models (see `cropr benchmark --help`)",
     ),
 }
 
@@ -146,7 +145,7 @@ def _apply_overrides(config: CroprViTConfig, args: argparse.Namespace) -> CroprV
 
 def config_summary(config: CroprViTConfig, source: str) -> dict[str, Any]:
     """Everything `cropr info` reports, as plain JSON-serialisable values."""
-    from .model_card import parameter_counts
+    from .tools.model_card import parameter_counts
 
     model_class = _model_class(config)
     with torch.device("meta"):
@@ -222,7 +221,7 @@ def run_visualize(args: argparse.Namespace) -> int:
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from .visualization import MAX_PANEL_SIDE, panel_size, visualize_pruning
+    from .tools.visualization import MAX_PANEL_SIDE, panel_size, visualize_pruning
 
     if args.panel_height > MAX_PANEL_SIDE:
         raise CliError(f"--panel-height {args.panel_height} is above the limit of {MAX_PANEL_SIDE} pixels")
@@ -264,7 +263,7 @@ def run_visualize(args: argparse.Namespace) -> int:
 # card
 # ----------------------------------------------------------------------------------------------------------------------
 def run_card(args: argparse.Namespace) -> int:
-    from .model_card import load_measurements, write_model_card
+    from .tools.model_card import load_measurements, write_model_card
 
     if not args.measurements.is_file():
         problem = "is a folder" if args.measurements.is_dir() else "does not exist"
@@ -281,6 +280,44 @@ def run_card(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # benchmark / convert
 # ----------------------------------------------------------------------------------------------------------------------
+def run_convert(args: argparse.Namespace) -> int:
+    """`cropr convert`: `from_backbone` with the options given, saved with its image processor."""
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "token_selector",
+            "pruning_rate",
+            "pruning_schedule",
+            "last_layer_fusion",
+            "pooling",
+            "aux_loss_weight",
+            "drop_path_rate",
+            "interpolate_pos_encoding",
+        )
+        if getattr(args, name) is not None
+    }
+    model, image_processor = from_backbone(
+        args.source,
+        args.task,
+        image_size=args.image_size,
+        num_labels=args.num_labels,
+        id2label=args.id2label,
+        from_pretrained_kwargs={"revision": args.revision} if args.revision else None,
+        **overrides,
+    )
+    model.save_pretrained(args.output_dir)
+    image_processor.save_pretrained(args.output_dir)
+
+    config = model.config
+    print(f"Saved {type(model).__name__} and {type(image_processor).__name__} to {args.output_dir}")
+    print(
+        f"  image size {config.image_size_hw}, patch {config.patch_size_hw}, token selector {config.token_selector!r}"
+    )
+    if config.pruning_blocks:
+        print(f"  tokens per block {config.token_counts()}, FLOP ceiling {config.flop_ceiling():.2f}x")
+    return 0
+
+
 def run_delegated(command: str, argv: list[str]) -> int:
     """Hand `argv` to the `main(argv)` of the module that owns the subcommand, imported only now."""
     module_name, function_name, _ = DELEGATED[command]
@@ -345,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "card",
         help="write a checkpoint's README.md model card from measurements",
         description="Write a Hub model card for a checkpoint. Architecture numbers are computed from the checkpoint; "
-        "measured numbers come only from MEASUREMENTS (JSON, schema in `cropr.model_card`); "
+        "measured numbers come only from MEASUREMENTS (JSON, schema in `cropr.tools.model_card`); "
         "absent measurements are written as 'not measured'.",
     )
     card.add_argument("checkpoint", type=Path, help="checkpoint folder (classification or segmentation model)")
@@ -353,6 +390,44 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--output", type=output_file, help="where to write the card (default: CHECKPOINT/README.md)")
     card.add_argument("--overwrite", action="store_true", help="replace an existing card")
     card.set_defaults(handler=run_card)
+
+    convert = commands.add_parser(
+        "convert",
+        help="build a CroprViT checkpoint from a pretrained ViT / DINOv2 backbone",
+        description="Build a CroprViT model from a pretrained ViT / DINOv2 checkpoint (Hub id or local folder) and "
+        "save it with its image processor.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    convert.add_argument("source", help="Hub id (e.g. facebook/dinov2-small) or local checkpoint folder.")
+    convert.add_argument("--task", choices=list(CONVERSION_TASKS), default="image-classification")
+    convert.add_argument(
+        "--output-dir", type=output_dir, required=True, help="Folder for the model and image processor."
+    )
+    convert.add_argument(
+        "--image-size", type=parse_image_size, help="Resolution of the converted model (default: the source's)."
+    )
+    labels = convert.add_argument_group("labels (one is required for the classification and segmentation heads)")
+    labels.add_argument("--num-labels", type=bounded_int(1))
+    labels.add_argument("--id2label", type=load_id2label, help="JSON object or JSON file mapping ids to names.")
+
+    pruning = convert.add_argument_group("pruning (CroprViTConfig fields; defaults are the config's)")
+    pruning.add_argument("--token-selector", choices=TOKEN_SELECTORS)
+    pruning.add_argument(
+        "--pruning-rate", type=bounded_int(0), help="Tokens removed after every block (per-block schedule)."
+    )
+    pruning.add_argument("--pruning-schedule", type=parse_schedule, help="Tokens removed after each block: 0,16,...")
+    pruning.add_argument("--last-layer-fusion", action=argparse.BooleanOptionalAction, default=None)
+    pruning.add_argument("--pooling", choices=["avg", "cls"])
+    pruning.add_argument("--aux-loss-weight", type=float)
+    pruning.add_argument("--drop-path-rate", type=float)
+    pruning.add_argument(
+        "--interpolate-pos-encoding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Default of the forward argument (default: on for DINOv2, off for ViT).",
+    )
+    convert.add_argument("--revision", help="Revision of a Hub source.")
+    convert.set_defaults(handler=run_convert)
 
     for command, (_, _, help_text) in DELEGATED.items():
         commands.add_parser(command, help=help_text, add_help=False)

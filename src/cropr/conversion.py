@@ -44,8 +44,8 @@ from transformers.image_utils import (
 )
 from transformers.utils import logging
 
-from .configuration_cropr_vit import CroprViTConfig
-from .modeling_cropr_vit import (
+from .models.cropr_vit.configuration_cropr_vit import CroprViTConfig
+from .models.cropr_vit.modeling_cropr_vit import (
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
     CroprViTForSemanticSegmentation,

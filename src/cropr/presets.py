@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configuration_cropr_vit import CroprViTConfig
+from .models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ViT-B/16 at 224, R=16 per block + LLF: the FLOP ceiling of DESIGN §7 (~1.62x).

@@ -1,0 +1,1 @@
+"""Model families, one folder each, shaped like transformers' `models/<name>/`."""

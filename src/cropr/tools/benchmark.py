@@ -1,0 +1,839 @@
+"""Throughput, latency, FLOPs and training-step benchmark of CroprViT against transformers' own ViT / DINOv2.
+
+Every variant is measured in one process, interleaved: after a warm-up, each repeat runs every variant once (in a
+rotated order), and the median over repeats is reported. Variants:
+
+- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`) or `Dinov2Model` of the same shape, SDPA attention;
+- `none`: `CroprViTModel` without pruning, holding the same weights as `hf` (its output is checked to be equal);
+- `random`: the same weights with the random selector and the schedule of the preset;
+- `cropr`: the same weights with Cropr routers (eval, stripped with `strip_training_modules()`).
+
+Derived numbers per dtype and batch size: speedup of `cropr` (and `random`) over `none`, its ratio to the analytic
+FLOP ceiling, the router overhead `time(cropr) / time(random) - 1` and the `none` / `hf` throughput ratio. A training
+step (forward + backward + AdamW, aux heads active) of `none`, `random` and `cropr` shows what pruning saves and
+the auxiliary heads cost in training.
+
+Run `python scripts/benchmark.py --help`; the numbers of the project's README come from
+`python scripts/benchmark.py --preset vit-b16 --output results.json` on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
+from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
+from ..presets import PRESETS as MODEL_PRESETS
+from .argtypes import bounded_int, non_negative_float, output_file
+from .timing import interleaved_timings
+
+INFERENCE_VARIANTS = ("hf", "none", "random", "cropr")
+TRAINING_VARIANTS = ("none", "random", "cropr")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Targets of the "Performance" issue, checked at every dtype and batch size.
+TARGET_CEILING_FRACTION = 0.97
+TARGET_ROUTER_OVERHEAD = 0.02
+TARGET_NONE_VS_HF = 0.97
+# Largest |none - hf| on the fp32 outputs, relative to the largest |hf| value, accepted as "the same model".
+SANITY_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A benchmark model: the transformers family to compare with and the CroprViT config (pruning schedule)."""
+
+    family: str  # "vit" or "dinov2"
+    config: dict[str, Any]
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "vit-b16": Preset(
+        family="vit",
+        config={**MODEL_PRESETS["vit-b16"], "num_labels": 1000},
+        description="ViT-B/16 at 224 px, R=16 after every block + LLF (197 -> 180 -> ... -> 36 tokens)",
+    ),
+    "dinov2-s14": Preset(
+        family="dinov2",
+        config={**MODEL_PRESETS["dinov2-s14"], "num_labels": 1000},
+        description="DINOv2-S/14 at 224 px (256 patches), layer scale, R=20 after every block + LLF "
+        "(257 -> 236 -> ... -> 56 tokens, the share ViT-B/16 R=16 keeps)",
+    ),
+    "vit-l16": Preset(
+        family="vit",
+        config={**MODEL_PRESETS["vit-l16"], "num_labels": 1000},
+        description="ViT-L/16 at 224 px, R=8 after every block + LLF (197 -> 188 -> ... -> 20 tokens), the paper's "
+        "ImageNet model",
+    ),
+    "tiny": Preset(
+        family="vit",
+        config={**MODEL_PRESETS["tiny"], "num_labels": 5},
+        description="4-block, 32-wide ViT on 32x32 images with 8x8 patches (tests)",
+    ),
+}
+
+
+@dataclass
+class BenchmarkOptions:
+    """What to measure; `main` fills it from the command line."""
+
+    preset: str = "vit-b16"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    variants: list[str] = field(default_factory=lambda: list(INFERENCE_VARIANTS))
+    warmup: int = 3
+    repeats: int = 7
+    min_time: float = 1.0
+    threads: int | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+    train_batch_size: int | None = 8
+    train_repeats: int = 5
+    count_flops: bool = True
+    seed: int = 0
+    quiet: bool = False
+    output: str | None = None
+    markdown: str | None = None
+
+
+def log(message: str, quiet: bool = False) -> None:
+    """Progress line on stderr (the table and JSON go to stdout and the output file)."""
+    if not quiet:
+        print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+def build_config(preset: str, overrides: dict[str, Any] | None = None, **fields: Any) -> CroprViTConfig:
+    """The CroprViT config of a preset, with `overrides` (e.g. from `--set`) and `fields` applied in that order."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    kwargs = {**PRESETS[preset].config, **(overrides or {}), **fields}
+    return CroprViTConfig(attn_implementation="sdpa", **kwargs)
+
+
+def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
+    """transformers' `ViTModel` / `Dinov2Model` with the backbone shape of `config` and SDPA attention."""
+    if not config.use_cls_token:
+        raise ValueError("The transformers baselines always have a CLS token: keep `use_cls_token=True`.")
+    if config.image_size_hw[0] != config.image_size_hw[1] or config.patch_size_hw[0] != config.patch_size_hw[1]:
+        raise ValueError("The transformers baselines need square images and patches.")
+    common = dict(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=config.layer_norm_eps,
+        image_size=config.image_size_hw[0],
+        patch_size=config.patch_size_hw[0],
+        num_channels=config.num_channels,
+        qkv_bias=config.qkv_bias,
+        attn_implementation="sdpa",
+    )
+    if family == "vit":
+        from transformers import ViTConfig, ViTModel
+
+        if config.layerscale_value is not None:
+            raise ValueError("transformers' ViT has no layer scale: use a DINOv2 preset for `layerscale_value`.")
+        return ViTModel(ViTConfig(intermediate_size=config.intermediate_size, **common), add_pooling_layer=False)
+    if family == "dinov2":
+        from transformers import Dinov2Config, Dinov2Model
+
+        if config.intermediate_size % config.hidden_size:
+            raise ValueError("transformers' DINOv2 sets the MLP width as an integer multiple of `hidden_size`.")
+        return Dinov2Model(
+            Dinov2Config(
+                mlp_ratio=config.intermediate_size // config.hidden_size,
+                layerscale_value=1.0 if config.layerscale_value is None else config.layerscale_value,
+                drop_path_rate=0.0,
+                use_swiglu_ffn=False,
+                **common,
+            )
+        )
+    raise ValueError(f"Unknown model family {family!r}: 'vit' or 'dinov2'.")
+
+
+def hf_to_cropr_state_dict(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Rename a transformers `ViTModel` / `Dinov2Model` state dict to `CroprViTModel` keys (DINOv2's mask token,
+    used only for masked pre-training, is dropped)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        if key == "embeddings.mask_token":
+            continue
+        key = key.replace("embeddings.patch_embeddings.projection.", "embeddings.projection.")
+        if family == "dinov2":
+            key = key.replace("encoder.layer.", "layers.").replace(".norm1.", ".layernorm_before.")
+            key = key.replace(".norm2.", ".layernorm_after.")
+        renamed[key] = value
+    return renamed
+
+
+def load_backbone_weights(model: CroprViTModel, backbone_state: dict[str, torch.Tensor]) -> None:
+    """Copy backbone weights into `model`; only its pruning routers (if any) may be left as initialised."""
+    incompatible = model.load_state_dict(backbone_state, strict=False)
+    missing = [key for key in incompatible.missing_keys if not key.startswith("token_selector.")]
+    if missing or incompatible.unexpected_keys:
+        raise RuntimeError(
+            f"Backbone weights do not fit the CroprViT model: missing {missing}, "
+            f"unexpected {incompatible.unexpected_keys}."
+        )
+
+
+@dataclass
+class InferenceModels:
+    """The eval models of one benchmark, sharing backbone weights."""
+
+    config: CroprViTConfig
+    models: dict[str, nn.Module]
+    configs: dict[str, CroprViTConfig]
+    backbone_state: dict[str, torch.Tensor]
+
+
+def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
+    """`hf`, `none`, `random` and `cropr` (the ones in `options.variants`) in eval mode, same backbone weights."""
+    preset = PRESETS[options.preset]
+    config = build_config(options.preset, options.overrides)
+    torch.manual_seed(options.seed)
+    hf_model = build_hf_model(preset.family, config).eval()
+    backbone_state = hf_to_cropr_state_dict(hf_model.state_dict(), preset.family)
+    models: dict[str, nn.Module] = {}
+    configs: dict[str, CroprViTConfig] = {}
+    for variant in options.variants:
+        if variant == "hf":
+            models[variant] = hf_model
+            configs[variant] = build_config(options.preset, options.overrides, token_selector="none")
+            continue
+        variant_config = build_config(options.preset, options.overrides, token_selector=variant)
+        model = CroprViTModel(variant_config)
+        load_backbone_weights(model, backbone_state)
+        model.eval()
+        if variant == "cropr":
+            model.strip_training_modules()
+        models[variant] = model
+        configs[variant] = variant_config
+    return InferenceModels(config=config, models=models, configs=configs, backbone_state=backbone_state)
+
+
+def check_outputs(
+    models: dict[str, nn.Module], config: CroprViTConfig, pixel_values: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """fp32 sanity check: `none` equals `hf` (same weights) and every variant gives the expected output shape."""
+    checks: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        outputs = {name: model(pixel_values=pixel_values).last_hidden_state for name, model in models.items()}
+    batch_size = pixel_values.shape[0]
+    full_shape = (batch_size, config.num_patches + config.num_prefix_tokens, config.hidden_size)
+    for name, output in outputs.items():
+        pruned = name in ("random", "cropr")
+        if pruned and not config.last_layer_fusion:
+            kept = config.patch_keep_counts()[config.pruning_blocks[-1]] + config.num_prefix_tokens
+            expected = (batch_size, kept, config.hidden_size)
+        else:
+            expected = full_shape
+        if tuple(output.shape) != expected:
+            raise RuntimeError(f"Variant {name!r} returned shape {tuple(output.shape)}, expected {expected}.")
+        checks[name] = {"shape": list(output.shape)}
+    if "hf" in outputs and "none" in outputs:
+        reference = outputs["hf"]
+        max_abs_diff = (outputs["none"] - reference).abs().max().item()
+        scale = reference.abs().max().item()
+        if max_abs_diff > SANITY_RTOL * max(scale, 1.0):
+            raise RuntimeError(
+                f"CroprViT (selector none) differs from transformers' model with the same weights by "
+                f"{max_abs_diff:.3g} "
+                f"(output scale {scale:.3g}): the weight copy or the block structure does not match."
+            )
+        checks["none"]["max_abs_diff_vs_hf"] = max_abs_diff
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------------------------------
+def counted_macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
+    """Multiply-adds per image counted by `FlopCounterMode` (FLOPs / 2).
+
+    SDPA runs on its math backend while counting, so that attention decomposes into counted matmuls (the fused CPU
+    kernel has no FLOP formula). Matrix-vector products (the Cropr router's n x D scores) are not counted by torch.
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(pixel_values=pixel_values)
+    return counter.get_total_flops() // (2 * pixel_values.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------------
+def autocast_context(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
+    amp_dtype = DTYPES[dtype_name]
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def summarize(samples: list[float], batch_size: int) -> dict[str, Any]:
+    median = statistics.median(samples)
+    return {
+        "median_s": median,
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "throughput": batch_size / median,
+        "best_throughput": batch_size / min(samples),
+        "latency_ms": median * 1e3,
+        "samples_s": samples,
+    }
+
+
+def derived_metrics(results: dict[str, dict[str, Any]], flop_ceiling: float) -> dict[str, Any]:
+    """Speedups, ceiling fraction, router overhead and the none/hf ratio from one dtype/batch's variant results.
+
+    The headline numbers use median throughputs; `best` repeats them from each variant's fastest sample, which is
+    less disturbed by other processes on a shared machine.
+    """
+    metrics: dict[str, Any] = {"flop_ceiling": flop_ceiling}
+    metrics.update(_ratios(results, "throughput", flop_ceiling))
+    metrics["best"] = _ratios(results, "best_throughput", flop_ceiling)
+    targets: dict[str, bool] = {}
+    if "ceiling_fraction" in metrics:
+        targets["speedup >= 0.97 x ceiling"] = metrics["ceiling_fraction"] >= TARGET_CEILING_FRACTION
+    if "router_overhead" in metrics:
+        targets["router overhead <= 2%"] = metrics["router_overhead"] <= TARGET_ROUTER_OVERHEAD
+    if "none_vs_hf" in metrics:
+        targets["none within 3% of hf"] = metrics["none_vs_hf"] >= TARGET_NONE_VS_HF
+    metrics["targets"] = targets
+    return metrics
+
+
+def _ratios(results: dict[str, dict[str, Any]], key: str, flop_ceiling: float) -> dict[str, float]:
+    none, hf, random, cropr = (
+        results[name][key] if name in results else None for name in ("none", "hf", "random", "cropr")
+    )
+    ratios = {}
+    if none and cropr:
+        ratios["speedup_cropr"] = cropr / none
+        ratios["ceiling_fraction"] = ratios["speedup_cropr"] / flop_ceiling
+    if none and random:
+        ratios["speedup_random"] = random / none
+    if random and cropr:
+        ratios["router_overhead"] = random / cropr - 1.0
+    if none and hf:
+        ratios["none_vs_hf"] = none / hf
+    return ratios
+
+
+def maybe_compile(model: nn.Module, options: BenchmarkOptions) -> nn.Module:
+    if not options.compile:
+        return model
+    # Every variant at every batch size and dtype is one more compiled entry of the same `forward` code object; past
+    # dynamo's default limit (8) the rest would silently run eagerly and be timed as if compiled.
+    entries = len(options.variants) * len(options.batch_sizes) * len(options.dtypes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * entries)
+    return torch.compile(model, backend=options.compile_backend, mode=options.compile_mode, dynamic=False)
+
+
+def benchmark_inference(
+    inference: InferenceModels, options: BenchmarkOptions, device: torch.device
+) -> list[dict[str, Any]]:
+    """One entry per (dtype, batch size) with every variant's timing and the derived metrics."""
+    config = inference.config
+    ceiling = inference.configs.get("cropr", inference.configs.get("random", config)).flop_ceiling()
+    runnable = {name: maybe_compile(model, options) for name, model in inference.models.items()}
+    height, width = config.image_size_hw
+    entries = []
+    for dtype_name in options.dtypes:
+        for batch_size in options.batch_sizes:
+
+            def progress(message: str, dtype_name=dtype_name, batch_size=batch_size) -> None:
+                log(f"inference {dtype_name} batch {batch_size}: {message}", options.quiet)
+
+            generator = torch.Generator().manual_seed(options.seed + batch_size)
+            pixel_values = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
+            steps = {name: _inference_step(model, pixel_values, device, dtype_name) for name, model in runnable.items()}
+            samples = interleaved_timings(
+                steps, device, options.warmup, options.repeats, options.min_time, progress=progress
+            )
+            results = {name: summarize(samples[name], batch_size) for name in steps}
+            entries.append(
+                {
+                    "dtype": dtype_name,
+                    "batch_size": batch_size,
+                    "variants": results,
+                    "metrics": derived_metrics(results, ceiling),
+                }
+            )
+    return entries
+
+
+def _inference_step(
+    model: nn.Module, pixel_values: torch.Tensor, device: torch.device, dtype_name: str
+) -> Callable[[], Any]:
+    def step() -> Any:
+        with torch.inference_mode(), autocast_context(device, dtype_name):
+            return model(pixel_values=pixel_values)
+
+    return step
+
+
+def benchmark_training(
+    inference: InferenceModels, options: BenchmarkOptions, device: torch.device
+) -> list[dict[str, Any]]:
+    """Training-step time (forward + backward + AdamW step, train mode, labels, aux heads active) per dtype.
+
+    `random` prunes like `cropr` without aux heads, so `time(cropr) / time(random) - 1` is what the Cropr modules
+    (scorer, aggregator, auxiliary heads and their losses) cost in training.
+    """
+    batch_size = options.train_batch_size
+    config = inference.config
+    generator = torch.Generator().manual_seed(options.seed)
+    height, width = config.image_size_hw
+    pixel_values = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
+    labels = torch.randint(0, config.num_labels, (batch_size,), generator=generator).to(device)
+    models = {}
+    for variant in TRAINING_VARIANTS:
+        torch.manual_seed(options.seed)
+        model = CroprViTForImageClassification(build_config(options.preset, options.overrides, token_selector=variant))
+        load_backbone_weights(model.cropr_vit, inference.backbone_state)
+        models[variant] = model.to(device).train()
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5) for name, model in models.items()}
+    entries = []
+    for dtype_name in options.dtypes:
+        steps = {
+            name: _training_step(model, optimizers[name], pixel_values, labels, device, dtype_name)
+            for name, model in models.items()
+        }
+
+        def progress(message: str, dtype_name=dtype_name) -> None:
+            log(f"training {dtype_name} batch {batch_size}: {message}", options.quiet)
+
+        samples = interleaved_timings(steps, device, max(options.warmup, 2), options.train_repeats, 0.0, progress)
+        results = {name: summarize(samples[name], batch_size) for name in steps}
+        none, random, cropr = (results[name]["median_s"] for name in TRAINING_VARIANTS)
+        entries.append(
+            {
+                "dtype": dtype_name,
+                "batch_size": batch_size,
+                "variants": results,
+                "metrics": {
+                    "speedup_cropr": none / cropr,
+                    "speedup_random": none / random,
+                    "aux_head_overhead": cropr / random - 1.0,
+                },
+            }
+        )
+    return entries
+
+
+def _training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    dtype_name: str,
+) -> Callable[[], None]:
+    def step() -> None:
+        with autocast_context(device, dtype_name):
+            loss = model(pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment, report, CLI
+# ----------------------------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def environment(options: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_cores_available": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtypes": options.dtypes,
+        "batch_sizes": options.batch_sizes,
+        "compile": (options.compile_backend + (f" {options.compile_mode}" if options.compile_mode else ""))
+        if options.compile
+        else None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device named `name` (`cpu`, `cuda` or `cuda:N`), checked to exist on this machine.
+
+    Raises:
+        ValueError: for another device type, or a CUDA device that this torch build or machine does not have.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {name!r}: use cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"Device {name!r}: this torch build has no CUDA support (torch {torch.__version__}).")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"Device {name!r}: no CUDA GPU is visible.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"Device {name!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}).")
+    return device
+
+
+def check_options(options: BenchmarkOptions) -> None:
+    """Check the options before anything is allocated: names, the device and every variant's config.
+
+    Raises:
+        ValueError: (or `StrictDataclassError` for a config field of the wrong type) naming the first bad option.
+    """
+    unknown = [name for name in options.variants if name not in INFERENCE_VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; choose from {INFERENCE_VARIANTS}.")
+    unknown = [name for name in options.dtypes if name not in DTYPES]
+    if unknown:
+        raise ValueError(f"Unknown dtypes {unknown}; choose from {sorted(DTYPES)}.")
+    if check_device(options.device).type == "cpu" and "fp16" in options.dtypes:
+        raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU.")
+    config = build_config(options.preset, options.overrides)
+    for variant in options.variants:
+        build_config(options.preset, options.overrides, token_selector="none" if variant == "hf" else variant)
+    if "hf" in options.variants:
+        with torch.device("meta"):  # checks that transformers' model can take the shape, allocating nothing
+            build_hf_model(PRESETS[options.preset].family, config)
+
+
+def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
+    """Build the models, check them, count FLOPs and time inference (and training); returns the JSON-able report."""
+    check_options(options)
+    device = torch.device(options.device)
+    if device.type == "cpu":
+        torch.set_num_threads(options.threads or available_cores())
+    elif options.threads:
+        torch.set_num_threads(options.threads)
+    log(f"preset {options.preset}: {PRESETS[options.preset].description}", options.quiet)
+    inference = build_inference_models(options)
+    config = inference.config
+    pruned_config = inference.configs.get("cropr", inference.configs.get("random", config))
+    height, width = config.image_size_hw
+    check_input = torch.randn(2, config.num_channels, height, width, generator=torch.Generator().manual_seed(1))
+    checks = check_outputs(inference.models, config, check_input)
+    log("sanity check passed: " + json.dumps(checks), options.quiet)
+
+    flops: dict[str, dict[str, Any]] = {}
+    for name, model in inference.models.items():
+        variant_config = inference.configs[name]
+        analytic = variant_config.flops(pruned=name in ("random", "cropr"))
+        flops[name] = {"analytic_macs": analytic, "counted_macs": None}
+        if options.count_flops:
+            flops[name]["counted_macs"] = counted_macs(model, check_input[:1])
+    for model in inference.models.values():
+        model.to(device)
+
+    report: dict[str, Any] = {
+        "preset": options.preset,
+        "description": PRESETS[options.preset].description,
+        "config": {
+            key: getattr(config, key)
+            for key in (
+                "image_size",
+                "patch_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "layerscale_value",
+                "pruning_rate",
+                "pruning_schedule",
+                "last_layer_fusion",
+            )
+        },
+        "token_counts": pruned_config.token_counts(),
+        "flop_ceiling": pruned_config.flop_ceiling(),
+        "flops": flops,
+        "sanity": checks,
+        "options": asdict(options),
+        "environment": environment(options, device),
+        "inference": benchmark_inference(inference, options, device),
+        "training": [],
+    }
+    if options.train_batch_size:
+        report["training"] = benchmark_training(inference, options, device)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table of a report."""
+    env = report["environment"]
+    lines = [
+        f"CroprViT benchmark — {report['description']}",
+        f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_model']}, "
+        f"{env['torch_threads']} thread(s), device {env['device']}"
+        + (f" ({env['gpu']})" if "gpu" in env else "")
+        + (f", torch.compile {env['compile']}" if env["compile"] else ""),
+        f"tokens per block: {report['token_counts']}",
+        f"FLOP ceiling (analytic, unpruned / pruned MACs): {report['flop_ceiling']:.3f}x",
+        "MACs per image (GMACs, analytic / counted): "
+        + ", ".join(
+            f"{name} {item['analytic_macs'] / 1e9:.3f}/"
+            + ("-" if item["counted_macs"] is None else f"{item['counted_macs'] / 1e9:.3f}")
+            for name, item in report["flops"].items()
+        ),
+        "",
+    ]
+    variants = list(report["inference"][0]["variants"]) if report["inference"] else []
+    header = f"{'dtype':<5} {'batch':>5} " + " ".join(f"{name + ' img/s':>12}" for name in variants)
+    header += f" {'speedup':>8} {'x ceil':>7} {'router':>7} {'none/hf':>8} {'best x ceil':>11}  targets"
+    lines += ["Inference throughput (median over repeats)", header]
+    for entry in report["inference"]:
+        metrics = entry["metrics"]
+        row = f"{entry['dtype']:<5} {entry['batch_size']:>5} "
+        row += " ".join(f"{entry['variants'][name]['throughput']:>12.2f}" for name in variants)
+        row += (
+            f" {_fmt(metrics.get('speedup_cropr'), '{:.3f}x'):>8} {_fmt(metrics.get('ceiling_fraction'), '{:.3f}'):>7}"
+        )
+        row += f" {_fmt(metrics.get('router_overhead'), '{:+.1%}'):>7} {_fmt(metrics.get('none_vs_hf'), '{:.3f}'):>8}"
+        row += f" {_fmt(metrics['best'].get('ceiling_fraction'), '{:.3f}'):>11}  "
+        row += ", ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in metrics["targets"].items())
+        lines.append(row)
+    latency = [entry for entry in report["inference"] if entry["batch_size"] == 1]
+    if latency:
+        lines += ["", "Batch-1 latency (ms, median)"]
+        for entry in latency:
+            lines.append(
+                f"{entry['dtype']:<5} "
+                + ", ".join(f"{name} {result['latency_ms']:.2f}" for name, result in entry["variants"].items())
+            )
+    if report["training"]:
+        lines += ["", "Training step (forward + backward + AdamW, aux heads active; ms, median)"]
+        for entry in report["training"]:
+            metrics = entry["metrics"]
+            lines.append(
+                f"{entry['dtype']:<5} batch {entry['batch_size']}: "
+                + ", ".join(f"{name} {result['latency_ms']:.1f}" for name, result in entry["variants"].items())
+                + f"; speedup cropr {metrics['speedup_cropr']:.3f}x, random {metrics['speedup_random']:.3f}x,"
+                f" aux heads {metrics['aux_head_overhead']:+.1%} vs random"
+            )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse `type` for a comma-separated list of integers >= `minimum`."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(item) for item in text.split(",") if item]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _name_list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
+    parser = argparse.ArgumentParser(
+        prog="cropr-benchmark",
+        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT or DINOv2.",
+    )
+    parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--dtypes", type=_name_list, help="comma list of fp32,bf16,fp16 (default: all the device runs)")
+    parser.add_argument("--batch-sizes", type=_int_list(1), help="comma list (default 1,8,32 on CPU, 1,8,32,64 on GPU)")
+    parser.add_argument("--variants", type=_name_list, default=list(INFERENCE_VARIANTS), help="subset of hf,none,...")
+    parser.add_argument("--pruning-rate", type=bounded_int(0), help="tokens removed per module (overrides the preset)")
+    parser.add_argument("--pruning-schedule", type=_int_list(0), help="tokens removed after each block (0 = none)")
+    parser.add_argument("--llf", action=argparse.BooleanOptionalAction, default=None, help="Last Layer Fusion")
+    parser.add_argument("--image-size", type=bounded_int(1), help="input resolution (overrides the preset)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_parse_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other CroprViTConfig field, value parsed as JSON (repeatable)",
+    )
+    parser.add_argument("--warmup", type=bounded_int(0), default=3, help="warm-up calls per variant")
+    parser.add_argument(
+        "--repeats", type=bounded_int(1), default=7, help="interleaved samples per variant (median reported)"
+    )
+    parser.add_argument(
+        "--min-time", type=non_negative_float, default=1.0, help="seconds per sample (calls are repeated)"
+    )
+    parser.add_argument("--threads", type=bounded_int(1), help="torch threads (default: all available cores)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (dynamic=False)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, which removes the "
+        "per-kernel launch cost that dominates small batches on a GPU",
+    )
+    parser.add_argument(
+        "--train-batch-size", type=bounded_int(0), default=8, help="training-step batch size; 0 skips it"
+    )
+    parser.add_argument("--train-repeats", type=bounded_int(1), default=5)
+    parser.add_argument("--no-flop-count", dest="count_flops", action="store_false", help="skip FlopCounterMode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=output_file, help="write the JSON report here")
+    parser.add_argument(
+        "--markdown", type=output_file, help="append a markdown section (command, machine load, table) to this file"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device.startswith("cuda")
+    overrides = dict(args.overrides)
+    for key, value in (
+        ("pruning_rate", args.pruning_rate),
+        ("pruning_schedule", args.pruning_schedule),
+        ("last_layer_fusion", args.llf),
+        ("image_size", args.image_size),
+    ):
+        if value is not None:
+            overrides[key] = value
+    options = BenchmarkOptions(
+        preset=args.preset,
+        overrides=overrides,
+        device=device,
+        dtypes=args.dtypes or (["fp32", "bf16", "fp16"] if gpu else ["fp32", "bf16"]),
+        batch_sizes=args.batch_sizes or ([1, 8, 32, 64] if gpu else [1, 8, 32]),
+        variants=args.variants,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        min_time=args.min_time,
+        threads=args.threads,
+        compile=args.compile or args.compile_mode is not None,
+        compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
+        train_batch_size=args.train_batch_size or None,
+        train_repeats=args.train_repeats,
+        count_flops=args.count_flops,
+        seed=args.seed,
+        quiet=args.quiet,
+        output=None if args.output is None else str(args.output),
+        markdown=None if args.markdown is None else str(args.markdown),
+    )
+    try:
+        check_options(options)
+    except (ValueError, StrictDataclassError) as error:
+        parser.error(" ".join(str(error).split()))
+    return options
+
+
+def format_markdown(report: dict[str, Any], command: str) -> str:
+    """A markdown section for `docs/benchmarks.md`: the command, the machine's state and the table, as measured."""
+    env = report["environment"]
+    load = env.get("load_average")
+    return "\n".join(
+        [
+            f"## {report['description']}",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average before the run "
+            + (", ".join(f"{value:.2f}" for value in load) if load else "unknown")
+            + f" on {os.cpu_count()} cores.",
+            "",
+            "```",
+            format_report(report),
+            "```",
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: prints the table, writes the JSON report to `--output` and appends a markdown
+    section to `--markdown`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = parse_args(argv)
+    report = run_benchmark(options)
+    print(format_report(report))
+    if options.output:
+        with open(options.output, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        log(f"wrote {options.output}", options.quiet)
+    if options.markdown:
+        command = "python scripts/benchmark.py " + " ".join(argv)
+        with open(options.markdown, "a", encoding="utf-8") as handle:
+            handle.write(format_markdown(report, command) + "\n")
+        log(f"appended to {options.markdown}", options.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

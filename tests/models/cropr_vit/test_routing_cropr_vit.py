@@ -1,0 +1,85 @@
+import torch
+from conftest import tiny_config_kwargs
+
+from cropr import CroprViTConfig
+from cropr.models.cropr_vit.routing_cropr_vit import (
+    CroprRouter,
+    gather_tokens,
+    patch_pixel_variance,
+    received_attention,
+    restore_raster_order,
+    split_tokens,
+)
+
+
+def test_split_tokens_keeps_prefix_first_then_patches_by_score():
+    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 3.0]])
+    keep, set_aside = split_tokens(scores, num_prefix_tokens=1, num_keep=2, with_set_aside=True)
+    assert keep.tolist() == [[0, 3, 1]]
+    assert sorted(set_aside.tolist()[0]) == [2, 4]
+
+
+def test_split_tokens_never_puts_a_tied_token_in_both_sets():
+    # Flat background patches all score 0 under the variance selector.
+    scores = torch.zeros(3, 17)
+    keep, set_aside = split_tokens(scores, num_prefix_tokens=1, num_keep=5, with_set_aside=True)
+    for kept_row, set_aside_row in zip(keep.tolist(), set_aside.tolist(), strict=True):
+        assert sorted(kept_row + set_aside_row) == list(range(17))
+
+
+def test_restore_raster_order_inverts_any_permutation():
+    tokens = torch.randn(2, 6, 4)
+    permutation = torch.stack([torch.randperm(6), torch.randperm(6)])
+    shuffled = gather_tokens(tokens, permutation)
+    assert torch.equal(restore_raster_order(shuffled, permutation), tokens)
+
+
+def test_patch_pixel_variance_matches_a_direct_computation():
+    pixels = torch.randn(2, 3, 16, 24)
+    variance = patch_pixel_variance(pixels, (8, 8))
+    assert variance.shape == (2, 6)
+    patch = pixels[1, :, 8:16, 16:24]  # row 1, column 2 -> raster index 5
+    assert torch.allclose(variance[1, 5], patch.reshape(3, -1).var(dim=1).mean())
+
+
+def test_received_attention_from_all_queries_or_cls():
+    probs = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)
+    assert torch.allclose(received_attention(probs, from_cls_only=False), probs.mean(dim=(1, 2)))
+    assert torch.allclose(received_attention(probs, from_cls_only=True), probs[:, :, 0].mean(dim=1))
+
+
+def test_eval_scores_from_aggregated_query_equal_the_sum_over_queries():
+    config = CroprViTConfig(**tiny_config_kwargs(num_queries=7))
+    router = CroprRouter(config)
+    torch.nn.init.trunc_normal_(router.queries, std=config.hidden_size**-0.5)
+    tokens = torch.randn(3, 11, config.hidden_size)
+    router.train()
+    train_scores, aux_logits = router(tokens)
+    assert aux_logits.shape == (3, 7, config.num_labels)
+    router.eval()
+    eval_scores, no_aux = router(tokens)
+    assert no_aux is None
+    expected = (router.queries @ tokens.transpose(1, 2)).sum(dim=1)
+    assert torch.allclose(eval_scores, expected, atol=1e-5)
+    assert torch.allclose(train_scores, expected, atol=1e-5)
+
+
+def test_aggregated_query_follows_weight_updates_and_loading():
+    config = CroprViTConfig(**tiny_config_kwargs())
+    router = CroprRouter(config)
+    with torch.no_grad():
+        router.queries.normal_()
+    router.eval()
+    assert torch.allclose(router.aggregated_query, router.queries.sum(0))
+    state = {name: torch.randn_like(value) for name, value in router.state_dict().items()}
+    router.load_state_dict(state)
+    assert torch.allclose(router.aggregated_query, state["queries"].sum(0))
+
+
+def test_non_salient_router_inverts_the_scores():
+    config = CroprViTConfig(**tiny_config_kwargs(token_selector="non_salient"))
+    router = CroprRouter(config).eval()
+    with torch.no_grad():
+        router.aggregated_query.normal_()
+    tokens = torch.randn(2, 5, config.hidden_size)
+    assert torch.allclose(router(tokens)[0], -(tokens @ router.aggregated_query))

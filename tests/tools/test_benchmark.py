@@ -1,0 +1,145 @@
+"""The benchmark runs end to end on the tiny preset and reports every variant. No timing is asserted here: speed
+claims come from `scripts/benchmark.py` on a quiet machine, not from unit tests."""
+
+import json
+
+import pytest
+import torch
+
+from cropr.tools.benchmark import (
+    INFERENCE_VARIANTS,
+    TRAINING_VARIANTS,
+    BenchmarkOptions,
+    build_config,
+    build_inference_models,
+    check_device,
+    check_outputs,
+    main,
+    parse_args,
+    run_benchmark,
+)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("benchmark") / "results.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtypes", "fp32,bf16", "--batch-sizes", "1,2", "--repeats", "2"]
+    argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "2", "--train-repeats", "1"]
+    assert main([*argv, "--output", str(path), "--quiet"]) == 0
+    return json.loads(path.read_text())
+
+
+def test_report_has_every_variant_dtype_and_batch_size(report):
+    cells = {(entry["dtype"], entry["batch_size"]) for entry in report["inference"]}
+    assert cells == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    for entry in report["inference"]:
+        assert list(entry["variants"]) == list(INFERENCE_VARIANTS)
+        for result in entry["variants"].values():
+            assert len(result["samples_s"]) == 2
+            assert result["throughput"] > 0 and result["latency_ms"] > 0
+            assert result["min_s"] <= result["median_s"] <= result["max_s"]
+        metrics = entry["metrics"]
+        for key in ("speedup_cropr", "speedup_random", "ceiling_fraction", "router_overhead", "none_vs_hf"):
+            assert isinstance(metrics[key], float)
+        assert metrics["ceiling_fraction"] == pytest.approx(metrics["speedup_cropr"] / metrics["flop_ceiling"])
+        assert len(metrics["targets"]) == 3
+
+
+def test_report_analytic_numbers_match_the_config(report):
+    pruned = build_config("tiny", token_selector="cropr")
+    assert report["flop_ceiling"] == pytest.approx(pruned.flop_ceiling())
+    assert report["token_counts"] == pruned.token_counts()
+    assert all(entry["metrics"]["flop_ceiling"] == report["flop_ceiling"] for entry in report["inference"])
+    flops = report["flops"]
+    assert flops["none"]["analytic_macs"] == flops["hf"]["analytic_macs"] == pruned.flops(pruned=False)
+    assert flops["cropr"]["analytic_macs"] == flops["random"]["analytic_macs"] == pruned.flops(pruned=True)
+    for item in flops.values():
+        # The counter misses only the router's matrix-vector products: well under 1% of the backbone.
+        assert item["counted_macs"] == pytest.approx(item["analytic_macs"], rel=0.01)
+    assert flops["hf"]["counted_macs"] == flops["none"]["counted_macs"]
+
+
+def test_report_records_environment_sanity_and_training(report):
+    env = report["environment"]
+    assert env["torch"] == torch.__version__
+    assert env["torch_threads"] == 1 and env["device"] == "cpu"
+    assert env["batch_sizes"] == [1, 2] and env["dtypes"] == ["fp32", "bf16"]
+    assert env["cpu_model"]
+    assert report["sanity"]["none"]["max_abs_diff_vs_hf"] < 1e-4
+    assert {entry["dtype"] for entry in report["training"]} == {"fp32", "bf16"}
+    for entry in report["training"]:
+        assert list(entry["variants"]) == list(TRAINING_VARIANTS)
+        assert set(entry["metrics"]) == {"speedup_cropr", "speedup_random", "aux_head_overhead"}
+
+
+def test_dinov2_weights_copy_into_croprvit():
+    overrides = dict(
+        image_size=56, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, pruning_rate=3
+    )
+    options = BenchmarkOptions(preset="dinov2-s14", overrides=overrides)
+    inference = build_inference_models(options)
+    assert inference.config.layerscale_value == 1.0
+    inputs = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    checks = check_outputs(inference.models, inference.config, inputs)
+    assert checks["none"]["max_abs_diff_vs_hf"] < 1e-4
+    assert checks["cropr"]["shape"] == [2, 17, 32]
+
+
+def test_parse_args_defaults_and_overrides():
+    options = parse_args(["--preset", "vit-b16", "--device", "cpu", "--pruning-rate", "8", "--no-llf"])
+    assert options.dtypes == ["fp32", "bf16"] and options.batch_sizes == [1, 8, 32]
+    assert options.overrides == {"pruning_rate": 8, "last_layer_fusion": False}
+    options = parse_args(["--device", "cpu", "--set", "pruning_schedule=[0,0,0,0,0,50,0,0,0,0,0,0]"])
+    assert build_config(options.preset, options.overrides).pruning_blocks == [5]
+
+
+def test_invalid_requests_raise_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="preset"):
+        build_config("vit-h14")
+    with pytest.raises(ValueError, match="fp16"):
+        run_benchmark(BenchmarkOptions(preset="tiny", dtypes=["fp16"]))
+    with pytest.raises(ValueError, match="variants"):
+        run_benchmark(BenchmarkOptions(preset="tiny", variants=["fast"]))
+    with pytest.raises(ValueError, match="Unsupported device 'tpu'"):
+        run_benchmark(BenchmarkOptions(preset="tiny", device="tpu"))
+    with pytest.raises(ValueError, match="CLS token"):
+        run_benchmark(BenchmarkOptions(preset="tiny", overrides={"use_cls_token": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="Device 'cuda:1'"):
+        check_device("cuda:1")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["--device", "cuda"], "Device 'cuda'"),
+        (["--device", "tpu"], "Unsupported device 'tpu'"),
+        (["--threads", "-1"], "argument --threads: expected an integer >= 1, got '-1'"),
+        (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+        (["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
+        (["--train-repeats", "0"], "argument --train-repeats: expected an integer >= 1"),
+        (["--batch-sizes", "8,0"], "argument --batch-sizes: expected integers >= 1"),
+        (["--min-time", "nan"], "argument --min-time: expected a finite number >= 0"),
+        (["--dtypes", "fp16", "--device", "cpu"], "fp16 autocast is for CUDA"),
+        (["--pruning-rate", "99"], "The pruning schedule removes"),
+        (["--set", 'hidden_size="wide"'], "hidden_size"),
+    ],
+)
+def test_bad_options_end_in_one_usage_error_line(arguments, fragment, capsys, monkeypatch):
+    """What `scripts/benchmark.py` and `cropr benchmark` print for options that cannot run: argparse's usage and
+    one error line, exit status 2, before any model is built."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    quick = ["--dtypes", "fp32", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--min-time", "0"]
+    quick += ["--train-batch-size", "0", "--no-flop-count"]  # an option accepted by mistake costs seconds
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "tiny", "--quiet", *quick, *arguments])
+    assert exit_.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith("cropr-benchmark: error: ") and fragment in last_line
+
+
+def test_pruning_schedule_accepts_blocks_without_pruning():
+    options = parse_args(["--preset", "tiny", "--device", "cpu", "--pruning-schedule", "0,3,0,0"])
+    assert build_config(options.preset, options.overrides).pruning_blocks == [1]

@@ -1,0 +1,189 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from cropr import CroprViTConfig
+from cropr.training.run import TASKS, main, resolve_aux_ignored_labels, run
+
+TINY_RUN = [
+    "--preset", "tiny",
+    "--canvas_size", "56",
+    "--image_size", "32",
+    "--num_train_samples", "32",
+    "--num_eval_samples", "16",
+    "--max_steps", "3",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8",
+    "--throughput_batch_size", "8",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+]  # fmt: skip
+
+SCRIPTS = {
+    "image-classification": "train_image_classification.py",
+    "multi-label-classification": "train_multilabel.py",
+    "semantic-segmentation": "train_semantic_segmentation.py",
+}
+
+
+def load_saved(task: str, output_dir):
+    model = TASKS[task].model_class.from_pretrained(output_dir)
+    assert model.config.inference_only
+    assert (output_dir / "preprocessor_config.json").exists()
+    return model
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, task):
+    results = run(task, TINY_RUN + ["--output_dir", str(tmp_path), "--eval_strategy", "steps", "--eval_steps", "2"])
+    assert results["train"]["epoch"] > 0  # trained although --eval_strategy switched do_eval on
+    main_metric = results["main_metric"]
+    assert 0.0 <= results["pruned_metric"] <= 1.0 and 0.0 <= results["unpruned_metric"] <= 1.0
+    assert results["eval"][f"eval_{main_metric}"] == results["pruned_metric"]
+    assert set(results["throughput"]) == {"pruned", "unpruned"}
+    model = load_saved(task, tmp_path)
+    assert not any("queries" in name for name, _ in model.named_parameters())
+    assert model(torch.randn(1, 3, 32, 32)).logits.shape[1] == len(model.config.id2label)
+    # A new segmentation model's Cropr modules do not learn the built-in scenes' background class (label 0).
+    assert model.config.aux_ignored_labels == ([0] if task == "semantic-segmentation" else None)
+
+
+def test_pruning_arguments_reach_the_config(tmp_path):
+    argv = TINY_RUN + [
+        "--output_dir", str(tmp_path),
+        "--token_selector", "variance",
+        "--pruning_schedule", "4,0,0,0",
+        "--last_layer_fusion", "false",
+    ]  # fmt: skip
+    run("image-classification", argv)
+    config = CroprViTConfig.from_pretrained(tmp_path)
+    assert config.token_selector == "variance"
+    assert config.prune_counts == [4, 0, 0, 0]
+    assert not config.last_layer_fusion
+
+
+def test_eval_only_run_does_not_train(tmp_path):
+    run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path / "trained")])
+    argv = TINY_RUN + ["--output_dir", str(tmp_path / "eval"), "--do_eval"]
+    results = run("image-classification", argv + ["--model_name_or_path", str(tmp_path / "trained")])
+    assert results["train"] == {}
+
+
+def test_bad_arguments_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--pruning_schedule", "4,x"])
+    with pytest.raises(ValueError, match="built-in task is 'segmentation'"):
+        run("semantic-segmentation", TINY_RUN + ["--output_dir", str(tmp_path), "--builtin_task", "multi-label"])
+    with pytest.raises(ValueError, match="removes"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--pruning_rate", "30"])
+    with pytest.raises(ValueError, match="not image-classification"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--aux_ignored_labels", "0"])
+    with pytest.raises(ValueError, match="random has no Cropr modules"):
+        argv = ["--output_dir", str(tmp_path), "--token_selector", "random", "--aux_ignored_labels", "0"]
+        run("semantic-segmentation", TINY_RUN + argv)
+
+
+def test_aux_ignored_labels_are_read_as_names_or_ids():
+    labels = {0: "background", 1: "cat", 2: "sky"}
+    assert resolve_aux_ignored_labels(None, labels) is None
+    assert resolve_aux_ignored_labels("None", labels) == []
+    assert resolve_aux_ignored_labels("background, 2", labels) == [0, 2]
+    with pytest.raises(ValueError, match="'dog' is neither a class name nor a class id"):
+        resolve_aux_ignored_labels("dog", labels)
+    with pytest.raises(ValueError, match="'3' is neither"):
+        resolve_aux_ignored_labels("3", labels)
+
+
+def distributed_env(tmp_path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PYTHONPATH": str(REPO_ROOT / "src"),
+    }
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_two_process_ddp_with_torchrun(tmp_path, task):
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_port", str(29500 + sorted(TASKS).index(task)),
+        str(REPO_ROOT / "scripts" / SCRIPTS[task]),
+        *TINY_RUN, "--output_dir", str(output_dir), "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=distributed_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Both ranks trained every step; only rank 0 reports and saves.
+    assert result.stdout.count("Stripped inference checkpoint") == 1
+    load_saved(task, output_dir)
+
+
+def test_accelerate_launch_runs_the_script_unchanged(tmp_path):
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", "2", "--cpu", "--main_process_port", "29510",
+        str(REPO_ROOT / "scripts" / SCRIPTS["image-classification"]),
+        *TINY_RUN, "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=distributed_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    load_saved("image-classification", output_dir)
+
+
+def save_tiny_vit(folder) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(folder)  # fmt: skip
+
+
+def test_backbone_runs_get_the_papers_pruning_regime(tmp_path):
+    backbone = tmp_path / "vit"
+    save_tiny_vit(backbone)
+    argv = [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")]
+    run("image-classification", argv + ["--output_dir", str(tmp_path / "out"), "--backbone", str(backbone)])
+    config = CroprViTConfig.from_pretrained(tmp_path / "out")
+    # 16 patches, 2 modules (4 blocks with LLF): 80% of the patches, i.e. 13, set aside as evenly as possible.
+    assert config.prune_counts == [7, 6, 0, 0]
+
+
+def test_a_plain_vit_checkpoint_is_pointed_to_backbone_in_one_line(tmp_path):
+    save_tiny_vit(tmp_path / "vit")
+    argv = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "vit")]
+    with pytest.raises(SystemExit) as exit_:  # what the scripts run: a message on stderr, exit status 1
+        main("image-classification", [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")] + argv)
+    assert exit_.value.code.endswith(
+        f"error: --model_name_or_path {tmp_path / 'vit'} is a 'vit' checkpoint, not a CroprViT one: to start from "
+        "vit / dinov2 weights, pass it as --backbone, which converts it to CroprViT"
+    )
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_diverged_run_fails_and_keeps_the_previous_output(tmp_path, task):
+    # What an earlier, good run left in the output folder.
+    (tmp_path / "model.safetensors").write_bytes(b"earlier weights")
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        main(task, TINY_RUN + ["--output_dir", str(tmp_path), "--learning_rate", "1e6"])
+    message = exit_.value.code  # a string: printed on stderr, exit status 1
+    assert isinstance(message, str) and "\n" not in message
+    assert "weight tensors hold nan or inf (cropr_vit.embeddings.cls_token, " in message
+    assert "and the eval loss is nan; the final checkpoint was not saved" in message
+    assert "lower --learning_rate" in message
+    assert (tmp_path / "model.safetensors").read_bytes() == b"earlier weights"
+    assert (tmp_path / "preprocessor_config.json").read_text() == "{}"
+    assert not (tmp_path / "config.json").exists()
