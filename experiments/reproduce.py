@@ -36,19 +36,10 @@ from cropr.presets import PRESETS
 from cropr.tools.timing import measure_throughput
 from cropr.tools.visualization import visualize_pruning
 from cropr.training import metrics
+from cropr.training.arguments import DataArguments, ModelArguments, PruningArguments
 from cropr.training.curriculum import PruningCurriculumCallback
-from cropr.training.run import (
-    TASKS,
-    DataArguments,
-    EpochCallback,
-    ModelArguments,
-    PruningArguments,
-    TaskSpec,
-    TrainingSplit,
-    build_model,
-    load_task_data,
-    make_transforms,
-)
+from cropr.training.tasks import TASKS, TaskSpec, build_model, load_task_data
+from cropr.training.transforms import EpochCallback, TrainingSplit, make_transforms
 
 DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "shared" / "data" / "dinov2-small"
 """The pretrained DINOv2-S/14 of the development machines (`../shared/data/dinov2-small` from the repository)."""

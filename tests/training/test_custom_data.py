@@ -10,7 +10,9 @@ from PIL import Image as PILImage
 from test_run import TINY_RUN, load_saved
 
 from cropr.data.formats import LabelFormat
-from cropr.training.run import TASKS, default_image_processor, make_transforms, run
+from cropr.training.run import run
+from cropr.training.tasks import TASKS, default_image_processor
+from cropr.training.transforms import make_transforms
 
 BUILTIN_ONLY = ("--canvas_size", "--num_train_samples", "--num_eval_samples")
 CUSTOM_RUN = [

@@ -29,17 +29,11 @@ from transformers import (
 )
 
 from cropr import CroprViTConfig, CroprViTForImageClassification
+from cropr.training.arguments import RunError
 from cropr.training.curriculum import PruningCurriculumCallback
-from cropr.training.run import (
-    TASKS,
-    EpochCallback,
-    RunError,
-    TrainingSplit,
-    default_image_processor,
-    flip_example,
-    make_transforms,
-    run,
-)
+from cropr.training.run import run
+from cropr.training.tasks import TASKS, default_image_processor
+from cropr.training.transforms import EpochCallback, TrainingSplit, flip_example, make_transforms
 
 MAX_STEPS = 10
 STOP_STEP = 4  # mid-epoch (6 batches per epoch) and mid-ramp (5 steps)
@@ -180,7 +174,7 @@ def test_a_script_run_resumed_mid_epoch_with_augmentation_matches_the_uninterrup
     # A later checkpoint killed while saving: Trainer writes trainer_state.json last.
     (resumed / "checkpoint-8").mkdir()
     (resumed / "checkpoint-8" / "config.json").write_text("{}")
-    with caplog.at_level(logging.INFO, logger="cropr.training.run"):
+    with caplog.at_level(logging.INFO, logger="cropr.training.arguments"):
         argv = ["--output_dir", str(resumed), "--max_steps", "10", "--resume_from_checkpoint", "latest"]
         run("image-classification", SCRIPT_RUN + argv)
     assert "Skipping " + str(resumed / "checkpoint-8") + ": it has no trainer_state.json" in caplog.text

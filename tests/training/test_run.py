@@ -7,7 +7,8 @@ import torch
 from conftest import REPO_ROOT
 
 from cropr import CroprViTConfig
-from cropr.training.run import TASKS, main, resolve_aux_ignored_labels, run
+from cropr.training.run import main, run
+from cropr.training.tasks import TASKS, resolve_aux_ignored_labels
 
 TINY_RUN = [
     "--preset", "tiny",

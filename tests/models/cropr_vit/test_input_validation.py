@@ -14,7 +14,9 @@ from cropr import (
     CroprViTForImageClassification,
     CroprViTModel,
 )
-from cropr.training.run import TASKS, ModelArguments, PruningArguments, build_model, run
+from cropr.training.arguments import ModelArguments, PruningArguments
+from cropr.training.run import run
+from cropr.training.tasks import TASKS, build_model
 
 HEAD_CLASSES = head_classes()
 
