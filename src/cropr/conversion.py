@@ -44,7 +44,7 @@ from transformers.image_utils import (
 )
 from transformers.utils import logging
 
-from .models.cropr_vit.configuration_cropr_vit import CroprViTConfig
+from .models.cropr_vit.configuration_cropr_vit import CroprViTConfig, as_pair
 from .models.cropr_vit.modeling_cropr_vit import (
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
@@ -164,13 +164,6 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
 SUPPORTED_MODEL_TYPES = tuple(BACKBONE_FAMILIES)
 
 
-def _as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    height, width = value
-    return int(height), int(width)
-
-
 def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
     """The [`BackboneFamily`] of a source config, or a `ValueError` naming its `model_type` and the supported ones."""
     model_type = config.model_type
@@ -255,6 +248,22 @@ def convert_backbone_state_dict(
     return converted
 
 
+def load_backbone_weights(backbone: CroprViTModel, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load converted backbone weights into `backbone`, where only the pruning modules may stay as initialised.
+
+    Anything else missing or left over means the name mapping does not fit the checkpoint, and the model would
+    silently be half random: that raises a `RuntimeError` naming `source` and the keys.
+    """
+    with torch.no_grad():
+        result = backbone.load_state_dict(state_dict, strict=False)
+    missing = [name for name in result.missing_keys if not name.startswith("token_selector.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"Backbone weights of {source} do not map onto CroprViT: missing {missing}, "
+            f"unexpected {result.unexpected_keys}."
+        )
+
+
 def cropr_config_from_backbone(
     source_config: PreTrainedConfig,
     task: str = "image-classification",
@@ -288,7 +297,7 @@ def cropr_config_from_backbone(
         intermediate_size = source_config.intermediate_size
         layerscale_value = None
     kwargs = dict(
-        image_size=list(_as_pair(image_size if image_size is not None else source_config.image_size)),
+        image_size=list(as_pair(image_size if image_size is not None else source_config.image_size)),
         patch_size=source_config.patch_size,
         num_channels=source_config.num_channels,
         hidden_size=source_config.hidden_size,
@@ -307,7 +316,7 @@ def cropr_config_from_backbone(
     )
     kwargs.update(_label_kwargs(task, num_labels, id2label))
     if task == "semantic-segmentation":
-        (height, width), (patch_h, patch_w) = _as_pair(kwargs["image_size"]), _as_pair(kwargs["patch_size"])
+        (height, width), (patch_h, patch_w) = as_pair(kwargs["image_size"]), as_pair(kwargs["patch_size"])
         # Explicit conflicting values are left in so that the segmentation head's own check explains the problem.
         kwargs.update(num_queries=(height // patch_h) * (width // patch_w), last_layer_fusion=True)
     kwargs.update(cropr_config_overrides)
@@ -449,21 +458,12 @@ def from_backbone(
     )
     model = CONVERSION_TASKS[task](config)
 
-    (source_h, source_w), (patch_h, patch_w) = _as_pair(source_config.image_size), _as_pair(source_config.patch_size)
+    (source_h, source_w), (patch_h, patch_w) = as_pair(source_config.image_size), as_pair(source_config.patch_size)
     source_grid = (source_h // patch_h, source_w // patch_w)
     state_dict = convert_backbone_state_dict(
         source_model.state_dict(), family.model_type, source_grid=source_grid, target_grid=config.patch_grid
     )
-    with torch.no_grad():
-        result = model.backbone.load_state_dict(state_dict, strict=False)
-    # Only the pruning modules (`token_selector.*`) are expected to stay as initialised: anything else missing or
-    # left over means the name mapping does not fit this checkpoint, and the model would silently be half random.
-    missing = [name for name in result.missing_keys if not name.startswith("token_selector.")]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"Backbone weights of the {family.model_type!r} source do not map onto CroprViT: missing {missing}, "
-            f"unexpected {result.unexpected_keys}."
-        )
+    load_backbone_weights(model.backbone, state_dict, f"the {family.model_type!r} source")
 
     normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
     height, width = config.image_size_hw
@@ -477,12 +477,13 @@ def from_backbone(
 
 __all__ = [
     "BACKBONE_FAMILIES",
+    "BackboneFamily",
     "CONVERSION_TASKS",
     "SUPPORTED_MODEL_TYPES",
-    "BackboneFamily",
     "backbone_family",
     "convert_backbone_state_dict",
     "cropr_config_from_backbone",
     "from_backbone",
+    "load_backbone_weights",
     "resize_position_embeddings",
 ]

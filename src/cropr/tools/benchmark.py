@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..conversion import convert_backbone_state_dict, load_backbone_weights
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
@@ -175,32 +176,6 @@ def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
     raise ValueError(f"Unknown model family {family!r}: 'vit' or 'dinov2'.")
 
 
-def hf_to_cropr_state_dict(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """Rename a transformers `ViTModel` / `Dinov2Model` state dict to `CroprViTModel` keys (DINOv2's mask token,
-    used only for masked pre-training, is dropped)."""
-    renamed = {}
-    for key, value in state_dict.items():
-        if key == "embeddings.mask_token":
-            continue
-        key = key.replace("embeddings.patch_embeddings.projection.", "embeddings.projection.")
-        if family == "dinov2":
-            key = key.replace("encoder.layer.", "layers.").replace(".norm1.", ".layernorm_before.")
-            key = key.replace(".norm2.", ".layernorm_after.")
-        renamed[key] = value
-    return renamed
-
-
-def load_backbone_weights(model: CroprViTModel, backbone_state: dict[str, torch.Tensor]) -> None:
-    """Copy backbone weights into `model`; only its pruning routers (if any) may be left as initialised."""
-    incompatible = model.load_state_dict(backbone_state, strict=False)
-    missing = [key for key in incompatible.missing_keys if not key.startswith("token_selector.")]
-    if missing or incompatible.unexpected_keys:
-        raise RuntimeError(
-            f"Backbone weights do not fit the CroprViT model: missing {missing}, "
-            f"unexpected {incompatible.unexpected_keys}."
-        )
-
-
 @dataclass
 class InferenceModels:
     """The eval models of one benchmark, sharing backbone weights."""
@@ -217,7 +192,7 @@ def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
     config = build_config(options.preset, options.overrides)
     torch.manual_seed(options.seed)
     hf_model = build_hf_model(preset.family, config).eval()
-    backbone_state = hf_to_cropr_state_dict(hf_model.state_dict(), preset.family)
+    backbone_state = convert_backbone_state_dict(hf_model.state_dict(), preset.family)
     models: dict[str, nn.Module] = {}
     configs: dict[str, CroprViTConfig] = {}
     for variant in options.variants:
@@ -227,7 +202,7 @@ def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
             continue
         variant_config = build_config(options.preset, options.overrides, token_selector=variant)
         model = CroprViTModel(variant_config)
-        load_backbone_weights(model, backbone_state)
+        load_backbone_weights(model, backbone_state, f"transformers' {preset.family} baseline")
         model.eval()
         if variant == "cropr":
             model.strip_training_modules()
@@ -415,7 +390,7 @@ def benchmark_training(
     for variant in TRAINING_VARIANTS:
         torch.manual_seed(options.seed)
         model = CroprViTForImageClassification(build_config(options.preset, options.overrides, token_selector=variant))
-        load_backbone_weights(model.cropr_vit, inference.backbone_state)
+        load_backbone_weights(model.cropr_vit, inference.backbone_state, "the benchmark backbone")
         models[variant] = model.to(device).train()
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5) for name, model in models.items()}
     entries = []

@@ -55,7 +55,7 @@ _TRANSFORMERS_CONFIG_KEYS = frozenset(
 )
 
 
-def _as_pair(value: int | Sequence[int], name: str = "size") -> tuple[int, int]:
+def as_pair(value: int | Sequence[int], name: str = "size") -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     if len(value) != 2:
@@ -208,9 +208,9 @@ class CroprViTConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
         if isinstance(self.image_size, list):
-            self.image_size = list(_as_pair(self.image_size, "image_size"))
+            self.image_size = list(as_pair(self.image_size, "image_size"))
         if isinstance(self.patch_size, list):
-            self.patch_size = list(_as_pair(self.patch_size, "patch_size"))
+            self.patch_size = list(as_pair(self.patch_size, "patch_size"))
         super().__post_init__(**kwargs)
         # Raised here, not in a strict `validate_*` hook, so that callers get a plain ValueError.
         self.check_values()
@@ -245,11 +245,11 @@ class CroprViTConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------------
     @property
     def image_size_hw(self) -> tuple[int, int]:
-        return _as_pair(self.image_size)
+        return as_pair(self.image_size)
 
     @property
     def patch_size_hw(self) -> tuple[int, int]:
-        return _as_pair(self.patch_size)
+        return as_pair(self.patch_size)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
