@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -26,14 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 from transformers import AutoConfig, Trainer, TrainingArguments, set_seed
 
 from cropr.models.cropr_vit.configuration_cropr_vit import per_block_schedule
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
 from cropr.presets import PRESETS
-from cropr.tools.timing import measure_throughput
+from cropr.tools.timing import machine_environment, measure_throughput
 from cropr.tools.visualization import visualize_pruning
 from cropr.training import metrics
 from cropr.training.arguments import DataArguments, ModelArguments, PruningArguments
@@ -415,24 +413,6 @@ def draw_heatmaps(
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole run
 # ----------------------------------------------------------------------------------------------------------------------
-def environment() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def run_reproduction(
     config: ReproduceConfig, out_dir: str | Path, command: Sequence[str], notes: str | None = None
 ) -> dict[str, Any]:
@@ -449,7 +429,7 @@ def run_reproduction(
     results: dict[str, Any] = {
         "command": shlex.join(command),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "environment": environment(),
+        "environment": machine_environment(),
         "config": asdict(config),
         "model": backbone or f"preset {config.preset} (from scratch)",
         "tasks": {},
@@ -584,7 +564,7 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         "## Environment and budget",
         "",
         f"- Model: {results['model']}",
-        f"- CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs, torch threads {env['torch_threads']}); "
+        f"- CPU: {env['cpu_model']} ({env['cpu_cores_available']} logical CPUs, torch threads {env['torch_threads']}); "
         f"shared with other jobs while running, so absolute images/s are noisy, ratios less so.",
         f"- Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}",
         f"- Started {results['started']}, wall time {results['wall_seconds'] / 60:.1f} min",

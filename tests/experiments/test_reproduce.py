@@ -40,7 +40,7 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["command"].startswith("python scripts/reproduce.py --quick")
-    assert {"cpu", "torch", "transformers", "torch_threads"} <= set(results["environment"])
+    assert {"cpu_model", "torch", "transformers", "torch_threads"} <= set(results["environment"])
     assert list(results["tasks"]) == list(SELECTORS)
     for task_name, task in results["tasks"].items():
         assert list(task["selectors"]) == list(SELECTORS[task_name])

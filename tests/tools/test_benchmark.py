@@ -119,7 +119,7 @@ def test_invalid_requests_raise_clear_errors(monkeypatch):
         (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
         (["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
         (["--train-repeats", "0"], "argument --train-repeats: expected an integer >= 1"),
-        (["--batch-sizes", "8,0"], "argument --batch-sizes: expected integers >= 1"),
+        (["--batch-sizes", "8,0"], "argument --batch-sizes: expected comma-separated integers >= 1"),
         (["--min-time", "nan"], "argument --min-time: expected a finite number >= 0"),
         (["--dtypes", "fp16", "--device", "cpu"], "fp16 autocast is for CUDA"),
         (["--pruning-rate", "99"], "The pruning schedule removes"),

@@ -71,15 +71,23 @@ def parse_image_size(value: str) -> int | tuple[int, int]:
     return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
-def parse_schedule(value: str) -> list[int]:
-    """Comma-separated tokens removed after each block, e.g. `0,0,0,0,0,50,0,...`."""
-    try:
-        counts = [int(count) for count in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if min(counts) < 0:
-        raise argparse.ArgumentTypeError(f"expected token counts >= 0, got {value!r}")
-    return counts
+def int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse `type` for a comma-separated list of integers >= `minimum`, e.g. `1,8,32`."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+parse_schedule = int_list(0)
+"""Tokens removed after each block, comma-separated: `0,0,0,0,0,50,0,...`."""
 
 
 def load_id2label(value: str) -> dict[int, str]:
@@ -97,6 +105,7 @@ def load_id2label(value: str) -> dict[int, str]:
 
 __all__ = [
     "bounded_int",
+    "int_list",
     "load_id2label",
     "non_negative_float",
     "output_dir",

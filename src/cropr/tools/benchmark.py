@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,8 +40,8 @@ from ..conversion import convert_backbone_state_dict, load_backbone_weights
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
-from .argtypes import bounded_int, non_negative_float, output_file
-from .timing import interleaved_timings
+from .argtypes import bounded_int, int_list, non_negative_float, output_file, parse_schedule
+from .timing import available_cores, interleaved_timings, machine_environment
 
 INFERENCE_VARIANTS = ("hf", "none", "random", "cropr")
 TRAINING_VARIANTS = ("none", "random", "cropr")
@@ -442,40 +441,15 @@ def _training_step(
 # ----------------------------------------------------------------------------------------------------------------------
 # Environment, report, CLI
 # ----------------------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def environment(options: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
-    import transformers
-
     env = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_cores_available": available_cores(),
-        "torch_threads": torch.get_num_threads(),
+        **machine_environment(),
         "device": str(device),
         "dtypes": options.dtypes,
         "batch_sizes": options.batch_sizes,
         "compile": (options.compile_backend + (f" {options.compile_mode}" if options.compile_mode else ""))
         if options.compile
         else None,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -656,21 +630,6 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _int_list(minimum: int) -> Callable[[str], list[int]]:
-    """An argparse `type` for a comma-separated list of integers >= `minimum`."""
-
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(item) for item in text.split(",") if item]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
-        return values
-
-    return parse
-
-
 def _name_list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
@@ -683,10 +642,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--dtypes", type=_name_list, help="comma list of fp32,bf16,fp16 (default: all the device runs)")
-    parser.add_argument("--batch-sizes", type=_int_list(1), help="comma list (default 1,8,32 on CPU, 1,8,32,64 on GPU)")
+    parser.add_argument("--batch-sizes", type=int_list(1), help="comma list (default 1,8,32 on CPU, 1,8,32,64 on GPU)")
     parser.add_argument("--variants", type=_name_list, default=list(INFERENCE_VARIANTS), help="subset of hf,none,...")
     parser.add_argument("--pruning-rate", type=bounded_int(0), help="tokens removed per module (overrides the preset)")
-    parser.add_argument("--pruning-schedule", type=_int_list(0), help="tokens removed after each block (0 = none)")
+    parser.add_argument("--pruning-schedule", type=parse_schedule, help="tokens removed after each block (0 = none)")
     parser.add_argument("--llf", action=argparse.BooleanOptionalAction, default=None, help="Last Layer Fusion")
     parser.add_argument("--image-size", type=bounded_int(1), help="input resolution (overrides the preset)")
     parser.add_argument(

@@ -7,13 +7,17 @@ matters more for a ratio than for the absolute numbers.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import transformers
 
 
 def synchronize(device: torch.device) -> None:
@@ -75,4 +79,42 @@ def measure_throughput(
     return {name: pixel_values.shape[0] / statistics.median(values) for name, values in samples.items()}
 
 
-__all__ = ["interleaved_timings", "measure_throughput", "synchronize", "time_calls"]
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_environment() -> dict[str, Any]:
+    """What a measurement ran on: library versions, CPU, cores, torch threads and the load average at the start."""
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_cores_available": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+__all__ = [
+    "available_cores",
+    "cpu_model",
+    "interleaved_timings",
+    "machine_environment",
+    "measure_throughput",
+    "synchronize",
+    "time_calls",
+]

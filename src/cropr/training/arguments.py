@@ -4,6 +4,7 @@ the checkpoint to resume from. A [`RunError`] is reported by the scripts as one 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from transformers.trainer_utils import sort_checkpoints
 
 from ..models.cropr_vit.configuration_cropr_vit import LEARNED_SELECTORS, TOKEN_SELECTORS, CroprViTConfig
 from ..presets import PRESETS
+from ..tools.argtypes import parse_schedule
 
 if TYPE_CHECKING:
     from .tasks import TaskSpec
@@ -96,11 +98,9 @@ class PruningArguments:
         }
         if self.pruning_schedule:
             try:
-                overrides["pruning_schedule"] = [int(count) for count in self.pruning_schedule.split(",")]
-            except ValueError:
-                raise ValueError(
-                    f"--pruning_schedule must be comma-separated integers, got {self.pruning_schedule!r}"
-                ) from None
+                overrides["pruning_schedule"] = parse_schedule(self.pruning_schedule)
+            except argparse.ArgumentTypeError as error:
+                raise RunError(f"--pruning_schedule: {error}") from None
         return overrides
 
 
