@@ -296,7 +296,8 @@ def object_share_of_kept_patches(model: CroprViTPreTrainedModel, pixel_values: t
     return float(is_object.gather(1, kept).float().mean())
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
+def seed_spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, minimum and maximum of one metric over the seeds."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -356,7 +357,7 @@ def run_task(
     for selector, values in per_seed.items():
         selectors[selector] = {
             "per_seed": values,
-            **summarize(values),
+            **seed_spread(values),
             "images_per_second": throughput[selector],
             "speedup": throughput[selector] / throughput["none"],
             "train_seconds_median": statistics.median(train_seconds[selector]),
@@ -488,8 +489,9 @@ def plot_tradeoff(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _fmt(value: float, scale: float) -> str:
-    return f"{value * scale:.1f}"
+def percent(value: float) -> str:
+    """A metric in [0, 1] as a percentage with one decimal."""
+    return f"{value * 100:.1f}"
 
 
 def task_table(task: dict[str, Any]) -> str:
@@ -500,9 +502,9 @@ def task_table(task: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for selector, row in task["selectors"].items():
-        seeds = ", ".join(_fmt(value, 100) for value in row["per_seed"])
+        seeds = ", ".join(percent(value) for value in row["per_seed"])
         lines.append(
-            f"| {selector} | {_fmt(row['median'], 100)} [{_fmt(row['min'], 100)}, {_fmt(row['max'], 100)}] "
+            f"| {selector} | {percent(row['median'])} [{percent(row['min'])}, {percent(row['max'])}] "
             f"| {seeds} | {row['images_per_second']:.1f} | {row['speedup']:.2f}x | {row['train_seconds_median']:.0f} |"
         )
     return "\n".join(lines)

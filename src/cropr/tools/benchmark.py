@@ -268,7 +268,8 @@ def autocast_context(device: torch.device, dtype_name: str) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def summarize(samples: list[float], batch_size: int) -> dict[str, Any]:
+def timing_summary(samples: list[float], batch_size: int) -> dict[str, Any]:
+    """Median, extremes, throughput and latency of one variant's timed samples (seconds per call of `batch_size`)."""
     median = statistics.median(samples)
     return {
         "median_s": median,
@@ -349,7 +350,7 @@ def benchmark_inference(
             samples = interleaved_timings(
                 steps, device, options.warmup, options.repeats, options.min_time, progress=progress
             )
-            results = {name: summarize(samples[name], batch_size) for name in steps}
+            results = {name: timing_summary(samples[name], batch_size) for name in steps}
             entries.append(
                 {
                     "dtype": dtype_name,
@@ -403,7 +404,7 @@ def benchmark_training(
             log(f"training {dtype_name} batch {batch_size}: {message}", options.quiet)
 
         samples = interleaved_timings(steps, device, max(options.warmup, 2), options.train_repeats, 0.0, progress)
-        results = {name: summarize(samples[name], batch_size) for name in steps}
+        results = {name: timing_summary(samples[name], batch_size) for name in steps}
         none, random, cropr = (results[name]["median_s"] for name in TRAINING_VARIANTS)
         entries.append(
             {
@@ -588,11 +589,14 @@ def format_report(report: dict[str, Any]) -> str:
         metrics = entry["metrics"]
         row = f"{entry['dtype']:<5} {entry['batch_size']:>5} "
         row += " ".join(f"{entry['variants'][name]['throughput']:>12.2f}" for name in variants)
-        row += (
-            f" {_fmt(metrics.get('speedup_cropr'), '{:.3f}x'):>8} {_fmt(metrics.get('ceiling_fraction'), '{:.3f}'):>7}"
+        columns = (
+            (metrics.get("speedup_cropr"), "{:.3f}x", 8),
+            (metrics.get("ceiling_fraction"), "{:.3f}", 7),
+            (metrics.get("router_overhead"), "{:+.1%}", 7),
+            (metrics.get("none_vs_hf"), "{:.3f}", 8),
+            (metrics["best"].get("ceiling_fraction"), "{:.3f}", 11),
         )
-        row += f" {_fmt(metrics.get('router_overhead'), '{:+.1%}'):>7} {_fmt(metrics.get('none_vs_hf'), '{:.3f}'):>8}"
-        row += f" {_fmt(metrics['best'].get('ceiling_fraction'), '{:.3f}'):>11}  "
+        row += "".join(f" {format_optional(value, pattern):>{width}}" for value, pattern, width in columns) + "  "
         row += ", ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in metrics["targets"].items())
         lines.append(row)
     latency = [entry for entry in report["inference"] if entry["batch_size"] == 1]
@@ -616,7 +620,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, pattern: str) -> str:
+def format_optional(value: float | None, pattern: str) -> str:
+    """`pattern` filled with `value`, or "-" for a metric that was not measured."""
     return "-" if value is None else pattern.format(value)
 
 
