@@ -1,4 +1,8 @@
-"""Evaluation metrics for the built-in tasks, computed locally with numpy (`evaluate.load` needs the Hub).
+"""Evaluation metrics for the three tasks, computed locally with numpy.
+
+Why not 🤗 `evaluate`: its metrics are scripts on the Hub (`evaluate.load("mean_iou")` fails offline), they take
+whole arrays where `Trainer(batch_eval_metrics=True)` hands over one batch at a time, and none of them defines what a
+non-finite prediction scores (below). These do all three, so the package does not depend on `evaluate`.
 
 Functions on whole arrays:
 
