@@ -6,10 +6,10 @@ ONNX `TopK`, `GatherElements` and `ScatterElements`.
 
 Two exporters exist in torch:
 
-- the dynamo exporter (`dynamo=True`, torch's default; needs the `onnxscript` package) exports every selector;
-- the legacy TorchScript exporter (`dynamo=False`) exports `token_selector="none"` only: tracing turns token counts
-  into tensors and the model's keep-count arithmetic (`round` on a count) then fails with
-  `TypeError: type Tensor doesn't define __round__ method`.
+- the dynamo exporter (`dynamo=True`, torch's default; needs the `onnxscript` package);
+- the legacy TorchScript exporter (`dynamo=False`), which needs no extra package.
+
+Both export every selector, pruned or not, at the configured image size or another one.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def export_onnx(
             embeddings interpolated to it.
         batch_size: the static batch size of the graph.
         opset: ONNX opset version.
-        dynamo: use the dynamo exporter (needs `onnxscript`); `False` uses the legacy TorchScript exporter, which
-            handles `token_selector="none"` only (see the module docstring).
+        dynamo: use the dynamo exporter (needs `onnxscript`); `False` uses the legacy TorchScript exporter.
 
     Returns:
         The path written. The graph has one input, `pixel_values` (float32, `(batch_size, C, H, W)`), and one output,
@@ -80,8 +79,8 @@ def export_onnx(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     if dynamo and importlib.util.find_spec("onnxscript") is None:
         raise ImportError(
-            "The dynamo ONNX exporter needs the `onnxscript` package: `pip install onnxscript`. The legacy exporter "
-            "(`dynamo=False`) needs no extra package but exports `token_selector='none'` models only."
+            "The dynamo ONNX exporter needs the `onnxscript` package: `pip install onnxscript`, or use the legacy "
+            "exporter (`dynamo=False`), which needs no extra package."
         )
     config = model.config
     if image_size is None:

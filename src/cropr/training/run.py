@@ -82,8 +82,8 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     training_args.ddp_find_unused_parameters = False
     if not any(arg.split("=")[0] == "--max_grad_norm" for arg in argv):
         # Trainer clips the global gradient norm (default 1.0), and the Cropr modules' summed auxiliary gradients
-        # dominate that norm: clipping would shrink the backbone's updates by the same factor (x38 measured on a
-        # 12-block DINOv2). The paper's recipes do not clip; `--max_grad_norm` still turns clipping on.
+        # dominate that norm: clipping would shrink the backbone's updates by the same large factor. The paper's
+        # recipes do not clip; `--max_grad_norm` still turns clipping on.
         training_args.max_grad_norm = 0.0
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns otherwise
