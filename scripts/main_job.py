@@ -10,7 +10,7 @@ checkpoint was saved.
 
 import sys
 
-from cropr import training
+from cropr.training.run import main as run_training
 
 DEFAULTS = [
     "--output_dir", "outputs/main-job",
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     if any(arg.startswith("--backbone") for arg in argv):
         # A pretrained backbone wants a gentler learning rate than training from scratch.
         defaults[defaults.index("--learning_rate") + 1] = "1e-4"
-    results = training.main("image-classification", defaults + list(argv))
+    results = run_training("image-classification", defaults + list(argv))
     if not any(arg.startswith(("--backbone", "--model_name_or_path")) for arg in argv):
         print(
             "\nTrained from scratch for a few CPU minutes, so accuracy stays low; for a useful model start from "
