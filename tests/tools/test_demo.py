@@ -59,7 +59,12 @@ def photo():
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"image_size": 40}, {"image_size": 40, "last_layer_fusion": False}, {"image_size": 40, "use_cls_token": False}],
+    [
+        {},
+        {"image_size": 40},
+        {"image_size": 40, "last_layer_fusion": False},
+        {"image_size": 40, "use_cls_token": False},
+    ],
 )
 def test_rate_range_ends_at_the_highest_rate_the_config_accepts(overrides, tmp_path):
     checkpoint = DemoCheckpoint(save_checkpoint(build_tiny("classification", **overrides), tmp_path))
