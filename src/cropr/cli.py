@@ -337,6 +337,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     from .tools.demo_app import launch
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         launch(args.checkpoint or DEFAULT_CHECKPOINT, port=args.port)
     except DemoError as error:
@@ -469,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
         "saves its model)",
     )
     demo.add_argument("--port", type=bounded_int(1, 65535), help="port on 127.0.0.1 (default: 7860 or the next free)")
+    demo.add_argument(
+        "--threads",
+        type=bounded_int(1),
+        help="CPU threads for the models (default: torch's, one per core); 1 keeps latency steady on a busy machine",
+    )
     demo.set_defaults(handler=run_demo)
 
     for command, (_, _, help_text) in DELEGATED.items():

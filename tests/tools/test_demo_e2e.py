@@ -3,8 +3,9 @@ would (pick an example, upload an image, move the pruning-rate slider, upload a 
 predictions, the heat-map and the measured latency back from the page.
 
 The browser is the system Chromium (Debian package `chromium`, which `.ci/run` installs); without it the test is
-skipped. `CROPR_DEMO_CHECKPOINT=folder` runs the page on that checkpoint instead of a tiny random one, and
-`CROPR_DEMO_SCREENSHOT=docs/demo.png` also saves the page after the slider moved there (the README's screenshot).
+skipped. The app starts without a checkpoint argument, so on the model where `make main` saves it: a tiny random one,
+or a copy of the folder `CROPR_DEMO_CHECKPOINT` names. `CROPR_DEMO_SCREENSHOT=docs/demo.png` also saves the page
+after the slider moved there (the README's screenshot).
 """
 
 import importlib.util
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import pytest
 from conftest import build_tiny
+from transformers import ViTConfig
 
 from cropr import CroprViTConfig
 from cropr.data import load_builtin_task
+from cropr.tools.demo import DEFAULT_CHECKPOINT
 from cropr.tools.visualization import LEGEND_HEIGHT, MARGIN
 
 CHROMIUM = os.environ.get("CROPR_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -62,39 +65,42 @@ def wait_until_served(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"`cropr demo` did not serve {url} within {STARTUP_TIMEOUT} s:\n{log.read_text()}")
 
 
-@pytest.fixture
-def checkpoint(tmp_path) -> str:
-    if os.environ.get("CROPR_DEMO_CHECKPOINT"):
-        return os.environ["CROPR_DEMO_CHECKPOINT"]
-    from transformers import ViTImageProcessorPil
-
-    folder = tmp_path / "checkpoint"
-    build_tiny("classification", id2label=NAMES).strip_training_modules().save_pretrained(folder)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(path): path.stat().st_mtime for path in folder.rglob("*")}
 
 
-def test_demo_page_in_chromium(checkpoint, tmp_path):
+def test_demo_page_in_chromium(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright (the dev extra)")
+    # The app may write only into its own temporary folder: give it an empty home and TMPDIR, and a working folder
+    # holding only the checkpoint where `cropr demo` looks without an argument.
+    home, cwd, tmp = (tmp_path / name for name in ("home", "cwd", "tmp"))
+    for folder in (home, cwd, tmp):
+        folder.mkdir()
+    checkpoint = cwd / DEFAULT_CHECKPOINT
+    if os.environ.get("CROPR_DEMO_CHECKPOINT"):
+        shutil.copytree(os.environ["CROPR_DEMO_CHECKPOINT"], checkpoint)
+    else:
+        from transformers import ViTImageProcessorPil
+
+        build_tiny("classification", id2label=NAMES).strip_training_modules().save_pretrained(checkpoint)
+        ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
     config = CroprViTConfig.from_pretrained(checkpoint)
+    before = snapshot(cwd)
+
     scene = tmp_path / "scene.png"
     load_builtin_task("cluttered-classification", 1, 1, image_size=112, source="subset")["validation"][0]["image"].save(
         scene
     )
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
-
-    # The app may write only into its own temporary folder: give it an empty home, working folder and TMPDIR.
-    home, cwd, tmp = (tmp_path / name for name in ("home", "cwd", "tmp"))
-    for folder in (home, cwd, tmp):
-        folder.mkdir()
+    ViTConfig().save_pretrained(tmp_path / "vit")
     env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = tmp_path / "demo.log"
     with open(log, "w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cropr.cli", "demo", checkpoint, "--port", str(port)],
+            [sys.executable, "-m", "cropr.cli", "demo", "--port", str(port)],
             cwd=cwd,
             env=env,
             stdout=output,
@@ -108,13 +114,14 @@ def test_demo_page_in_chromium(checkpoint, tmp_path):
             page.set_default_timeout(STEP_TIMEOUT_MS)
             page.goto(url)
             check_page(page, config, scene, not_an_image, tmp_path)
+            check_other_checkpoint(page, tmp_path / "vit")
             browser.close()
     finally:
         process.send_signal(signal.SIGTERM)  # the app ends as on Ctrl+C and removes its temporary folder
         process.wait(timeout=30)
     assert process.returncode == 0, log.read_text()
     assert "Traceback" not in log.read_text()
-    assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+    assert snapshot(cwd) == before and list(home.iterdir()) == []
     assert not list(tmp.glob("cropr-demo-*"))
 
 
@@ -163,3 +170,12 @@ def check_page(page, config: CroprViTConfig, scene: Path, not_an_image: Path, tm
     status.get_by_text("notes.png is not an image file").wait_for()
     assert "Traceback" not in page.content()
     assert report.inner_text().strip() == ""
+
+
+def check_other_checkpoint(page, vit: Path) -> None:
+    """A checkpoint typed into the page that is no CroprViT: a message, and the page keeps the model it has."""
+    info = page.locator("#info").inner_text()
+    page.locator("#checkpoint textarea").fill(str(vit))
+    page.locator("#load").click()
+    page.locator("#status").get_by_text("holds a 'vit' model, not a CroprViT one").wait_for()
+    assert page.locator("#info").inner_text() == info

@@ -98,32 +98,37 @@ def build_app(first: DemoCheckpoint, workdir: str | Path) -> Any:
         checkpoints.move_to_end(source)
         return checkpoints[source]
 
-    def task_visibility(loaded: DemoCheckpoint) -> list[dict]:
+    def on_load(source: str):
+        """Outputs: current, info, rate, examples, upload, image source, then those of `on_run`."""
+        try:
+            loaded = open_checkpoint(source)
+        except DemoError as error:  # the page goes on with the checkpoint it had
+            return [gr.update()] * 12 + [f"⚠️ {error}"]
         segmentation = loaded.task == "segmentation"
         labels = gr.update(visible=not segmentation, value=None)
         masks = gr.update(visible=segmentation, value=None)
-        return [labels, labels, masks, masks]
-
-    def on_load(source: str):
-        try:
-            loaded = open_checkpoint(source)
-        except DemoError as error:
-            return [gr.update()] * 8 + [f"⚠️ {error}", gr.update()]
         return [
             loaded.source,
             loaded.describe(),
             gr.update(**slider_settings(loaded)),
             gr.update(choices=example_names(loaded), value=None),
-            *task_visibility(loaded),
-            "",
             None,
+            None,
+            None,
+            labels,
+            labels,
+            masks,
+            masks,
+            "",
+            "Upload an image or pick an example.",
         ]
 
+    # Picking an image in one place clears the other, so that picking the same example or file again counts.
     def on_upload(path: str | None):
-        return ("upload", path) if path else None
+        return ("upload", path) if path else None, None
 
     def on_example(name: str | None):
-        return ("example", name) if name else None
+        return ("example", name) if name else None, None
 
     def on_run(source: str, image_source: tuple[str, str] | None, rate: float):
         if image_source is None:
@@ -200,13 +205,9 @@ def build_app(first: DemoCheckpoint, workdir: str | Path) -> Any:
 
         run_inputs = [current, image_source, rate]
         run_outputs = [heatmap, off_label, on_label, off_mask, on_mask, report, status]
-        load_button.click(
-            on_load,
-            checkpoint_box,
-            [current, info, rate, examples, off_label, on_label, off_mask, on_mask, status, image_source],
-        )
-        upload.upload(on_upload, upload, image_source).then(on_run, run_inputs, run_outputs)
-        examples.input(on_example, examples, image_source).then(on_run, run_inputs, run_outputs)
+        load_button.click(on_load, checkpoint_box, [current, info, rate, examples, upload, image_source, *run_outputs])
+        upload.upload(on_upload, upload, [image_source, examples]).then(on_run, run_inputs, run_outputs)
+        examples.input(on_example, examples, [image_source, upload]).then(on_run, run_inputs, run_outputs)
         # `change` rather than `release`: keyboard moves of the slider count too; while a run is pending, only the
         # latest value runs next.
         rate.change(on_run, run_inputs, run_outputs)
