@@ -1,6 +1,8 @@
 """The functions behind the demo page: checkpoints at other pruning rates, safe image reading, examples, one
 comparison with pruning off and on, and the text the page shows. None of them needs Gradio."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -304,3 +306,17 @@ def test_cli_demo_without_gradio_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a))
     assert main(["demo", "anything"]) == 1
     assert 'needs Gradio, an optional dependency: pip install "cropr[demo]"' in capsys.readouterr().err
+
+
+def test_cli_demo_options_are_checked_before_anything_loads(capsys):
+    assert main(["demo", "--threads", "0"]) == 2
+    assert "expected an integer >= 1, got '0'" in capsys.readouterr().err
+    assert main(["demo", "--port", "70000"]) == 2
+    assert main(["demo", "--help"]) == 0
+    assert "--threads" in capsys.readouterr().out
+
+
+def test_the_package_and_the_demo_functions_do_not_import_gradio():
+    # This module imported `cropr.cli`, `cropr.tools.demo` and `cropr.tools.demo_app`; no test imports Gradio itself
+    # (the browser test runs the app in its own process).
+    assert "gradio" not in sys.modules
