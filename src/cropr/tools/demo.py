@@ -39,8 +39,9 @@ DISPLAY_HEIGHT = 320
 """Height in pixels of the heat-map and mask panels."""
 TOP_K = 5
 """Classes shown per classification prediction."""
-VARIANT_CACHE_SIZE = 4
-"""Models at other pruning rates kept in memory, so moving the slider back and forth does not reload them."""
+VARIANT_CACHE_SIZE = 3
+"""Models at other pruning rates kept in memory (each a full copy of the weights), so that moving the slider back and
+forth does not reload them."""
 
 PHOTO_EXAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
 """Photos shipped with scikit-image (`skimage.data`), offered as examples when scikit-image is installed."""
@@ -60,7 +61,7 @@ class DemoError(Exception):
     """An expected problem with the user's input (image, checkpoint, pruning rate), shown as a message on the page."""
 
 
-def _first_line(error: BaseException) -> str:
+def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -82,7 +83,7 @@ class DemoCheckpoint:
         try:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as error:
-            raise DemoError(f"Cannot load {source!r} as a checkpoint: {_first_line(error)}") from None
+            raise DemoError(f"Cannot load {source!r} as a checkpoint: {_one_line(error)}") from None
         if not isinstance(config, CroprViTConfig):
             raise DemoError(
                 f"{source!r} holds a {config.model_type!r} model, not a CroprViT one: convert ViT / DINOv2 weights "
@@ -101,7 +102,7 @@ class DemoCheckpoint:
         except (OSError, ValueError) as error:
             raise DemoError(
                 f"{source!r} has no usable image processor (save it next to the model with "
-                f"`image_processor.save_pretrained(folder)`): {_first_line(error)}"
+                f"`image_processor.save_pretrained(folder)`): {_one_line(error)}"
             ) from None
         if getattr(self.image_processor, "do_center_crop", False):
             raise DemoError(
@@ -111,7 +112,7 @@ class DemoCheckpoint:
             self.model = self.model_class.from_pretrained(source).eval()
             self.unpruned = self.model.with_token_selector("none").eval()
         except (OSError, ValueError) as error:
-            raise DemoError(f"Cannot load the model of {source!r}: {_first_line(error)}") from None
+            raise DemoError(f"Cannot load the model of {source!r}: {_one_line(error)}") from None
         self._variants: OrderedDict[int, CroprViTPreTrainedModel] = OrderedDict()
 
     @property
@@ -151,7 +152,7 @@ class DemoCheckpoint:
             try:
                 model = self.model_class.from_pretrained(self.source, pruning_rate=rate).eval()
             except (OSError, ValueError) as error:
-                raise DemoError(f"Cannot run {self.source!r} at pruning rate {rate}: {_first_line(error)}") from None
+                raise DemoError(f"Cannot run {self.source!r} at pruning rate {rate}: {_one_line(error)}") from None
             self._variants[rate] = model
             if len(self._variants) > VARIANT_CACHE_SIZE:
                 self._variants.popitem(last=False)
@@ -198,7 +199,7 @@ def load_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise DemoError(f"{path.name} is not an image file (PNG, JPEG, WebP, ... are read).") from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data, unconvertible pixel values
-        raise DemoError(f"{path.name} could not be read as an image: {_first_line(error)}") from None
+        raise DemoError(f"{path.name} could not be read as an image: {_one_line(error)}") from None
     image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BICUBIC)
     return image
 
