@@ -7,6 +7,7 @@ cropr visualize path/to/checkpoint cat.jpg dog.jpg --output-dir heatmaps
 cropr card path/to/checkpoint measurements.json
 cropr benchmark --help                  # delegates to cropr.tools.benchmark
 cropr convert facebook/dinov2-small --task image-classification --num-labels 10 --output-dir dinov2-cropr
+cropr demo path/to/checkpoint           # interactive page on http://127.0.0.1:7860 (needs `pip install "cropr[demo]"`)
 ```
 
 Expected failures (missing file, bad JSON, wrong model type, unknown preset, invalid schedule) print one line,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ from .models.cropr_vit.configuration_cropr_vit import TOKEN_SELECTORS, CroprViTC
 from .models.cropr_vit.modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
 from .tools.argtypes import bounded_int, load_id2label, output_dir, output_file, parse_image_size, parse_schedule
+from .tools.demo import DEFAULT_CHECKPOINT
 
 PROG = "cropr"
 MODEL_TYPE = CroprViTConfig.model_type
@@ -318,6 +321,31 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------------------------------
+def run_demo(args: argparse.Namespace) -> int:
+    """`cropr demo`: serve the interactive page for a checkpoint (default: the one `make main` saves)."""
+    from .tools.demo import DemoError
+
+    if importlib.util.find_spec("gradio") is None:
+        raise CliError('`cropr demo` needs Gradio, an optional dependency: pip install "cropr[demo]"')
+    if args.checkpoint is None and not Path(DEFAULT_CHECKPOINT).is_dir():
+        raise CliError(
+            f"there is no model in {DEFAULT_CHECKPOINT} yet: `make main` trains one and saves it there; or pass a "
+            "checkpoint folder or Hub id: cropr demo CHECKPOINT"
+        )
+    from .tools.demo_app import launch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        launch(args.checkpoint or DEFAULT_CHECKPOINT, port=args.port)
+    except DemoError as error:
+        raise CliError(str(error)) from None
+    return 0
+
+
 def run_delegated(command: str, argv: list[str]) -> int:
     """Hand `argv` to the `main(argv)` of the module that owns the subcommand, imported only now."""
     module_name, function_name, _ = DELEGATED[command]
@@ -428,6 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--revision", help="Revision of a Hub source.")
     convert.set_defaults(handler=run_convert)
+
+    demo = commands.add_parser(
+        "demo",
+        help="interactive web page: pruning heat-map, predictions and latency at any pruning rate",
+        description="Start a local web page (Gradio, on 127.0.0.1) to upload images or pick examples and compare a "
+        "CroprViT with pruning off and on at a pruning rate you choose: predictions, the heat-map of cropped "
+        'patches, tokens per block and latency measured on this machine. Needs `pip install "cropr[demo]"`.',
+    )
+    demo.add_argument(
+        "checkpoint",
+        nargs="?",
+        help=f"checkpoint folder or Hub id of a CroprViT task model (default: {DEFAULT_CHECKPOINT}, where `make main` "
+        "saves its model)",
+    )
+    demo.add_argument("--port", type=bounded_int(1, 65535), help="port on 127.0.0.1 (default: 7860 or the next free)")
+    demo.add_argument(
+        "--threads",
+        type=bounded_int(1),
+        help="CPU threads for the models (default: torch's, one per core); 1 keeps latency steady on a busy machine",
+    )
+    demo.set_defaults(handler=run_demo)
 
     for command, (_, _, help_text) in DELEGATED.items():
         commands.add_parser(command, help=help_text, add_help=False)
