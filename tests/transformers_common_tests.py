@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -93,21 +94,25 @@ def _prepare(version: str, cache: Path) -> Path:
     if (root / PACKAGE / "test_modeling_common.py").is_file():
         return root
     cache.mkdir(parents=True, exist_ok=True)
+    # Unpacked next to the final folder and renamed into place: an interrupted fetch leaves no half-filled package.
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache))
-    package = staging / PACKAGE
-    package.mkdir()
-    _download_sdist_tests(version, package)
-    (package / "__init__.py").write_text(f'"""transformers {version} tests/*.py from its sdist, plus stand-ins."""\n')
-    for relative, source in STAND_INS.items():
-        path = package / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (path.parent / "__init__.py").touch()
-        path.write_text(source.lstrip())
     try:
+        package = staging / PACKAGE
+        package.mkdir()
+        _download_sdist_tests(version, package)
+        docstring = f'"""transformers {version} tests/*.py from its sdist, plus stand-ins."""\n'
+        (package / "__init__.py").write_text(docstring)
+        for relative, source in STAND_INS.items():
+            path = package / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "__init__.py").touch()
+            path.write_text(source.lstrip())
         staging.rename(root)
-    except OSError:  # another process unpacked them first
-        if not (root / PACKAGE / "test_modeling_common.py").is_file():
+    except OSError:
+        if not (root / PACKAGE / "test_modeling_common.py").is_file():  # else another process unpacked them first
             raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root
 
 

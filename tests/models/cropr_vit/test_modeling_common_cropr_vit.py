@@ -15,7 +15,6 @@ PipelineTesterMixin is not used: it runs transformers' pipeline tests on tiny ch
 the pipelines are tested on local CroprViT checkpoints in tests/test_pipelines.py.
 """
 
-import contextlib
 import unittest
 
 import torch
@@ -164,16 +163,8 @@ class CroprViTCommonTests(ModelTesterMixin):
 
     def test_problem_types(self):
         # The common test sets each problem type on the config itself and shapes the mixin's class ids to fit it.
-        with self._mixin_labels():
-            super().test_problem_types()
-
-    @contextlib.contextmanager
-    def _mixin_labels(self):
         self._class_id_labels = True
-        try:
-            yield
-        finally:
-            self._class_id_labels = False
+        super().test_problem_types()
 
     def test_config(self):
         self.config_tester.run_common_tests()

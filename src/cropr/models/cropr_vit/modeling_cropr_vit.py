@@ -660,6 +660,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.token_selector = TokenSelector(config)
         self.pruning_blocks = frozenset(config.pruning_blocks)
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.pruning_fraction = 1.0
         self.post_init()
 
@@ -719,7 +720,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
         """The routing state at the embeddings: every token in its place, this input's schedule."""
         config = self.config
         batch_size, num_tokens, _ = hidden_states.shape
-        num_prefix = config.num_prefix_tokens
+        num_prefix = self.num_prefix_tokens
         # The curriculum fraction is a training schedule: evaluation always measures the target schedule.
         fraction = self.pruning_fraction if self.training else 1.0
         pixel_variance = None
@@ -740,10 +741,11 @@ class CroprViTModel(CroprViTPreTrainedModel):
         scores, aux_logits = self.token_selector(block, hidden_states, routing.pixel_variance, attention_probs)
         if aux_logits is not None:
             routing.aux_logits.append(aux_logits)
-        num_prefix = self.config.num_prefix_tokens
         num_keep = routing.keep_counts[block]
-        if num_keep < hidden_states.shape[1] - num_prefix:
-            keep_index, set_aside_index = split_tokens(scores, num_prefix, num_keep, routing.set_aside is not None)
+        if num_keep < hidden_states.shape[1] - self.num_prefix_tokens:
+            keep_index, set_aside_index = split_tokens(
+                scores, self.num_prefix_tokens, num_keep, routing.set_aside is not None
+            )
             hidden_states = routing.keep(hidden_states, keep_index, set_aside_index)
         if routing.kept_indices is not None:
             routing.kept_indices.append(routing.positions)
