@@ -479,9 +479,9 @@ class CroprViTPreTrainedModel(PreTrainedModel):
     def set_pruning_fraction(self, fraction: float) -> None:
         """Scale every module's removal count in training mode (0 = keep all tokens, 1 = the configured schedule).
 
-        This is how the R curriculum of DESIGN §4 is applied; eval mode always uses the full schedule. Cropr modules
-        keep training their auxiliary heads at every fraction, so no parameter goes unused (DDP needs no
-        `find_unused_parameters`).
+        This is how the curriculum that raises R during training is applied; eval mode always uses the full
+        schedule. Cropr modules keep training their auxiliary heads at every fraction, so no parameter goes unused
+        (DDP needs no `find_unused_parameters`).
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"pruning fraction must be in [0, 1], got {fraction}")
