@@ -12,6 +12,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
 )
 
 from .conversion import SUPPORTED_MODEL_TYPES, from_backbone
@@ -33,7 +34,9 @@ AutoConfig.register(CroprViTConfig.model_type, CroprViTConfig, exist_ok=True)
 AutoModel.register(CroprViTConfig, CroprViTModel, exist_ok=True)
 AutoModelForImageClassification.register(CroprViTConfig, CroprViTForImageClassification, exist_ok=True)
 AutoModelForSemanticSegmentation.register(CroprViTConfig, CroprViTForSemanticSegmentation, exist_ok=True)
-# Pipelines check these name tables to decide whether a model supports their task.
+# Pipelines check these name tables to decide whether a model supports their task, and transformers' tools whether a
+# class is a task head (with a loss) or the base model.
+MODEL_MAPPING_NAMES.setdefault(CroprViTConfig.model_type, "CroprViTModel")
 MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.setdefault(
     CroprViTConfig.model_type, ("CroprViTForImageClassification", "CroprViTForMultiLabelClassification")
 )

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     Dinov2Model,
@@ -51,6 +50,8 @@ from .models.cropr_vit.modeling_cropr_vit import (
     CroprViTForSemanticSegmentation,
     CroprViTModel,
     CroprViTPreTrainedModel,
+    missing_outside_pruning_modules,
+    resize_position_embeddings,
 )
 
 logger = logging.get_logger(__name__)
@@ -191,34 +192,6 @@ def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
     return family
 
 
-def resize_position_embeddings(
-    position_embeddings: torch.Tensor,
-    source_grid: tuple[int, int],
-    target_grid: tuple[int, int],
-    num_prefix_tokens: int = 1,
-) -> torch.Tensor:
-    """Resize `(1, prefix + h*w, D)` absolute position embeddings to a new patch grid.
-
-    Bicubic, `align_corners=False`, computed in float32 and cast back: the interpolation transformers' ViT and
-    DINOv2 apply on the fly (`interpolate_pos_encoding`), so that a model converted at `target_grid` computes what the
-    source computes when fed images of that size. The prefix (CLS) embeddings are kept as they are.
-    """
-    if tuple(source_grid) == tuple(target_grid):
-        return position_embeddings
-    prefix = position_embeddings[:, :num_prefix_tokens]
-    patches = position_embeddings[:, num_prefix_tokens:]
-    dim = patches.shape[-1]
-    if patches.shape[1] != source_grid[0] * source_grid[1]:
-        raise ValueError(
-            f"Position embeddings hold {patches.shape[1]} patch positions, not the {source_grid[0]}x{source_grid[1]} "
-            "grid of the source config."
-        )
-    patches = patches.reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=tuple(target_grid), mode="bicubic", align_corners=False)
-    patches = patches.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
-    return torch.cat([prefix, patches], dim=1)
-
-
 def convert_backbone_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     model_type: str,
@@ -256,7 +229,7 @@ def load_backbone_weights(backbone: CroprViTModel, state_dict: Mapping[str, torc
     """
     with torch.no_grad():
         result = backbone.load_state_dict(state_dict, strict=False)
-    missing = [name for name in result.missing_keys if not name.startswith("token_selector.")]
+    missing = missing_outside_pruning_modules(result.missing_keys)
     if missing or result.unexpected_keys:
         raise RuntimeError(
             f"Backbone weights of {source} do not map onto CroprViT: missing {missing}, "

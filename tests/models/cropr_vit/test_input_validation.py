@@ -4,6 +4,8 @@ Covers pixel values through every head, resolutions (the "keep ratios" policy of
 each head, and conflicting training-script arguments.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import build_tiny, head_classes, tiny_config_kwargs
@@ -223,6 +225,50 @@ def test_bad_labels_are_named_for_each_head(models, head, labels, error, message
     with pytest.raises(error, match=message) as raised:
         model(X, labels=labels)
     assert raised.traceback[-1].name.startswith(("check_", "resolve_problem_type")), raised.traceback[-1].name
+
+
+@pytest.mark.parametrize("head", HEAD_CLASSES)
+@pytest.mark.parametrize("keyword", ["attention_mask", "bool_masked_pos", "head_mask"])
+def test_unknown_keyword_arguments_are_named_in_a_type_error(models, head, keyword):
+    with pytest.raises(TypeError, match=rf"unexpected keyword arguments: `{keyword}`\."):
+        models[head].eval()(X, **{keyword: None})
+
+
+@pytest.mark.parametrize("head", HEAD_CLASSES)
+def test_the_keyword_arguments_of_transformers_keep_working(models, head):
+    model = models[head].eval()
+    output = model(X, output_attentions=True, output_hidden_states=True, return_dict=True)
+    assert len(output.attentions) == 4 and len(output.hidden_states) == 5
+    assert isinstance(model(X, return_dict=False), tuple)
+
+
+def test_trainer_leaves_the_loss_to_the_model_and_scales_it_for_gradient_accumulation(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, gradient_accumulation_steps=2)
+    trainer = Trainer(model=build_tiny("classification"), args=args)
+    # Without it Trainer passes `num_items_in_batch` and skips the division by the accumulation steps, which a loss
+    # averaged over its batch needs.
+    assert trainer.model_accepts_loss_kwargs is False
+
+
+def test_regression_labels_with_a_label_axis_are_not_broadcast():
+    model = build_tiny("classification", num_labels=1).train()
+    targets = torch.tensor([0.5, -1.0])
+    expected = model(X, labels=targets).loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a target size broadcasts against the input
+        assert torch.equal(model(X, labels=targets[:, None]).loss, expected)
+    with pytest.raises(ValueError, match=r"must have shape \(2, 3\), got \(2,\)"):
+        build_tiny("classification", num_labels=3, problem_type="regression").train()(X, labels=targets)
+
+
+def test_the_multi_label_head_defaults_to_multi_label_and_keeps_an_explicit_problem_type():
+    assert build_tiny("multi_label").config.problem_type == "multi_label_classification"
+    with pytest.warns(UserWarning, match="computes that problem's loss"):
+        model = build_tiny("multi_label", problem_type="single_label_classification").train()
+    assert model.config.problem_type == "single_label_classification"
+    assert torch.isfinite(model(X, labels=torch.tensor([0, 4])).loss)
 
 
 def test_explicit_single_label_problem_type_rejects_float_labels():

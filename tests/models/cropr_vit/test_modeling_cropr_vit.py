@@ -144,6 +144,25 @@ def test_llf_puts_every_token_back_in_its_own_position(selector):
     assert output.kept_indices[0].shape[1] < 17  # tokens really were pruned
 
 
+@pytest.mark.parametrize("head", ["base", "segmentation"])
+def test_llf_hidden_states_end_with_the_full_map_in_raster_order(head):
+    # The last block's recorded output is the map the final LayerNorm reads, every token in its place.
+    model = build_tiny(head).eval()
+    output = model(pixels(), output_hidden_states=True)
+    assert [state.shape[1] for state in output.hidden_states] == [17, 17, 13, 10, 17]
+    if head == "base":
+        assert torch.equal(model.layernorm(output.hidden_states[-1]), output.last_hidden_state)
+
+
+def test_hidden_states_can_be_selected_by_index():
+    model = build_tiny("classification").eval()
+    x = pixels()
+    every = model(x, output_hidden_states=True).hidden_states
+    selected = model(x, output_hidden_states=[0, -1]).hidden_states
+    assert len(selected) == 5 and all(state is None for state in selected[1:4])
+    assert torch.equal(selected[0], every[0]) and torch.equal(selected[-1], every[-1])
+
+
 def test_variance_selector_keeps_the_highest_variance_patches():
     model = build_tiny("base", token_selector="variance").eval()
     x = torch.zeros(1, 3, 32, 32)
@@ -207,6 +226,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(1)
     model(pixels(), labels=labels).loss.backward()
     assert torch.allclose(model.cropr_vit.embeddings.projection.weight.grad, reference, atol=1e-6)
+
+
+def test_aggregated_queries_are_computed_when_read_not_at_initialisation():
+    model = build_tiny("classification")
+    routers = list(model.cropr_vit.token_selector.routers.values())
+    # Built in training mode, which scores with the queries: the buffer is the same zeros however the model is built.
+    assert all(torch.equal(router.aggregated_query, torch.zeros(32)) for router in routers)
+    model.eval()
+    assert all(torch.allclose(router.aggregated_query, router.queries.sum(dim=0)) for router in routers)
 
 
 def test_queries_are_initialised_with_std_inverse_sqrt_width():

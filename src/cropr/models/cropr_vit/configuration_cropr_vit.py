@@ -129,9 +129,9 @@ class CroprViTConfig(PreTrainedConfig):
             counts). Without it, any input size other than `image_size` is an error.
 
     Pruning:
-        pruning_rate (`int`, defaults to 16): tokens removed by each module of the per-block schedule (DESIGN §4):
+        pruning_rate (`int`, defaults to 16): tokens removed by each module of the per-block schedule:
             one module after every block but the last (or the last two with Last Layer Fusion); the first removes one
-            more when a CLS token is present, so that kept counts stay multiples of 8 where the patch count is.
+            more when a CLS token is present.
         pruning_schedule (`list[int]`, *optional*): explicit tokens removed after each block (one entry per block,
             0 = no module there); overrides `pruning_rate`. A stage schedule such as "50 after blocks 6, 12, 18" of a
             24-block model is `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
@@ -294,8 +294,8 @@ class CroprViTConfig(PreTrainedConfig):
     def patch_keep_counts(self, num_patches: int | None = None, fraction: float = 1.0) -> list[int]:
         """Patch tokens left after each block's module (CLS not counted).
 
-        `fraction` scales every module's removal (the R curriculum of DESIGN §4). At a resolution other than
-        `image_size` (`num_patches` differs) each module removes the same share of the patch tokens as at
+        `fraction` scales every module's removal (the curriculum that raises R during training). At a resolution
+        other than `image_size` (`num_patches` differs) each module removes the same share of the patch tokens as at
         `image_size`, so a schedule always fits: at least one patch token is kept.
         """
         reference = self.num_patches

@@ -1,12 +1,11 @@
 """PyTorch CroprViT: a Vision Transformer with Token Cropr pruning and Last Layer Fusion, and its task heads."""
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +20,21 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_cropr_vit import LEARNED_SELECTORS, STRUCTURAL_FIELDS, CroprViTConfig
 from .routing_cropr_vit import (
-    CroprPredictionHead,
+    CroprClassificationHead,
     CroprRouter,
+    RoutingState,
     TokenSelector,
-    gather_tokens,
     patch_pixel_variance,
     restore_raster_order,
     split_tokens,
 )
-
-# Written into every saved config so that a checkpoint loads with `trust_remote_code=True` for every Auto class,
-# whichever head it was saved from.
-AUTO_MAP = {
-    "AutoConfig": "configuration_cropr_vit.CroprViTConfig",
-    "AutoModel": "modeling_cropr_vit.CroprViTModel",
-    "AutoModelForImageClassification": "modeling_cropr_vit.CroprViTForImageClassification",
-    "AutoModelForSemanticSegmentation": "modeling_cropr_vit.CroprViTForSemanticSegmentation",
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -105,6 +98,34 @@ class CroprViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 # Backbone pieces
 # ----------------------------------------------------------------------------------------------------------------------
+def resize_position_embeddings(
+    position_embeddings: torch.Tensor,
+    source_grid: tuple[int, int],
+    target_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Resize `(1, prefix + h*w, D)` absolute position embeddings from the patch grid `source_grid` to `target_grid`.
+
+    Bicubic, `align_corners=False`, computed in float32 and cast back: the interpolation transformers' ViT and DINOv2
+    apply on the fly (`interpolate_pos_encoding`). The prefix (CLS) embeddings are kept as they are. Used at every
+    forward on another input size, and once by the conversion of a backbone to another image size.
+    """
+    if tuple(source_grid) == tuple(target_grid):
+        return position_embeddings
+    prefix = position_embeddings[:, :num_prefix_tokens]
+    patches = position_embeddings[:, num_prefix_tokens:]
+    dim = patches.shape[-1]
+    if patches.shape[1] != source_grid[0] * source_grid[1]:
+        raise ValueError(
+            f"Position embeddings hold {patches.shape[1]} patch positions, not the {source_grid[0]}x{source_grid[1]} "
+            "grid of the source config."
+        )
+    patches = patches.reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=tuple(target_grid), mode="bicubic", align_corners=False)
+    patches = patches.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([prefix, patches], dim=1)
+
+
 class CroprViTEmbeddings(nn.Module):
     """Patch embedding, optional CLS token and absolute position embeddings (interpolated for other sizes)."""
 
@@ -124,18 +145,10 @@ class CroprViTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
-        """Bicubic resize of the patch position embeddings to a new grid, in float32 (as transformers' DINOv2)."""
-        if (grid_height, grid_width) == self.grid_size:
-            return self.position_embeddings
-        prefix = self.position_embeddings[:, : self.num_prefix_tokens]
-        patch_embeddings = self.position_embeddings[:, self.num_prefix_tokens :]
-        dim = patch_embeddings.shape[-1]
-        patch_embeddings = patch_embeddings.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
-        patch_embeddings = F.interpolate(
-            patch_embeddings.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
-        ).to(prefix.dtype)
-        patch_embeddings = patch_embeddings.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
-        return torch.cat([prefix, patch_embeddings], dim=1)
+        """The position embeddings resized to another patch grid (see [`resize_position_embeddings`])."""
+        return resize_position_embeddings(
+            self.position_embeddings, self.grid_size, (grid_height, grid_width), self.num_prefix_tokens
+        )
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
@@ -253,7 +266,12 @@ class CroprViTDropPath(nn.Module):
 
 
 class CroprViTLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block (ViT naming; optional DINOv2 layer scale)."""
+    """Pre-norm transformer block (ViT naming; optional DINOv2 layer scale).
+
+    With Last Layer Fusion, the last block receives the kept tokens followed by the set-aside ones and
+    `restore_positions`, the position in the image of each: it returns its output in raster order, so that every
+    reader of the block's output (the next layers, recorded hidden states) sees the full token map in place.
+    """
 
     def __init__(self, config: CroprViTConfig, drop_path_rate: float):
         super().__init__()
@@ -268,13 +286,18 @@ class CroprViTLayer(GradientCheckpointingLayer):
         self.drop_path = CroprViTDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(
-        self, hidden_states: torch.Tensor, need_weights: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        need_weights: bool = False,
+        restore_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention_output, attention_probs = self.attention(self.layernorm_before(hidden_states), need_weights)
         attention_output = self.layer_scale1(self.dropout(attention_output))
         hidden_states = hidden_states + self.drop_path(attention_output)
         mlp_output = self.layer_scale2(self.dropout(self.mlp(self.layernorm_after(hidden_states))))
         hidden_states = hidden_states + self.drop_path(mlp_output)
+        if restore_positions is not None:
+            hidden_states = restore_raster_order(hidden_states, restore_positions)
         return hidden_states, attention_probs
 
 
@@ -320,8 +343,29 @@ def router_blocks(state_dict_keys: Iterable[str]) -> set[int]:
     return {int(match.group(1)) for key in state_dict_keys if (match := ROUTER_BUFFER_KEY.search(key))}
 
 
+def missing_outside_pruning_modules(missing_keys: Iterable[str]) -> list[str]:
+    """The keys of `missing_keys` outside the pruning modules (`token_selector.*`, under any prefix).
+
+    Weights of a model with another selector or schedule, or of a plain ViT, lack only the pruning modules of the
+    model they are loaded into; anything else missing means the weights do not fit and the model would be half random.
+    """
+    return [key for key in missing_keys if ".token_selector." not in f".{key}"]
+
+
+def family_auto_map() -> dict[str, str]:
+    """The `auto_map` entry of every class of the family registered with `register_for_auto_class`.
+
+    transformers writes the entry of the saved class only; with every entry a checkpoint of any head also loads, with
+    `trust_remote_code=True`, as the backbone (`AutoModel`) or another head.
+    """
+    classes = (CroprViTModel, CroprViTForImageClassification, CroprViTForSemanticSegmentation)
+    return {
+        cls._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in classes if cls._auto_class
+    }
+
+
 def untrained_router_error(
-    model: CroprViTPreTrainedModel, missing_keys: Iterable[str], unexpected_keys: Iterable[str]
+    model: "CroprViTPreTrainedModel", missing_keys: Iterable[str], unexpected_keys: Iterable[str]
 ) -> ValueError | None:
     """A `ValueError` when an inference-only model got routers without weights, else `None`.
 
@@ -359,6 +403,11 @@ class CroprViTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # `output_hidden_states` / `output_attentions` record each block's output and attention probabilities (as ViT).
+    _can_record_outputs = {"hidden_states": CroprViTLayer, "attentions": CroprViTAttention}
+    # The losses are means over the batch (and the auxiliary heads' over their queries), not sums to be divided by
+    # Trainer's `num_items_in_batch`: Trainer then scales them for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: CroprViTConfig, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
@@ -418,27 +467,27 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CroprRouter):
             if module.queries is not None:
                 init.trunc_normal_(module.queries, mean=0.0, std=self.config.hidden_size**-0.5)
-                init.copy_(module.aggregated_query, module.queries.sum(dim=0))
-            else:
-                # A stripped router is only ever loaded; zeros keep an unloaded one deterministic (loading refuses it).
-                init.zeros_(module.aggregated_query)
+            # The aggregated query is the sum of the queries, computed whenever it is read: on entering eval mode,
+            # after loading weights, before saving. Until then it holds zeros, as built (a stripped router's is only
+            # ever loaded, and loading refuses one that is missing).
+            init.zeros_(module.aggregated_query)
 
     @property
-    def backbone(self) -> CroprViTModel:
+    def backbone(self) -> "CroprViTModel":
         return getattr(self, self.base_model_prefix, self)
 
     def set_pruning_fraction(self, fraction: float) -> None:
         """Scale every module's removal count in training mode (0 = keep all tokens, 1 = the configured schedule).
 
-        This is how the R curriculum of DESIGN §4 is applied; eval mode always uses the full schedule. Cropr modules
-        keep training their auxiliary heads at every fraction, so no parameter goes unused (DDP needs no
-        `find_unused_parameters`).
+        This is how the curriculum that raises R during training is applied; eval mode always uses the full
+        schedule. Cropr modules keep training their auxiliary heads at every fraction, so no parameter goes unused
+        (DDP needs no `find_unused_parameters`).
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"pruning fraction must be in [0, 1], got {fraction}")
         self.backbone.pruning_fraction = float(fraction)
 
-    def strip_training_modules(self) -> CroprViTPreTrainedModel:
+    def strip_training_modules(self) -> "CroprViTPreTrainedModel":
         """Remove every training-only parameter (queries, aggregators, auxiliary heads) for an inference checkpoint.
 
         Each Cropr module keeps only its aggregated query (the sum of its queries), which gives the same scores, so
@@ -462,7 +511,7 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         for router in routers.values() if routers is not None else ():
             router.refresh_aggregated_query()
 
-    def with_token_selector(self, token_selector: str) -> CroprViTPreTrainedModel:
+    def with_token_selector(self, token_selector: str) -> "CroprViTPreTrainedModel":
         """The same network with another selector: backbone and head weights shared by copy, same schedule.
 
         Used to compare a trained model with pruning off (`"none"`) or with a training-free pruner (`"random"`,
@@ -475,7 +524,7 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         error = untrained_router_error(variant, missing, unexpected)
         if error is not None:
             raise error
-        unexpected_missing = [name for name in missing if ".token_selector." not in f".{name}"]
+        unexpected_missing = missing_outside_pruning_modules(missing)
         if unexpected_missing:
             raise RuntimeError(f"weights missing when switching selector: {unexpected_missing}")
         return variant.train(self.training)
@@ -483,11 +532,12 @@ class CroprViTPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` that checks the config before writing anything (transformers copies the
         code files first, then fails on an invalid config), stores up-to-date aggregated queries (so the checkpoint
-        also loads inference-only), and removes the folder again when it created it and the save fails."""
+        also loads inference-only), writes the `auto_map` of every class of the family, and removes the folder
+        again when it created it and the save fails."""
         self.check_config()
         self.config.validate()
         self.refresh_routers()
-        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        self.config.auto_map = {**family_auto_map(), **(getattr(self.config, "auto_map", None) or {})}
         created = not os.path.exists(save_directory)
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -571,6 +621,22 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: CroprViTConfig
         raise ValueError(f"Input image size ({height}x{width}) is smaller than one patch ({patch_h}x{patch_w}).")
 
 
+# Keyword arguments of `TransformersKwargs` that CroprViT reads; transformers passes no other to an image model.
+FORWARD_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
+
+
+def check_forward_kwargs(kwargs: dict) -> None:
+    """Raise a `TypeError` naming the keyword arguments no CroprViT forward reads: taken silently, an
+    `attention_mask=` or `bool_masked_pos=` would look applied."""
+    if kwargs and not FORWARD_KWARGS.issuperset(kwargs):
+        unknown = ", ".join(f"`{name}`" for name in sorted(set(kwargs) - FORWARD_KWARGS))
+        raise TypeError(
+            f"CroprViT forward() got unexpected keyword arguments: {unknown}. It takes `pixel_values`, `labels` (task "
+            "heads), `interpolate_pos_encoding`, `output_kept_indices`, `output_attentions`, `output_hidden_states` "
+            "and `return_dict`."
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Backbone
 # ----------------------------------------------------------------------------------------------------------------------
@@ -594,96 +660,96 @@ class CroprViTModel(CroprViTPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.token_selector = TokenSelector(config)
         self.pruning_blocks = frozenset(config.pruning_blocks)
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.pruning_fraction = 1.0
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.projection
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         output_kept_indices: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CroprViTModelOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CroprViTModelOutput:
+        r"""
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `config.interpolate_pos_encoding`):
+            Accept images of another size than `config.image_size` (position embeddings resized, schedule scaled).
+        output_kept_indices (`bool`, *optional*, defaults to `False`):
+            Return each pruning module's kept token positions (`kept_indices`).
+        kwargs:
+            `output_attentions`, `output_hidden_states` (recorded from the blocks) and `return_dict`; any other keyword
+            raises a `TypeError`.
+        """
+        check_forward_kwargs(kwargs)
         self.check_config()
-        config = self.config
         if interpolate_pos_encoding is None:
-            interpolate_pos_encoding = config.interpolate_pos_encoding
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        if output_hidden_states is None:
-            output_hidden_states = config.output_hidden_states
-        return_dict = config.return_dict if return_dict is None else return_dict
-        check_pixel_values(pixel_values, config, interpolate_pos_encoding)
+            interpolate_pos_encoding = self.config.interpolate_pos_encoding
+        check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        # Attention probabilities come from the eager path: for the attentions output, or the attention selector.
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
-        batch_size, num_tokens, _ = hidden_states.shape
-        num_prefix = config.num_prefix_tokens
-        # The curriculum fraction is a training schedule: evaluation always measures the target schedule.
-        fraction = self.pruning_fraction if self.training else 1.0
-        keep_counts = config.patch_keep_counts(num_tokens - num_prefix, fraction)
-        positions = torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1)
-        pixel_variance = None
-        if self.token_selector.needs_pixel_variance:
-            patch_variance = patch_pixel_variance(pixel_values, config.patch_size_hw)
-            pixel_variance = F.pad(patch_variance, (num_prefix, 0))
-        fuse_last_layer = config.last_layer_fusion and bool(self.pruning_blocks)
-        set_aside_tokens: list[torch.Tensor] = []
-        set_aside_positions: list[torch.Tensor] = []
-
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        kept_indices: list[torch.Tensor] | None = [] if output_kept_indices else None
-        aux_logits: list[torch.Tensor] = []
+        routing = self._start_routing(pixel_values, hidden_states, output_kept_indices)
         last_block = len(self.layers) - 1
         for block, layer in enumerate(self.layers):
-            restore_order = block == last_block and fuse_last_layer and bool(set_aside_tokens)
-            if restore_order:
-                hidden_states = torch.cat([hidden_states, *set_aside_tokens], dim=1)
-                positions = torch.cat([positions, *set_aside_positions], dim=1)
+            restore_positions = None
+            if block == last_block and routing.set_aside:
+                hidden_states, restore_positions = routing.fuse_set_aside(hidden_states)
             prunes_here = block in self.pruning_blocks
             need_weights = output_attentions or (prunes_here and self.token_selector.needs_attention)
-            hidden_states, attention_probs = layer(hidden_states, need_weights)
-            if restore_order:
-                hidden_states = restore_raster_order(hidden_states, positions)
-            if output_attentions:
-                all_attentions += (attention_probs,)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if not prunes_here:
-                continue
-
-            scores, module_aux_logits = self.token_selector(block, hidden_states, pixel_variance, attention_probs)
-            if module_aux_logits is not None:
-                aux_logits.append(module_aux_logits)
-            num_keep = keep_counts[block]
-            if num_keep < hidden_states.shape[1] - num_prefix:
-                keep_index, set_aside_index = split_tokens(scores, num_prefix, num_keep, fuse_last_layer)
-                if set_aside_index is not None:
-                    set_aside_tokens.append(gather_tokens(hidden_states, set_aside_index))
-                    set_aside_positions.append(gather_tokens(positions, set_aside_index))
-                hidden_states = gather_tokens(hidden_states, keep_index)
-                positions = gather_tokens(positions, keep_index)
-                if pixel_variance is not None:
-                    pixel_variance = gather_tokens(pixel_variance, keep_index)
-            if kept_indices is not None:
-                kept_indices.append(positions)
+            hidden_states, attention_probs = layer(hidden_states, need_weights, restore_positions)
+            if prunes_here:
+                hidden_states = self._prune(block, hidden_states, attention_probs, routing)
 
         sequence_output = self.layernorm(hidden_states)
-        pooled_output = sequence_output[:, 0] if config.pooling == "cls" else sequence_output.mean(dim=1)
-        output = CroprViTModelOutput(
+        pooled_output = sequence_output[:, 0] if self.config.pooling == "cls" else sequence_output.mean(dim=1)
+        return CroprViTModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            kept_indices=tuple(kept_indices) if kept_indices is not None else None,
-            aux_logits=tuple(aux_logits) if aux_logits else None,
+            kept_indices=tuple(routing.kept_indices) if routing.kept_indices is not None else None,
+            aux_logits=tuple(routing.aux_logits) if routing.aux_logits else None,
         )
-        return output if return_dict else output.to_tuple()
+
+    def _start_routing(
+        self, pixel_values: torch.Tensor, hidden_states: torch.Tensor, output_kept_indices: bool
+    ) -> RoutingState:
+        """The routing state at the embeddings: every token in its place, this input's schedule."""
+        config = self.config
+        batch_size, num_tokens, _ = hidden_states.shape
+        num_prefix = self.num_prefix_tokens
+        # The curriculum fraction is a training schedule: evaluation always measures the target schedule.
+        fraction = self.pruning_fraction if self.training else 1.0
+        pixel_variance = None
+        if self.token_selector.needs_pixel_variance:
+            pixel_variance = F.pad(patch_pixel_variance(pixel_values, config.patch_size_hw), (num_prefix, 0))
+        return RoutingState(
+            positions=torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1),
+            keep_counts=config.patch_keep_counts(num_tokens - num_prefix, fraction),
+            pixel_variance=pixel_variance,
+            set_aside=[] if config.last_layer_fusion and self.pruning_blocks else None,
+            kept_indices=[] if output_kept_indices else None,
+        )
+
+    def _prune(
+        self, block: int, hidden_states: torch.Tensor, attention_probs: torch.Tensor | None, routing: RoutingState
+    ) -> torch.Tensor:
+        """The tokens the module after `block` keeps: prefix tokens, then the best-scored patches."""
+        scores, aux_logits = self.token_selector(block, hidden_states, routing.pixel_variance, attention_probs)
+        if aux_logits is not None:
+            routing.aux_logits.append(aux_logits)
+        num_keep = routing.keep_counts[block]
+        if num_keep < hidden_states.shape[1] - self.num_prefix_tokens:
+            keep_index, set_aside_index = split_tokens(
+                scores, self.num_prefix_tokens, num_keep, routing.set_aside is not None
+            )
+            hidden_states = routing.keep(hidden_states, keep_index, set_aside_index)
+        if routing.kept_indices is not None:
+            routing.kept_indices.append(routing.positions)
+        return hidden_states
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -737,9 +803,10 @@ def check_classification_labels(labels: torch.Tensor, problem_type: str, num_lab
             )
         if not bool(((labels == 0) | (labels == 1)).all()):
             raise ValueError("multi-label `labels` must be multi-hot (every value 0 or 1).")
-    elif labels.shape not in ((batch_size,), (batch_size, num_labels)):
+    elif tuple(labels.shape) != (batch_size, num_labels) and (num_labels != 1 or labels.dim() != 1):
+        one_dimensional = f"({batch_size},) or " if num_labels == 1 else ""
         raise ValueError(
-            f"regression `labels` must have shape ({batch_size},) or ({batch_size}, {num_labels}), got "
+            f"regression `labels` must have shape {one_dimensional}({batch_size}, {num_labels}), got "
             f"{tuple(labels.shape)}."
         )
 
@@ -768,19 +835,17 @@ def check_segmentation_labels(
         )
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
-    """Loss of (B, C) logits (main head) or (B, N, C) logits (auxiliary heads, every query sees the image label)."""
+def classification_loss(
+    loss_function: Callable, logits: torch.Tensor, labels: torch.Tensor, config: CroprViTConfig
+) -> torch.Tensor:
+    """`loss_function` (transformers' image-classification loss, by `config.problem_type`) in float32, on `(B, C)`
+    logits (main head) or `(B, N, C)` logits (auxiliary heads: every query sees its image's label)."""
     if logits.dim() == 3:
         num_queries = logits.shape[1]
         labels = labels.unsqueeze(1).expand(-1, num_queries, *labels.shape[1:]).flatten(0, 1)
         logits = logits.flatten(0, 1)
-    logits = logits.float()
-    if problem_type == "regression":
-        targets = labels.to(logits.dtype)
-        return F.mse_loss(logits.squeeze(-1), targets) if logits.shape[-1] == 1 else F.mse_loss(logits, targets)
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits, labels.long())
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    labels = labels.long() if config.problem_type == "single_label_classification" else labels.float()
+    return loss_function(labels, logits.float(), config)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -807,15 +872,18 @@ def sum_aux_losses(aux_logits: tuple[torch.Tensor, ...] | None, loss_fn: Callabl
 class CroprViTForImageClassification(CroprViTPreTrainedModel):
     """CroprViT with LayerNorm + Linear on the pooled tokens; one Cropr auxiliary head per module.
 
-    The loss follows `config.problem_type` as in transformers' ViT: softmax cross-entropy (single-label), sigmoid +
-    BCE (multi-label) or MSE (regression), for the main head and every auxiliary head alike.
+    The loss follows `config.problem_type` with transformers' image-classification loss (as ViT): softmax
+    cross-entropy (single-label), sigmoid + BCE (multi-label) or MSE (regression), for the main head and every
+    auxiliary head alike.
     """
 
     def __init__(self, config: CroprViTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cropr_vit = CroprViTModel(config)
-        self.classifier = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.classifier = CroprClassificationHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        # The multi-label head's class name matches none of transformers' losses; it shares this one.
+        self.loss_type = "ForImageClassification"
         self.post_init()
 
     def _check_task_config(self, config: CroprViTConfig) -> None:
@@ -829,40 +897,33 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
                 f"got {list(config.aux_ignored_labels)} for an image-level head."
             )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         output_kept_indices: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CroprViTImageClassifierOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CroprViTImageClassifierOutput:
+        r"""
+        labels (`torch.Tensor`, *optional*):
+            Per `config.problem_type` (inferred as in transformers when unset): class ids `(batch_size,)`, multi-hot
+            `(batch_size, num_labels)`, or regression targets.
+        """
         self.check_config()
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.cropr_vit(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             output_kept_indices=output_kept_indices,
             return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = aux_loss = None
         if labels is not None:
-            problem_type = resolve_problem_type(self.config, labels)
-            check_classification_labels(labels, problem_type, self.num_labels, logits.shape[0])
-            self.config.problem_type = problem_type
-            labels = labels.to(logits.device)
-            main_loss = classification_loss(logits, labels, problem_type)
-            aux_loss = sum_aux_losses(
-                outputs.aux_logits, lambda module_logits: classification_loss(module_logits, labels, problem_type)
-            )
-            loss = total_loss(main_loss, aux_loss, self.config.aux_loss_weight)
-        output = CroprViTImageClassifierOutput(
+            loss, aux_loss = self._losses(labels, logits, outputs.aux_logits)
+        return CroprViTImageClassifierOutput(
             loss=loss,
             logits=logits,
             aux_loss=aux_loss,
@@ -871,19 +932,41 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
             kept_indices=outputs.kept_indices,
             aux_logits=outputs.aux_logits,
         )
-        return output if return_dict else output.to_tuple()
+
+    def _losses(
+        self, labels: torch.Tensor, logits: torch.Tensor, aux_logits: tuple[torch.Tensor, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(total loss, auxiliary loss) once the labels passed their checks; the problem type is then recorded."""
+        problem_type = resolve_problem_type(self.config, labels)
+        check_classification_labels(labels, problem_type, self.num_labels, logits.shape[0])
+        self.config.problem_type = problem_type
+        labels = labels.to(logits.device)
+        main_loss = classification_loss(self.loss_function, logits, labels, self.config)
+        aux_loss = sum_aux_losses(
+            aux_logits,
+            lambda module_logits: classification_loss(self.loss_function, module_logits, labels, self.config),
+        )
+        return total_loss(main_loss, aux_loss, self.config.aux_loss_weight), aux_loss
 
 
 class CroprViTForMultiLabelClassification(CroprViTForImageClassification):
-    """Image classification with independent sigmoid outputs (the paper's detection proxy): multi-hot float
-    labels, BCE for the main and auxiliary heads. Saved checkpoints carry `problem_type="multi_label_classification"`,
-    so `pipeline("image-classification")` reports sigmoid scores."""
+    """Image classification with independent sigmoid outputs (the paper's detection proxy): multi-hot labels, BCE for
+    the main and auxiliary heads. `problem_type` defaults to `"multi_label_classification"`, which saved checkpoints
+    carry, so `pipeline("image-classification")` reports sigmoid scores."""
 
     def __init__(self, config: CroprViTConfig):
-        if config.problem_type != "multi_label_classification":
+        if config.problem_type is None:
             # On a copy: the caller's config may go on to build a single-label head.
             config = copy.deepcopy(config)
             config.problem_type = "multi_label_classification"
+        elif config.problem_type != "multi_label_classification":
+            warnings.warn(
+                f"CroprViTForMultiLabelClassification built with `problem_type={config.problem_type!r}` computes that "
+                "problem's loss, as CroprViTForImageClassification does; for sigmoid outputs pass "
+                '`problem_type="multi_label_classification"` (e.g. to `from_pretrained`).',
+                UserWarning,
+                stacklevel=2,
+            )
         super().__init__(config)
 
 
@@ -899,7 +982,7 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cropr_vit = CroprViTModel(config)
-        self.decode_head = CroprPredictionHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.decode_head = CroprClassificationHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
         self.post_init()
 
     def _check_task_config(self, config: CroprViTConfig) -> None:
@@ -914,58 +997,35 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
                 f"({config.patch_grid[0]}x{config.patch_grid[1]} patches), got {config.num_queries}."
             )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         output_kept_indices: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CroprViTSemanticSegmenterOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CroprViTSemanticSegmenterOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Class id of each pixel, or `config.semantic_loss_ignore_index`.
+        """
         self.check_config()
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.cropr_vit(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             output_kept_indices=output_kept_indices,
             return_dict=True,
+            **kwargs,
         )
         patch_h, patch_w = self.config.patch_size_hw
         grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
         patch_tokens = outputs.last_hidden_state[:, self.config.num_prefix_tokens :]
         logits = self.decode_head(patch_tokens).transpose(1, 2).reshape(-1, self.num_labels, grid_h, grid_w)
-
         loss = aux_loss = None
         if labels is not None:
-            ignore_index = self.config.semantic_loss_ignore_index
-            check_segmentation_labels(labels, pixel_values, self.num_labels, ignore_index)
-            labels = labels.to(logits.device).long()
-            upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            main_loss = masked_cross_entropy(upsampled, labels, ignore_index)
-            if outputs.aux_logits:
-                if outputs.aux_logits[0].shape[1] != grid_h * grid_w:
-                    raise ValueError(
-                        f"Training the segmentation Cropr modules needs images of the configured size "
-                        f"{self.config.image_size_hw} (one query per patch); got {tuple(pixel_values.shape[-2:])}."
-                    )
-                patch_labels = F.interpolate(labels[:, None].float(), size=(grid_h, grid_w), mode="nearest")
-                patch_labels = patch_labels.long().flatten()
-                if self.config.aux_ignored_labels:
-                    ignored = torch.tensor(self.config.aux_ignored_labels, device=patch_labels.device)
-                    patch_labels = patch_labels.masked_fill(torch.isin(patch_labels, ignored), ignore_index)
-                aux_loss = sum_aux_losses(
-                    outputs.aux_logits,
-                    lambda module_logits: masked_cross_entropy(
-                        module_logits.float().flatten(0, 1), patch_labels, ignore_index
-                    ),
-                )
-            loss = total_loss(main_loss, aux_loss, self.config.aux_loss_weight)
-        output = CroprViTSemanticSegmenterOutput(
+            loss, aux_loss = self._losses(labels, logits, outputs.aux_logits, pixel_values)
+        return CroprViTSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -974,7 +1034,46 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
             kept_indices=outputs.kept_indices,
             aux_logits=outputs.aux_logits,
         )
-        return output if return_dict else output.to_tuple()
+
+    def _losses(
+        self,
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        aux_logits: tuple[torch.Tensor, ...] | None,
+        pixel_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(total loss, auxiliary loss) once the label maps passed their checks."""
+        ignore_index = self.config.semantic_loss_ignore_index
+        check_segmentation_labels(labels, pixel_values, self.num_labels, ignore_index)
+        labels = labels.to(logits.device).long()
+        upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        main_loss = masked_cross_entropy(upsampled, labels, ignore_index)
+        aux_loss = None
+        if aux_logits:
+            patch_labels = self._patch_labels(labels, logits.shape[-2:], aux_logits[0].shape[1], pixel_values)
+            aux_loss = sum_aux_losses(
+                aux_logits,
+                lambda module_logits: masked_cross_entropy(
+                    module_logits.float().flatten(0, 1), patch_labels, ignore_index
+                ),
+            )
+        return total_loss(main_loss, aux_loss, self.config.aux_loss_weight), aux_loss
+
+    def _patch_labels(
+        self, labels: torch.Tensor, grid: torch.Size, num_queries: int, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Each patch's label for its query (nearest), flattened; `aux_ignored_labels` become the ignore index."""
+        if num_queries != grid[0] * grid[1]:
+            raise ValueError(
+                f"Training the segmentation Cropr modules needs images of the configured size "
+                f"{self.config.image_size_hw} (one query per patch); got {tuple(pixel_values.shape[-2:])}."
+            )
+        patch_labels = F.interpolate(labels[:, None].float(), size=tuple(grid), mode="nearest").long().flatten()
+        if self.config.aux_ignored_labels:
+            ignored = torch.tensor(self.config.aux_ignored_labels, device=patch_labels.device)
+            ignore_index = self.config.semantic_loss_ignore_index
+            patch_labels = patch_labels.masked_fill(torch.isin(patch_labels, ignored), ignore_index)
+        return patch_labels
 
 
 __all__ = [

@@ -1,10 +1,13 @@
 """Token routing for CroprViT: the Cropr module, the baseline selectors, Top-K selection and Last Layer Fusion.
 
 Every selector produces one score per token; `split_tokens` keeps the top-K patch tokens (prefix tokens such as CLS
-are always kept) and, when Last Layer Fusion needs them, hands back the set-aside tokens too.
+are always kept) and, when Last Layer Fusion needs them, hands back the set-aside tokens too. `RoutingState` carries
+one forward pass's routing from module to module.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -16,8 +19,9 @@ AUX_HEAD_LAYER_NORM_EPS = 1e-5
 AGGREGATOR_LAYER_NORM_EPS = 1e-6
 
 
-class CroprPredictionHead(nn.Module):
-    """LayerNorm + Linear: the shape of every head of the model (main heads and auxiliary heads)."""
+class CroprClassificationHead(nn.Module):
+    """LayerNorm + Linear: every head of the model classifies, per image (classification and the image-level Cropr
+    modules' auxiliary heads) or per patch (segmentation and its modules' auxiliary heads)."""
 
     def __init__(self, hidden_size: int, num_outputs: int, layer_norm_eps: float):
         super().__init__()
@@ -72,7 +76,7 @@ class CroprRouter(nn.Module):
         else:
             self.queries = nn.Parameter(torch.empty(config.num_queries, config.hidden_size))
             self.aggregator = CroprAggregator(config)
-            self.aux_head = CroprPredictionHead(config.hidden_size, config.num_labels, AUX_HEAD_LAYER_NORM_EPS)
+            self.aux_head = CroprClassificationHead(config.hidden_size, config.num_labels, AUX_HEAD_LAYER_NORM_EPS)
         self.register_buffer("aggregated_query", torch.zeros(config.hidden_size))
         self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.refresh_aggregated_query())
 
@@ -209,6 +213,46 @@ def split_tokens(
     return keep_index, set_aside_patch + num_prefix_tokens
 
 
+@dataclasses.dataclass
+class RoutingState:
+    """What one forward pass carries from pruning module to pruning module.
+
+    positions: `(batch_size, n)`, the position in the image (0 = CLS when present, patches 1..) of each current token.
+    keep_counts: the patch tokens each block's module keeps for this input ([`CroprViTConfig.patch_keep_counts`]).
+    pixel_variance: `(batch_size, n)`, the variance selector's scores of the current tokens (`None` for the others).
+    set_aside: for Last Layer Fusion (`None` without it), the tokens each module set aside with their positions.
+    kept_indices: `positions` after each module, when they are to be returned.
+    aux_logits: each Cropr module's auxiliary logits (training).
+    """
+
+    positions: torch.Tensor
+    keep_counts: list[int]
+    pixel_variance: torch.Tensor | None = None
+    set_aside: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    kept_indices: list[torch.Tensor] | None = None
+    aux_logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def keep(
+        self, hidden_states: torch.Tensor, keep_index: torch.Tensor, set_aside_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The tokens at `keep_index` (see [`split_tokens`]); those at `set_aside_index` wait for Last Layer Fusion."""
+        if set_aside_index is not None:
+            self.set_aside.append(
+                (gather_tokens(hidden_states, set_aside_index), gather_tokens(self.positions, set_aside_index))
+            )
+        hidden_states = gather_tokens(hidden_states, keep_index)
+        self.positions = gather_tokens(self.positions, keep_index)
+        if self.pixel_variance is not None:
+            self.pixel_variance = gather_tokens(self.pixel_variance, keep_index)
+        return hidden_states
+
+    def fuse_set_aside(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last Layer Fusion: the kept tokens followed by every set-aside one, and the position in the image of each
+        (for [`restore_raster_order`] after the last block)."""
+        tokens, positions = zip(*self.set_aside, strict=True)
+        return torch.cat([hidden_states, *tokens], dim=1), torch.cat([self.positions, *positions], dim=1)
+
+
 def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Inverse of the routing permutation: output[b, positions[b, j]] = hidden_states[b, j] (whole-row copies)."""
     batch_size, num_tokens, width = hidden_states.shape
@@ -219,8 +263,9 @@ def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -
 
 __all__ = [
     "CroprAggregator",
-    "CroprPredictionHead",
+    "CroprClassificationHead",
     "CroprRouter",
+    "RoutingState",
     "TokenSelector",
     "gather_tokens",
     "patch_pixel_variance",
