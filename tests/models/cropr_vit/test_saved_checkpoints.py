@@ -1,14 +1,14 @@
 """Checkpoints saved by earlier versions of the package load and compute what they computed then.
 
-The fixture was saved by cropr 0.1.0, before the model family moved into `models/cropr_vit/`; it is loaded with the
-installed package (no remote code) and, in a process where `import cropr` fails, with the code the checkpoint carries.
+The fixture was saved by cropr 0.1.0, before the model family moved into `models/cropr_vit/`. It is loaded with the
+installed package, and, in a process where `import cropr` fails, with the code the checkpoint carries; that process
+also strips it with that code, so a stripped checkpoint of the old version is loaded with the package too.
 """
 
 import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
@@ -30,33 +30,39 @@ expected = load_file(sys.argv[2])
 model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 with torch.no_grad():
     logits = model(expected["pixel_values"]).logits
+model.strip_training_modules().save_pretrained(sys.argv[3])
 print(json.dumps({"module": type(model).__module__, "max_diff": (logits - expected["logits"]).abs().max().item()}))
 """
 
 
-@pytest.mark.parametrize("variant", ["full", "stripped"])
-def test_checkpoint_of_the_previous_layout_loads_with_the_package(variant):
+def logits_of(model: CroprViTForImageClassification) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(EXPECTED["pixel_values"]).logits
+
+
+def test_checkpoint_of_the_previous_layout_loads_with_the_package():
     for model in (
-        CroprViTForImageClassification.from_pretrained(FIXTURE / variant),
-        AutoModelForImageClassification.from_pretrained(FIXTURE / variant),
+        CroprViTForImageClassification.from_pretrained(FIXTURE / "full"),
+        AutoModelForImageClassification.from_pretrained(FIXTURE / "full"),
     ):
         assert isinstance(model, CroprViTForImageClassification)
-        with torch.no_grad():
-            logits = model.eval()(EXPECTED["pixel_values"]).logits
-        torch.testing.assert_close(logits, EXPECTED["logits"], rtol=0, atol=1e-6)
-    assert model.config.inference_only is (variant == "stripped")
+        torch.testing.assert_close(logits_of(model), EXPECTED["logits"], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["full", "stripped"])
-def test_checkpoint_of_the_previous_layout_loads_with_its_own_code(variant, tmp_path):
+def test_checkpoint_of_the_previous_layout_loads_with_its_own_code_and_strips(tmp_path):
+    stripped = tmp_path / "stripped"
+    arguments = [str(FIXTURE / "full"), str(FIXTURE / "expected.safetensors"), str(stripped)]
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(FIXTURE / variant), str(FIXTURE / "expected.safetensors")],
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, *arguments],
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules.")  # the checkpoint's code, not the package
     assert report["max_diff"] <= 1e-6
+    model = CroprViTForImageClassification.from_pretrained(stripped)
+    assert model.config.inference_only
+    torch.testing.assert_close(logits_of(model), EXPECTED["logits"], rtol=0, atol=1e-6)
