@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -6,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, build_tiny, tiny_config_kwargs
 
 from cropr import (
@@ -15,6 +17,7 @@ from cropr import (
     CroprViTModel,
 )
 from cropr.configuration_cropr_vit import TOKEN_SELECTORS
+from cropr.modeling_cropr_vit import masked_cross_entropy
 
 HEADS = ("classification", "multi_label", "segmentation")
 
@@ -261,16 +264,19 @@ def test_auto_classes_resolve_every_head(tmp_path):
 @pytest.mark.parametrize("head", HEADS)
 def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, head):
     model = build_tiny(head).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(2):  # move the queries away from their init so stale aggregated queries would show
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-1)
+    for _ in range(3):  # move the queries far from their init, so that a stale aggregated query changes the routing
         model(pixels(), labels=labels_for(head)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
     x = pixels(seed=5)
-    expected = model(x, output_kept_indices=True)
+    reference = copy.deepcopy(model).eval()
+    expected = reference(x, output_kept_indices=True)
     model.save_pretrained(tmp_path / "full")
+    # Stripped straight after training, still in train mode (as the training scripts do after `Trainer.train`): the
+    # aggregated query must come from the trained queries, not from the last switch to eval mode.
     model.strip_training_modules()
+    assert model.training
     assert not any(key in name for name, _ in model.named_parameters() for key in ("queries", "aggregator", "aux_head"))
     model.save_pretrained(tmp_path / "stripped")
     full_size = (tmp_path / "full" / "model.safetensors").stat().st_size
@@ -279,10 +285,11 @@ def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, h
 
     loaded = type(model).from_pretrained(tmp_path / "stripped")
     assert loaded.config.inference_only
-    output = loaded(x, output_kept_indices=True)
-    assert torch.equal(output.logits, expected.logits)
-    for loaded_indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
-        assert torch.equal(loaded_indices, expected_indices)
+    for stripped in (model.eval(), loaded):
+        output = stripped(x, output_kept_indices=True)
+        assert torch.equal(output.logits, expected.logits)
+        for stripped_indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
+            assert torch.equal(stripped_indices, expected_indices)
 
 
 def test_trust_remote_code_loads_without_the_package(tmp_path):
@@ -327,21 +334,73 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     assert REPO_ROOT.exists()
 
 
+def upsampled_logits(logits: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Patch-resolution segmentation logits bilinearly resized to the label size, as the main loss compares them."""
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def patch_labels_of(labels: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
+    """(B, H, W) pixel labels -> (B, num_patches) raster labels: each patch's top-left pixel (nearest downsampling)."""
+    return labels[:, ::patch_size, ::patch_size].flatten(1)
+
+
+def expected_losses(head: str, output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Main and summed auxiliary losses recomputed from the output's logits with plain torch losses."""
+    if head == "classification":
+        main = F.cross_entropy(output.logits, labels)
+        aux = [F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1])) for logits in output.aux_logits]
+    elif head == "multi_label":
+        main = F.binary_cross_entropy_with_logits(output.logits, labels)
+        aux = [F.binary_cross_entropy_with_logits(logits[:, 0], labels) for logits in output.aux_logits]
+    else:
+        # F.cross_entropy averages over the labels that are not ignored.
+        main = F.cross_entropy(upsampled_logits(output.logits), labels, ignore_index=255)
+        patch_labels = patch_labels_of(labels).flatten()
+        aux = [F.cross_entropy(logits.flatten(0, 1), patch_labels, ignore_index=255) for logits in output.aux_logits]
+    return main, torch.stack(aux).sum()
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("weight", [0.25, 0.0])
+def test_loss_is_the_main_loss_plus_the_weighted_sum_of_the_auxiliary_losses(head, weight):
+    model = build_tiny(head, aux_loss_weight=weight).train()
+    labels = labels_for(head)
+    output = model(pixels(), labels=labels)
+    main, aux = expected_losses(head, output, labels)
+    assert len(output.aux_logits) == 2 and aux > 0
+    torch.testing.assert_close(output.aux_loss, aux)
+    torch.testing.assert_close(output.loss, main + weight * aux)
+
+
+def test_masked_cross_entropy_averages_over_the_labels_that_are_not_ignored():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 5, generator=generator)
+    labels = torch.tensor([0, 1, 255, 3, 4, 255, 255, 2, 1, 0, 255, 4])
+    kept = labels != 255
+    expected = -torch.log_softmax(logits[kept], dim=-1).gather(1, labels[kept, None]).mean()
+    torch.testing.assert_close(masked_cross_entropy(logits, labels, ignore_index=255), expected)
+
+
 def test_segmentation_losses_respect_the_ignore_index():
     model = build_tiny("segmentation").train()
     x = pixels()
     labels = torch.full((2, 32, 32), 255)
-    labels[:, 16:, 16:] = 1
+    labels[:, 16:, 16:] = 1  # one labelled quarter: patches (2..3, 2..3) of the 4x4 grid
     output = model(x, labels=labels)
-    changed = labels.clone()
-    changed[:, :16, :16] = 255  # still ignored everywhere but the labelled quarter
     assert torch.isfinite(output.loss)
-    # Any value under the ignore index contributes nothing, so relabelling only ignored pixels changes nothing.
-    torch.manual_seed(0)
-    first = model(x, labels=labels)
-    torch.manual_seed(0)
-    second = model(x, labels=changed)
-    assert torch.allclose(first.loss, second.loss)
+    # The main loss is the mean over the labelled quarter only: ignored pixels neither add nor count.
+    main = F.cross_entropy(upsampled_logits(output.logits)[:, :, 16:, 16:], labels[:, 16:, 16:])
+    torch.testing.assert_close(output.loss - output.aux_loss, main)
+    # Likewise each module's auxiliary loss: the mean over the 4 labelled patches of each image.
+    labelled_patches = [10, 11, 14, 15]
+    aux = sum(
+        F.cross_entropy(logits[:, labelled_patches].flatten(0, 1), torch.ones(8, dtype=torch.long))
+        for logits in output.aux_logits
+    )
+    torch.testing.assert_close(output.aux_loss, aux)
+    # Labelling the rest of the image (class 2) changes the loss: the quarter alone was what counted before.
+    relabelled = labels.masked_fill(labels == 255, 2)
+    assert not torch.allclose(model(x, labels=relabelled).loss, output.loss)
 
 
 def test_segmentation_loss_of_an_all_ignored_batch_is_zero_not_nan():
