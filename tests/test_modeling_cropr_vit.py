@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT, build_tiny, tiny_config_kwargs
+from torch.overrides import TorchFunctionMode
 
 from cropr import (
     CroprViTConfig,
@@ -187,6 +188,40 @@ def test_selector_none_equals_plain_blocks():
     assert not any(".token_selector." in name for name, _ in model.named_parameters())
 
 
+class OutputShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor a torch function or tensor method returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if isinstance(output, torch.Tensor):
+            self.shapes.append((getattr(func, "__name__", repr(func)), tuple(output.shape)))
+        return output
+
+
+def test_eval_routing_of_a_many_query_module_builds_no_query_by_token_matrix():
+    # Segmentation: one query per patch, 64 queries per module. Training scores the tokens with a (B, 64, M)
+    # query-token matrix; eval must score them with the aggregated query alone, a (B, M) vector. (MLP width 96 and
+    # batch 3, so that no other tensor has a dimension of 64 next to a token count.)
+    model = build_tiny("segmentation", image_size=64, num_queries=64, intermediate_size=96).eval()
+    num_queries = model.config.num_queries
+    module_token_counts = {model.config.token_counts()[block] for block in model.config.pruning_blocks}
+    assert num_queries not in module_token_counts  # nor an attention matrix over 64 tokens
+    recorder = OutputShapeRecorder()
+    with torch.no_grad(), recorder:
+        model(torch.randn(3, 3, 64, 64))
+    query_by_token = [
+        (name, shape) for name, shape in recorder.shapes if num_queries in shape and module_token_counts & set(shape)
+    ]
+    assert not query_by_token
+    # The only products are the scores: one (B, M) vector per module.
+    products = [shape for name, shape in recorder.shapes if name == "matmul"]
+    assert sorted(products) == sorted((3, count) for count in module_token_counts)
+
+
 def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
     model = build_tiny("classification", token_selector="cropr").eval()
     x = pixels()
@@ -348,7 +383,7 @@ def expected_losses(head: str, output, labels: torch.Tensor) -> tuple[torch.Tens
     """Main and summed auxiliary losses recomputed from the output's logits with plain torch losses."""
     if head == "classification":
         main = F.cross_entropy(output.logits, labels)
-        aux = [F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1])) for logits in output.aux_logits]
+        aux = [F.cross_entropy(logits[:, 0], labels) for logits in output.aux_logits]  # one query per module
     elif head == "multi_label":
         main = F.binary_cross_entropy_with_logits(output.logits, labels)
         aux = [F.binary_cross_entropy_with_logits(logits[:, 0], labels) for logits in output.aux_logits]

@@ -48,6 +48,13 @@ def test_received_attention_from_all_queries_or_cls():
     assert torch.allclose(received_attention(probs, from_cls_only=True), probs[:, :, 0].mean(dim=1))
 
 
+def summed_query_scores(queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's score as defined: the sum over queries of the query-token dot products, one dot at a time."""
+    return torch.tensor(
+        [[sum(torch.dot(query, token).item() for query in queries) for token in sample] for sample in tokens]
+    )
+
+
 def test_eval_scores_from_aggregated_query_equal_the_sum_over_queries():
     config = CroprViTConfig(**tiny_config_kwargs(num_queries=7))
     router = CroprRouter(config)
@@ -59,7 +66,7 @@ def test_eval_scores_from_aggregated_query_equal_the_sum_over_queries():
     router.eval()
     eval_scores, no_aux = router(tokens)
     assert no_aux is None
-    expected = (router.queries @ tokens.transpose(1, 2)).sum(dim=1)
+    expected = summed_query_scores(router.queries.detach(), tokens)
     assert torch.allclose(eval_scores, expected, atol=1e-5)
     assert torch.allclose(train_scores, expected, atol=1e-5)
 
@@ -77,9 +84,12 @@ def test_aggregated_query_follows_weight_updates_and_loading():
 
 
 def test_non_salient_router_inverts_the_scores():
-    config = CroprViTConfig(**tiny_config_kwargs(token_selector="non_salient"))
-    router = CroprRouter(config).eval()
-    with torch.no_grad():
-        router.aggregated_query.normal_()
-    tokens = torch.randn(2, 5, config.hidden_size)
-    assert torch.allclose(router(tokens)[0], -(tokens @ router.aggregated_query))
+    cropr = CroprRouter(CroprViTConfig(**tiny_config_kwargs()))
+    non_salient = CroprRouter(CroprViTConfig(**tiny_config_kwargs(token_selector="non_salient")))
+    torch.nn.init.normal_(cropr.queries)
+    non_salient.load_state_dict(cropr.state_dict())
+    tokens = torch.randn(2, 5, cropr.queries.shape[1])
+    for mode in (True, False):
+        scores = summed_query_scores(cropr.queries.detach(), tokens)
+        assert torch.allclose(cropr.train(mode)(tokens)[0], scores, atol=1e-5)
+        assert torch.allclose(non_salient.train(mode)(tokens)[0], -scores, atol=1e-5)
