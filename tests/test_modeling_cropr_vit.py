@@ -76,10 +76,25 @@ def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cl
     assert [indices.shape[1] for indices in output.kept_indices] == expected_kept
 
 
-def test_kept_indices_are_opt_in():
-    model = build_tiny("classification").eval()
+@pytest.mark.parametrize("head", HEADS)
+def test_kept_indices_are_opt_in(head):
+    model = build_tiny(head).eval()
     assert model(pixels()).kept_indices is None
     assert len(model(pixels(), output_kept_indices=True).kept_indices) == len(model.config.pruning_blocks)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_tuple_outputs_follow_return_dict_from_the_call_or_the_config(head):
+    x = pixels()
+    model = build_tiny(head).eval()
+    expected = model(x, output_hidden_states=True)
+    assert expected.loss is None  # no labels, no loss
+    as_tuple = model(x, output_hidden_states=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], expected.logits)
+    model.config.return_dict = False
+    configured = model(x, output_hidden_states=True)
+    assert isinstance(configured, tuple) and len(configured) == len(as_tuple)
+    assert torch.equal(configured[0], expected.logits)
 
 
 def test_base_model_output_is_full_map_with_llf_and_kept_tokens_without():
@@ -222,8 +237,9 @@ def test_eval_routing_of_a_many_query_module_builds_no_query_by_token_matrix():
     assert sorted(products) == sorted((3, count) for count in module_token_counts)
 
 
-def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
-    model = build_tiny("classification", token_selector="cropr").eval()
+@pytest.mark.parametrize("head", HEADS)
+def test_sdpa_and_eager_attention_agree_and_attentions_are_returned(head):
+    model = build_tiny(head, token_selector="cropr").eval()
     x = pixels()
     output = model(x, output_attentions=True, output_hidden_states=True, output_kept_indices=True)
     assert len(output.attentions) == 4 and len(output.hidden_states) == 5
@@ -407,13 +423,47 @@ def test_loss_is_the_main_loss_plus_the_weighted_sum_of_the_auxiliary_losses(hea
     torch.testing.assert_close(output.loss, main + weight * aux)
 
 
-def test_masked_cross_entropy_averages_over_the_labels_that_are_not_ignored():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(12, 5, generator=generator)
-    labels = torch.tensor([0, 1, 255, 3, 4, 255, 255, 2, 1, 0, 255, 4])
+@pytest.mark.parametrize(
+    "labels", [[0, 1, 255, 3, 4, 255, 255, 2, 1, 0, 255, 4], [255] * 11 + [3]], ids=["some-ignored", "one-labelled"]
+)
+def test_masked_cross_entropy_averages_over_the_labels_that_are_not_ignored(labels):
+    logits = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor(labels)
     kept = labels != 255
     expected = -torch.log_softmax(logits[kept], dim=-1).gather(1, labels[kept, None]).mean()
     torch.testing.assert_close(masked_cross_entropy(logits, labels, ignore_index=255), expected)
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "labels"),
+    [(1, torch.tensor([2, -1])), (1, torch.tensor([0.5, 1.5])), (3, torch.tensor([[0.5, 1.0, -2.0], [0.0, 3.0, 1.0]]))],
+    ids=["one-output-integer-targets", "one-output", "three-outputs"],
+)
+def test_regression_loss_is_the_mean_squared_error_of_every_head(num_labels, labels):
+    # One output is read as regression by default; several need it set (float labels would be multi-label).
+    problem_type = None if num_labels == 1 else "regression"
+    model = build_tiny("classification", num_labels=num_labels, problem_type=problem_type, aux_loss_weight=0.5).train()
+    output = model(pixels(), labels=labels)
+    assert model.config.problem_type == "regression"
+    targets = labels.float().reshape(2, num_labels)
+    aux = sum(((logits[:, 0] - targets) ** 2).mean() for logits in output.aux_logits)
+    torch.testing.assert_close(output.aux_loss, aux)
+    torch.testing.assert_close(output.loss, ((output.logits - targets) ** 2).mean() + 0.5 * aux)
+
+
+def test_multi_hot_labels_may_be_integers():
+    model = build_tiny("multi_label").train()
+    labels = labels_for("multi_label")
+    torch.testing.assert_close(model(pixels(), labels=labels.long()).loss, model(pixels(), labels=labels).loss)
+
+
+def test_segmentation_logits_are_the_decode_head_of_each_patch_token_in_raster_order():
+    model = build_tiny("segmentation").eval()
+    output = model(pixels(), output_hidden_states=True)
+    patch_tokens = model.cropr_vit.layernorm(output.hidden_states[-1])[:, 1:]
+    per_patch = model.decode_head(patch_tokens)  # (B, 16, C), patch p at row p // 4, column p % 4
+    for patch in (0, 1, 6, 15):
+        torch.testing.assert_close(output.logits[:, :, patch // 4, patch % 4], per_patch[:, patch])
 
 
 def test_segmentation_losses_respect_the_ignore_index():
