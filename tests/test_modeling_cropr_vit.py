@@ -83,18 +83,63 @@ def test_kept_indices_are_opt_in(head):
     assert len(model(pixels(), output_kept_indices=True).kept_indices) == len(model.config.pruning_blocks)
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", ["base", *HEADS])
 def test_tuple_outputs_follow_return_dict_from_the_call_or_the_config(head):
     x = pixels()
     model = build_tiny(head).eval()
-    expected = model(x, output_hidden_states=True)
-    assert expected.loss is None  # no labels, no loss
+    expected = model(x, output_hidden_states=True).to_tuple()
+    if head != "base":
+        assert model(x).loss is None  # no labels, no loss
     as_tuple = model(x, output_hidden_states=True, return_dict=False)
-    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], expected.logits)
     model.config.return_dict = False
     configured = model(x, output_hidden_states=True)
-    assert isinstance(configured, tuple) and len(configured) == len(as_tuple)
-    assert torch.equal(configured[0], expected.logits)
+    for output in (as_tuple, configured):
+        assert isinstance(output, tuple) and len(output) == len(expected)
+        assert torch.equal(output[0], expected[0])
+
+
+@pytest.mark.parametrize("head", ["base", *HEADS])
+def test_attentions_and_hidden_states_follow_the_call_or_the_config(head):
+    x = pixels()
+    output = build_tiny(head).eval()(x)
+    assert output.attentions is None and output.hidden_states is None
+    model = build_tiny(head, output_attentions=True, output_hidden_states=True).eval()
+    output = model(x)
+    # One attention map per block over the tokens it sees, one hidden state per block plus the embeddings.
+    assert [attention.shape[-1] for attention in output.attentions] == model.config.token_counts() == [17, 13, 10, 17]
+    assert [hidden.shape[1] for hidden in output.hidden_states] == [17, 17, 13, 10, 17]
+    assert model(x, output_attentions=False, output_hidden_states=False).attentions is None
+
+
+@pytest.mark.parametrize("pooling", ["cls", "avg"])
+def test_pooler_output_is_the_cls_token_or_the_mean_of_all_tokens(pooling):
+    model = build_tiny("base", pooling=pooling).eval()
+    output = model(pixels())
+    tokens = output.last_hidden_state
+    torch.testing.assert_close(output.pooler_output, tokens[:, 0] if pooling == "cls" else tokens.mean(dim=1))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_task_heads_normalise_with_the_configured_epsilon(head):
+    # A large epsilon, so that any other value shows in the logits.
+    model = build_tiny(head, layer_norm_eps=0.5).eval()
+    output = model(pixels(), output_hidden_states=True)
+    tokens = model.cropr_vit.layernorm(output.hidden_states[-1])
+    features = tokens[:, 1:] if head == "segmentation" else tokens.mean(dim=1)
+    head_module = model.decode_head if head == "segmentation" else model.classifier
+    normalised = F.layer_norm(features, (32,), head_module.norm.weight, head_module.norm.bias, eps=0.5)
+    logits = head_module.linear(normalised)
+    if head == "segmentation":
+        logits = logits.transpose(1, 2).reshape(2, 5, 4, 4)
+    torch.testing.assert_close(output.logits, logits)
+
+
+def test_a_model_that_interpolates_by_default_needs_no_flag():
+    model = build_tiny("classification", interpolate_pos_encoding=True).eval()
+    x = pixels(size=48)
+    torch.testing.assert_close(model(x).logits, model(x, interpolate_pos_encoding=True).logits)
+    with pytest.raises(ValueError, match="doesn't match the model"):
+        model(x, interpolate_pos_encoding=False)
 
 
 def test_base_model_output_is_full_map_with_llf_and_kept_tokens_without():
@@ -274,7 +319,8 @@ def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
     model = build_tiny("classification").train()
     model.set_pruning_fraction(0.0)
     output = model(pixels(), labels=labels_for("classification"), output_kept_indices=True)
-    assert all(indices.shape[1] == 17 for indices in output.kept_indices)
+    # Nothing removed, nothing moved: every token stays where it was.
+    assert all(torch.equal(indices, torch.arange(17).expand(2, -1)) for indices in output.kept_indices)
     assert output.aux_loss is not None  # routers still learn while nothing is pruned
     model.eval()
     assert model(pixels(), output_kept_indices=True).kept_indices[0].shape[1] == 1 + model.config.patch_keep_counts()[0]
