@@ -77,6 +77,20 @@ def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cl
 
 
 @pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("selector", ["cropr", "random", "variance", "attention"])
+def test_every_tensor_is_made_on_the_models_device(head, selector):
+    # The meta device stands in for an accelerator: a tensor made on the default device (the CPU) instead of the
+    # model's would meet a meta tensor in some op and fail. Labels stay on the host, as a data loader gives them.
+    overrides = {"aux_ignored_labels": [0]} if head == "segmentation" and selector == "cropr" else {}
+    model = build_tiny(head, token_selector=selector, **overrides).to("meta")
+    x = torch.empty(2, 3, 32, 32, device="meta")
+    output = model.train()(x, labels=labels_for(head), output_kept_indices=True)
+    assert output.loss.device.type == "meta" and output.kept_indices[0].device.type == "meta"
+    output = model.eval()(x, output_kept_indices=True)
+    assert output.logits.device.type == "meta" and output.kept_indices[-1].device.type == "meta"
+
+
+@pytest.mark.parametrize("head", HEADS)
 def test_kept_indices_are_opt_in(head):
     model = build_tiny(head).eval()
     assert model(pixels()).kept_indices is None
