@@ -140,3 +140,11 @@ def test_attention_selector_reads_the_attention_the_pooled_token_pays(pooling):
     expected = probs[:, :, 0].mean(dim=1) if pooling == "cls" else probs.mean(dim=(1, 2))
     assert aux_logits is None
     torch.testing.assert_close(scores, expected)
+
+
+def test_random_scores_are_drawn_on_the_tokens_device():
+    # The meta device stands in for an accelerator (index ops on meta tensors do not check devices, so a model-level
+    # run would not notice CPU scores).
+    selector = TokenSelector(CroprViTConfig(**tiny_config_kwargs(token_selector="random")))
+    scores, _ = selector(0, torch.empty(2, 5, 32, device="meta"), None, None)
+    assert scores.device.type == "meta" and scores.dtype == torch.float32
