@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup main test lint
+.PHONY: setup main test lint mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests scripts experiments
+
+# Mutation testing of the routing, the losses and Last Layer Fusion (minutes to tens of minutes; not run in CI):
+# every function of routing_cropr_vit.py, and the loss functions, `strip_training_modules` and the backbone and head
+# forwards of modeling_cropr_vit.py. `$(BIN)/mutmut results` lists the survivors, `$(BIN)/mutmut show NAME` a diff.
+MUTANTS := 'cropr.models.cropr_vit.routing_cropr_vit.*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x_classification_loss__*' 'cropr.models.cropr_vit.modeling_cropr_vit.x_masked_cross_entropy__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x_sum_aux_losses__*' 'cropr.models.cropr_vit.modeling_cropr_vit.x_total_loss__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTPreTrainedModel*strip_training_modules__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTModel*forward__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTForImageClassification*forward__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTForSemanticSegmentation*forward__*'
+
+mutation: setup
+	$(BIN)/pip install --quiet -e ".[mutation]"
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 10 $(BIN)/mutmut run $(MUTANTS)

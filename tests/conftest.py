@@ -15,6 +15,23 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# Arguments of a training-script run of a few seconds: the tiny preset on a few built-in scenes, 3 steps.
+TINY_RUN = [
+    "--preset", "tiny",
+    "--canvas_size", "56",
+    "--image_size", "32",
+    "--num_train_samples", "32",
+    "--num_eval_samples", "16",
+    "--max_steps", "3",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8",
+    "--throughput_batch_size", "8",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+]  # fmt: skip
+
 
 def tiny_config_kwargs(**overrides) -> dict:
     """The `tiny` preset: a 4-block, 32-wide CroprViT on 32x32 images with 8x8 patches (16 patches + CLS), 5 labels."""
@@ -62,5 +79,5 @@ def tiny_config():
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+        pytest.skip("needs the full data files of the development machines (CI has them)")
     return SHARED_DATA

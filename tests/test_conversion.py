@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SHARED_DATA
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
@@ -198,12 +198,26 @@ def test_image_processor_settings_follow_the_source(dinov2_source):
     assert list(processor.image_mean) == [0.485, 0.456, 0.406] and processor.resample == 3
 
 
+@pytest.fixture(params=["pretrained", "random"])
+def dinov2_small(request, tmp_path):
+    """A DINOv2-S/14 folder: the pretrained checkpoint where the development data has it, or random weights of the
+    same shape (518 px, 14 px patches, width 384, 6 heads, layer scale; 2 blocks to stay fast) saved to tmp_path."""
+    if request.param == "pretrained":
+        path = SHARED_DATA / "dinov2-small"
+        if not (path / "model.safetensors").is_file():
+            pytest.skip(
+                "the pretrained DINOv2-S/14 checkpoint is only in the development data (CI has it); the random-weight "
+                "case of this test converts the same shape"
+            )
+        return path
+    config = Dinov2Config(image_size=518, patch_size=14, hidden_size=384, num_hidden_layers=2, num_attention_heads=6)
+    randomize(Dinov2Model(config)).save_pretrained(tmp_path)
+    return tmp_path
+
+
 @torch.no_grad()
-def test_real_dinov2_small_matches_source(shared_data):
-    path = shared_data / "dinov2-small"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path} holds no DINOv2-S/14 checkpoint")
-    source = Dinov2Model.from_pretrained(path).eval()
+def test_dinov2_small_matches_source(dinov2_small):
+    source = Dinov2Model.from_pretrained(dinov2_small).eval()
     # Source resolution (518): the 37x37 position embeddings are kept; small inputs interpolate from them as
     # Dinov2Model does.
     model = convert_unpruned(source)
@@ -212,7 +226,7 @@ def test_real_dinov2_small_matches_source(shared_data):
         expected = source(images(size, batch=1)).last_hidden_state
         assert max_diff(model(images(size, batch=1)).last_hidden_state, expected) < ATOL
     # Converted at 224: resized once, equal to the source fed 224 px images.
-    model, processor = from_backbone(path, "feature-extraction", token_selector="none", image_size=224)
+    model, processor = from_backbone(dinov2_small, "feature-extraction", token_selector="none", image_size=224)
     expected = source(images(224, batch=1)).last_hidden_state
     assert max_diff(model.eval()(images(224, batch=1)).last_hidden_state, expected) < ATOL
     assert list(processor.image_mean) == [0.485, 0.456, 0.406] and processor.size == {"height": 224, "width": 224}

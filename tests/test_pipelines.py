@@ -181,12 +181,9 @@ def test_classification_batching_matches_one_by_one(classifier):
     classify = pipeline("image-classification", model=classifier, image_processor=classifier_processor())
     images = fashion_mnist_images(6)
     one_by_one = [as_scores(classify(image, top_k=10)) for image in images]
-    try:
-        batched = classify(images, top_k=10, batch_size=4)
-    except IndexError:
-        # The pipeline un-batches every tuple in the model output by batch index, except `hidden_states` and
-        # `attentions`; `kept_indices` is a tuple with one entry per pruning module.
-        pytest.xfail("eval outputs always carry `kept_indices`, which breaks the pipeline's batch unrolling")
+    # The pipeline splits every tuple of the model output along the batch (except `hidden_states` and `attentions`):
+    # `kept_indices`, a tuple with one entry per pruning module, must stay out of the default output for this to work.
+    batched = classify(images, top_k=10, batch_size=4)
     assert len(batched) == len(images)
     for single, in_batch in zip(one_by_one, map(as_scores, batched), strict=True):
         assert single.keys() == in_batch.keys()
@@ -194,23 +191,12 @@ def test_classification_batching_matches_one_by_one(classifier):
             assert in_batch[label] == pytest.approx(score, abs=1e-5)
 
 
-_MULTI_LABEL_CLASS_LISTED = "CroprViTForMultiLabelClassification" in str(
-    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(CroprViTConfig.model_type)
-)
-
-
-@pytest.mark.xfail(
-    not _MULTI_LABEL_CLASS_LISTED,
-    strict=True,
-    reason="cropr/__init__.py lists only CroprViTForImageClassification in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"
-    ", so the pipeline logs 'model ... is not supported for image-classification' for a multi-label model object",
-)
+@pytest.mark.usefixtures("no_transformers_warnings")
 def test_multi_label_model_object_gives_sigmoid_scores(multi_label_classifier, chelsea):
-    with no_warnings_logged():
-        classify = pipeline(
-            "image-classification", model=multi_label_classifier, image_processor=classifier_processor()
-        )
-        scores = as_scores(classify(chelsea, top_k=5))
+    # The pipeline checks the model class against this table and logs "not supported" for a class it lacks.
+    assert "CroprViTForMultiLabelClassification" in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES["cropr_vit"]
+    classify = pipeline("image-classification", model=multi_label_classifier, image_processor=classifier_processor())
+    scores = as_scores(classify(chelsea, top_k=5))
     expected = torch.sigmoid(reference_logits(multi_label_classifier, classifier_processor(), chelsea))
     labels = [multi_label_classifier.config.id2label[i] for i in range(5)]
     torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), expected)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,10 +35,18 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_quick_run_writes_results_report_and_figures(tmp_path):
-    result = run_script(*QUICK, "--output-dir", str(tmp_path))
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The output folder of one `--quick` run of every task."""
+    output_dir = tmp_path_factory.mktemp("quick")
+    result = run_script(*QUICK, "--output-dir", str(output_dir))
     assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
 
+
+def test_quick_run_writes_results_report_and_figures(quick_run, tmp_path):
+    for path in quick_run.iterdir():
+        shutil.copy(path, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["command"].startswith("python scripts/reproduce.py --quick")
     assert {"cpu_model", "torch", "transformers", "torch_threads"} <= set(results["environment"])
@@ -85,6 +94,18 @@ def test_quick_run_writes_results_report_and_figures(tmp_path):
     assert stored["notes"] == "What was tried."
     assert [run["command"] for run in stored["further_runs"]] == [results["command"]]
     assert "](results_tradeoff_further1.png)" in report and (tmp_path / "results_tradeoff_further1.png").is_file()
+
+
+def test_a_second_quick_run_gives_identical_metrics(quick_run, tmp_path):
+    # One task again, alone and in this process: its metrics depend on its own seeds only, not on what ran before.
+    task = "semantic-segmentation"
+    assert main([*QUICK, "--tasks", task, "--output-dir", str(tmp_path)]) == 0
+    first = json.loads((quick_run / "results.json").read_text())["tasks"][task]
+    second = json.loads((tmp_path / "results.json").read_text())["tasks"][task]
+    assert {name: row["per_seed"] for name, row in second["selectors"].items()} == {
+        name: row["per_seed"] for name, row in first["selectors"].items()
+    }
+    assert second["object_share_of_kept_patches"] == first["object_share_of_kept_patches"]
 
 
 def test_recipe_differences_name_only_what_the_further_command_does_not_set():

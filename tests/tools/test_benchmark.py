@@ -45,14 +45,21 @@ def test_report_has_every_variant_dtype_and_batch_size(report):
         assert len(metrics["targets"]) == 3
 
 
-def test_report_analytic_numbers_match_the_config(report):
-    pruned = build_config("tiny", token_selector="cropr")
-    assert report["flop_ceiling"] == pytest.approx(pruned.flop_ceiling())
-    assert report["token_counts"] == pruned.token_counts()
+# The tiny preset by hand: 16 patches + CLS, width 32, MLP 64, 4 blocks, R=3 with LLF -> modules after blocks 0 and 1
+# removing 4 (3 + 1 for CLS) and 3 tokens. A block over n tokens costs 4n*32^2 + 2n^2*32 + 2n*32*64 = 8192n + 64n^2
+# multiply-adds, the patch embedding 16*3*8*8*32 = 98304, each module's routing product n*32.
+TINY_TOKEN_COUNTS = [17, 13, 10, 17]
+TINY_UNPRUNED_MACS = 98304 + 4 * (8192 * 17 + 64 * 17**2)  # 729344
+TINY_PRUNED_MACS = 98304 + sum(8192 * n + 64 * n**2 for n in TINY_TOKEN_COUNTS) + (17 + 13) * 32  # 620416
+
+
+def test_report_analytic_numbers_are_the_tiny_presets(report):
+    assert report["token_counts"] == TINY_TOKEN_COUNTS
+    assert report["flop_ceiling"] == pytest.approx(TINY_UNPRUNED_MACS / TINY_PRUNED_MACS)
     assert all(entry["metrics"]["flop_ceiling"] == report["flop_ceiling"] for entry in report["inference"])
     flops = report["flops"]
-    assert flops["none"]["analytic_macs"] == flops["hf"]["analytic_macs"] == pruned.flops(pruned=False)
-    assert flops["cropr"]["analytic_macs"] == flops["random"]["analytic_macs"] == pruned.flops(pruned=True)
+    assert flops["none"]["analytic_macs"] == flops["hf"]["analytic_macs"] == TINY_UNPRUNED_MACS
+    assert flops["cropr"]["analytic_macs"] == flops["random"]["analytic_macs"] == TINY_PRUNED_MACS
     for item in flops.values():
         # The counter misses only the router's matrix-vector products: well under 1% of the backbone.
         assert item["counted_macs"] == pytest.approx(item["analytic_macs"], rel=0.01)

@@ -90,13 +90,14 @@ def test_no_number_that_was_not_given(classifier):
     assert "x |" not in minimal_body.split("## Speed")[1].split("## Usage")[0]
     # The measurements add exactly their own numbers to the card ...
     assert set(NUMBER.findall(full)) - set(NUMBER.findall(minimal)) == GIVEN_NUMBERS
-    # ... and every decimal the minimal card holds is computed from the model (or is the arXiv id or a given name).
-    config = classifier.config
-    full_params, stripped = parameter_counts(classifier)
+    # ... and every decimal the minimal card holds is computed from the model (or is the arXiv id or a given name):
+    # the tiny preset's 729,344 and 620,416 multiply-adds (see test_benchmark.py), their ratio, and the parameters.
+    full_params = sum(p.numel() for p in classifier.parameters())
+    stripped = sum(p.numel() for p in copy.deepcopy(classifier).strip_training_modules().parameters())
     computed = {
-        f"{config.flops(pruned=False) / 1e9:.4g}",
-        f"{config.flops(pruned=True) / 1e9:.4g}",
-        f"{config.flop_ceiling():.2f}",
+        "0.0007293",
+        "0.0006204",
+        "1.18",
         f"{full_params / 1e6:.2f}",
         f"{stripped / 1e6:.2f}",
         "2412.00965",
@@ -114,7 +115,7 @@ def test_parameters_full_and_stripped(classifier):
     assert parameter_counts(stripped_model) == (full, stripped)
     _, body = split_card(generate_model_card(classifier, parse_measurements(MINIMAL), "x"))
     assert f"({full:,})" in body and f"({stripped:,})" in body
-    assert " → ".join(map(str, classifier.config.token_counts())) in body
+    assert "17 → 13 → 10 → 17" in body  # tokens per block of the tiny preset
 
 
 def test_segmentation_card():

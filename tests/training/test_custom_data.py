@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
-from test_run import TINY_RUN, load_saved
+from test_run import load_saved
 
 from cropr.data.formats import LabelFormat
 from cropr.training.run import run

@@ -1,30 +1,17 @@
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from accelerate import Accelerator
+from conftest import REPO_ROOT, TINY_RUN
 
-from cropr import CroprViTConfig
+from cropr import CroprViTConfig, CroprViTPreTrainedModel
 from cropr.training.run import main, run
 from cropr.training.tasks import TASKS, resolve_aux_ignored_labels
-
-TINY_RUN = [
-    "--preset", "tiny",
-    "--canvas_size", "56",
-    "--image_size", "32",
-    "--num_train_samples", "32",
-    "--num_eval_samples", "16",
-    "--max_steps", "3",
-    "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "8",
-    "--throughput_batch_size", "8",
-    "--report_to", "none",
-    "--save_strategy", "no",
-    "--disable_tqdm", "true",
-    "--use_cpu", "true",
-]  # fmt: skip
 
 SCRIPTS = {
     "image-classification": "train_image_classification.py",
@@ -40,9 +27,31 @@ def load_saved(task: str, output_dir):
     return model
 
 
+def record_calls(monkeypatch, owner, name: str, argument: int = 1) -> list:
+    """Wrap `owner.name` so that each call's positional `argument` is appended to the returned list."""
+    calls, original = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args[argument])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, task):
+def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, monkeypatch, task):
+    fractions = record_calls(monkeypatch, CroprViTPreTrainedModel, "set_pruning_fraction")
+    clip_norms = record_calls(monkeypatch, Accelerator, "clip_grad_norm_", argument=2)
     results = run(task, TINY_RUN + ["--output_dir", str(tmp_path), "--eval_strategy", "steps", "--eval_steps", "2"])
+    # Segmentation ramps R up over the first half of training by default (3 steps: 0, 1/1.5, then full); the other
+    # tasks prune fully from the first step.
+    if task == "semantic-segmentation":
+        assert fractions == pytest.approx([0.0, 0.0, 2 / 3, 1.0, 1.0])
+    else:
+        assert fractions == []
+    # Gradient clipping is off unless --max_grad_norm is given (Trainer still measures the norm, with max_norm=inf).
+    assert clip_norms and all(norm == math.inf for norm in clip_norms)
     assert results["train"]["epoch"] > 0  # trained although --eval_strategy switched do_eval on
     main_metric = results["main_metric"]
     assert 0.0 <= results["pruned_metric"] <= 1.0 and 0.0 <= results["unpruned_metric"] <= 1.0
@@ -55,14 +64,17 @@ def test_each_task_trains_evaluates_and_saves_a_stripped_checkpoint(tmp_path, ta
     assert model.config.aux_ignored_labels == ([0] if task == "semantic-segmentation" else None)
 
 
-def test_pruning_arguments_reach_the_config(tmp_path):
+def test_pruning_arguments_reach_the_config(tmp_path, monkeypatch):
+    clip_norms = record_calls(monkeypatch, Accelerator, "clip_grad_norm_", argument=2)
     argv = TINY_RUN + [
         "--output_dir", str(tmp_path),
         "--token_selector", "variance",
         "--pruning_schedule", "4,0,0,0",
         "--last_layer_fusion", "false",
+        "--max_grad_norm", "0.5",
     ]  # fmt: skip
     run("image-classification", argv)
+    assert [norm for norm in clip_norms if norm != math.inf] == [0.5] * 3  # clipped at every step once asked for
     config = CroprViTConfig.from_pretrained(tmp_path)
     assert config.token_selector == "variance"
     assert config.prune_counts == [4, 0, 0, 0]
@@ -101,6 +113,11 @@ def test_aux_ignored_labels_are_read_as_names_or_ids():
         resolve_aux_ignored_labels("3", labels)
 
 
+def assert_two_ranks_trained(stdout: str) -> None:
+    """32 scenes at 8 per device make 2 steps per epoch on 2 processes (4 on one): 3 steps end at epoch 1.5."""
+    assert re.search(r"^\s*epoch\s*=\s*1\.5$", stdout, re.MULTILINE), stdout[-3000:]
+
+
 def distributed_env(tmp_path) -> dict[str, str]:
     return {
         **os.environ,
@@ -125,6 +142,7 @@ def test_two_process_ddp_with_torchrun(tmp_path, task):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     # Both ranks trained every step; only rank 0 reports and saves.
+    assert_two_ranks_trained(result.stdout)
     assert result.stdout.count("Stripped inference checkpoint") == 1
     load_saved(task, output_dir)
 
@@ -132,8 +150,11 @@ def test_two_process_ddp_with_torchrun(tmp_path, task):
 def test_accelerate_launch_runs_the_script_unchanged(tmp_path):
     output_dir = tmp_path / "out"
     command = [
+        # `accelerate launch --cpu` always starts one process; `--multi_gpu` is its multi-process launcher (torchrun's),
+        # and the script's `--use_cpu` keeps both processes on the CPU, over gloo.
         sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", "2", "--cpu", "--main_process_port", "29510",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29510",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO_ROOT / "scripts" / SCRIPTS["image-classification"]),
         *TINY_RUN, "--output_dir", str(output_dir),
     ]  # fmt: skip
@@ -141,6 +162,8 @@ def test_accelerate_launch_runs_the_script_unchanged(tmp_path):
         command, env=distributed_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    assert_two_ranks_trained(result.stdout)
+    assert result.stdout.count("Stripped inference checkpoint") == 1
     load_saved("image-classification", output_dir)
 
 

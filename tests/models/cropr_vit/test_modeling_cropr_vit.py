@@ -7,7 +7,9 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, build_tiny, tiny_config_kwargs
+from torch.overrides import TorchFunctionMode
 
 from cropr import (
     CroprViTConfig,
@@ -16,6 +18,7 @@ from cropr import (
     CroprViTModel,
 )
 from cropr.models.cropr_vit.configuration_cropr_vit import TOKEN_SELECTORS
+from cropr.models.cropr_vit.modeling_cropr_vit import masked_cross_entropy
 
 HEADS = ("classification", "multi_label", "segmentation")
 
@@ -73,10 +76,84 @@ def test_shapes_losses_and_kept_counts(head, selector, last_layer_fusion, use_cl
     assert [indices.shape[1] for indices in output.kept_indices] == expected_kept
 
 
-def test_kept_indices_are_opt_in():
-    model = build_tiny("classification").eval()
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("selector", ["cropr", "random", "variance", "attention"])
+def test_every_tensor_is_made_on_the_models_device(head, selector):
+    # The meta device stands in for an accelerator: a tensor made on the default device (the CPU) instead of the
+    # model's would meet a meta tensor in some op and fail. Labels stay on the host, as a data loader gives them.
+    overrides = {"aux_ignored_labels": [0]} if head == "segmentation" and selector == "cropr" else {}
+    model = build_tiny(head, token_selector=selector, **overrides).to("meta")
+    x = torch.empty(2, 3, 32, 32, device="meta")
+    output = model.train()(x, labels=labels_for(head), output_kept_indices=True)
+    assert output.loss.device.type == "meta" and output.kept_indices[0].device.type == "meta"
+    output = model.eval()(x, output_kept_indices=True)
+    assert output.logits.device.type == "meta" and output.kept_indices[-1].device.type == "meta"
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_kept_indices_are_opt_in(head):
+    model = build_tiny(head).eval()
     assert model(pixels()).kept_indices is None
     assert len(model(pixels(), output_kept_indices=True).kept_indices) == len(model.config.pruning_blocks)
+
+
+@pytest.mark.parametrize("head", ["base", *HEADS])
+def test_tuple_outputs_follow_return_dict_from_the_call_or_the_config(head):
+    x = pixels()
+    model = build_tiny(head).eval()
+    expected = model(x, output_hidden_states=True).to_tuple()
+    if head != "base":
+        assert model(x).loss is None  # no labels, no loss
+    as_tuple = model(x, output_hidden_states=True, return_dict=False)
+    model.config.return_dict = False
+    configured = model(x, output_hidden_states=True)
+    for output in (as_tuple, configured):
+        assert isinstance(output, tuple) and len(output) == len(expected)
+        assert torch.equal(output[0], expected[0])
+
+
+@pytest.mark.parametrize("head", ["base", *HEADS])
+def test_attentions_and_hidden_states_follow_the_call_or_the_config(head):
+    x = pixels()
+    output = build_tiny(head).eval()(x)
+    assert output.attentions is None and output.hidden_states is None
+    model = build_tiny(head, output_attentions=True, output_hidden_states=True).eval()
+    output = model(x)
+    # One attention map per block over the tokens it sees, one hidden state per block plus the embeddings.
+    assert [attention.shape[-1] for attention in output.attentions] == model.config.token_counts() == [17, 13, 10, 17]
+    assert [hidden.shape[1] for hidden in output.hidden_states] == [17, 17, 13, 10, 17]
+    assert model(x, output_attentions=False, output_hidden_states=False).attentions is None
+
+
+@pytest.mark.parametrize("pooling", ["cls", "avg"])
+def test_pooler_output_is_the_cls_token_or_the_mean_of_all_tokens(pooling):
+    model = build_tiny("base", pooling=pooling).eval()
+    output = model(pixels())
+    tokens = output.last_hidden_state
+    torch.testing.assert_close(output.pooler_output, tokens[:, 0] if pooling == "cls" else tokens.mean(dim=1))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_task_heads_normalise_with_the_configured_epsilon(head):
+    # A large epsilon, so that any other value shows in the logits.
+    model = build_tiny(head, layer_norm_eps=0.5).eval()
+    output = model(pixels(), output_hidden_states=True)
+    tokens = model.cropr_vit.layernorm(output.hidden_states[-1])
+    features = tokens[:, 1:] if head == "segmentation" else tokens.mean(dim=1)
+    head_module = model.decode_head if head == "segmentation" else model.classifier
+    normalised = F.layer_norm(features, (32,), head_module.norm.weight, head_module.norm.bias, eps=0.5)
+    logits = head_module.linear(normalised)
+    if head == "segmentation":
+        logits = logits.transpose(1, 2).reshape(2, 5, 4, 4)
+    torch.testing.assert_close(output.logits, logits)
+
+
+def test_a_model_that_interpolates_by_default_needs_no_flag():
+    model = build_tiny("classification", interpolate_pos_encoding=True).eval()
+    x = pixels(size=48)
+    torch.testing.assert_close(model(x).logits, model(x, interpolate_pos_encoding=True).logits)
+    with pytest.raises(ValueError, match="doesn't match the model"):
+        model(x, interpolate_pos_encoding=False)
 
 
 def test_base_model_output_is_full_map_with_llf_and_kept_tokens_without():
@@ -204,8 +281,43 @@ def test_selector_none_equals_plain_blocks():
     assert not any(".token_selector." in name for name, _ in model.named_parameters())
 
 
-def test_sdpa_and_eager_attention_agree_and_attentions_are_returned():
-    model = build_tiny("classification", token_selector="cropr").eval()
+class OutputShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor a torch function or tensor method returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if isinstance(output, torch.Tensor):
+            self.shapes.append((getattr(func, "__name__", repr(func)), tuple(output.shape)))
+        return output
+
+
+def test_eval_routing_of_a_many_query_module_builds_no_query_by_token_matrix():
+    # Segmentation: one query per patch, 64 queries per module. Training scores the tokens with a (B, 64, M)
+    # query-token matrix; eval must score them with the aggregated query alone, a (B, M) vector. (MLP width 96 and
+    # batch 3, so that no other tensor has a dimension of 64 next to a token count.)
+    model = build_tiny("segmentation", image_size=64, num_queries=64, intermediate_size=96).eval()
+    num_queries = model.config.num_queries
+    module_token_counts = {model.config.token_counts()[block] for block in model.config.pruning_blocks}
+    assert num_queries not in module_token_counts  # nor an attention matrix over 64 tokens
+    recorder = OutputShapeRecorder()
+    with torch.no_grad(), recorder:
+        model(torch.randn(3, 3, 64, 64))
+    query_by_token = [
+        (name, shape) for name, shape in recorder.shapes if num_queries in shape and module_token_counts & set(shape)
+    ]
+    assert not query_by_token
+    # The only products are the scores: one (B, M) vector per module.
+    products = [shape for name, shape in recorder.shapes if name == "matmul"]
+    assert sorted(products) == sorted((3, count) for count in module_token_counts)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_sdpa_and_eager_attention_agree_and_attentions_are_returned(head):
+    model = build_tiny(head, token_selector="cropr").eval()
     x = pixels()
     output = model(x, output_attentions=True, output_hidden_states=True, output_kept_indices=True)
     assert len(output.attentions) == 4 and len(output.hidden_states) == 5
@@ -249,7 +361,8 @@ def test_curriculum_fraction_scales_pruning_and_keeps_routers_training():
     model = build_tiny("classification").train()
     model.set_pruning_fraction(0.0)
     output = model(pixels(), labels=labels_for("classification"), output_kept_indices=True)
-    assert all(indices.shape[1] == 17 for indices in output.kept_indices)
+    # Nothing removed, nothing moved: every token stays where it was.
+    assert all(torch.equal(indices, torch.arange(17).expand(2, -1)) for indices in output.kept_indices)
     assert output.aux_loss is not None  # routers still learn while nothing is pruned
     model.eval()
     assert model(pixels(), output_kept_indices=True).kept_indices[0].shape[1] == 1 + model.config.patch_keep_counts()[0]
@@ -290,16 +403,19 @@ def test_auto_classes_resolve_every_head(tmp_path):
 @pytest.mark.parametrize("head", HEADS)
 def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, head):
     model = build_tiny(head).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(2):  # move the queries away from their init so stale aggregated queries would show
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-1)
+    for _ in range(3):  # move the queries far from their init, so that a stale aggregated query changes the routing
         model(pixels(), labels=labels_for(head)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
     x = pixels(seed=5)
-    expected = model(x, output_kept_indices=True)
+    reference = copy.deepcopy(model).eval()
+    expected = reference(x, output_kept_indices=True)
     model.save_pretrained(tmp_path / "full")
+    # Stripped straight after training, still in train mode (as the training scripts do after `Trainer.train`): the
+    # aggregated query must come from the trained queries, not from the last switch to eval mode.
     model.strip_training_modules()
+    assert model.training
     assert not any(key in name for name, _ in model.named_parameters() for key in ("queries", "aggregator", "aux_head"))
     model.save_pretrained(tmp_path / "stripped")
     full_size = (tmp_path / "full" / "model.safetensors").stat().st_size
@@ -308,10 +424,11 @@ def test_stripping_removes_training_parameters_and_keeps_eval_logits(tmp_path, h
 
     loaded = type(model).from_pretrained(tmp_path / "stripped")
     assert loaded.config.inference_only
-    output = loaded(x, output_kept_indices=True)
-    assert torch.equal(output.logits, expected.logits)
-    for loaded_indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
-        assert torch.equal(loaded_indices, expected_indices)
+    for stripped in (model.eval(), loaded):
+        output = stripped(x, output_kept_indices=True)
+        assert torch.equal(output.logits, expected.logits)
+        for stripped_indices, expected_indices in zip(output.kept_indices, expected.kept_indices, strict=True):
+            assert torch.equal(stripped_indices, expected_indices)
 
 
 def test_trust_remote_code_loads_without_the_package(tmp_path):
@@ -356,21 +473,107 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     assert REPO_ROOT.exists()
 
 
+def upsampled_logits(logits: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Patch-resolution segmentation logits bilinearly resized to the label size, as the main loss compares them."""
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def patch_labels_of(labels: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
+    """(B, H, W) pixel labels -> (B, num_patches) raster labels: each patch's top-left pixel (nearest downsampling)."""
+    return labels[:, ::patch_size, ::patch_size].flatten(1)
+
+
+def expected_losses(head: str, output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Main and summed auxiliary losses recomputed from the output's logits with plain torch losses."""
+    if head == "classification":
+        main = F.cross_entropy(output.logits, labels)
+        aux = [F.cross_entropy(logits[:, 0], labels) for logits in output.aux_logits]  # one query per module
+    elif head == "multi_label":
+        main = F.binary_cross_entropy_with_logits(output.logits, labels)
+        aux = [F.binary_cross_entropy_with_logits(logits[:, 0], labels) for logits in output.aux_logits]
+    else:
+        # F.cross_entropy averages over the labels that are not ignored.
+        main = F.cross_entropy(upsampled_logits(output.logits), labels, ignore_index=255)
+        patch_labels = patch_labels_of(labels).flatten()
+        aux = [F.cross_entropy(logits.flatten(0, 1), patch_labels, ignore_index=255) for logits in output.aux_logits]
+    return main, torch.stack(aux).sum()
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("weight", [0.25, 0.0])
+def test_loss_is_the_main_loss_plus_the_weighted_sum_of_the_auxiliary_losses(head, weight):
+    model = build_tiny(head, aux_loss_weight=weight).train()
+    labels = labels_for(head)
+    output = model(pixels(), labels=labels)
+    main, aux = expected_losses(head, output, labels)
+    assert len(output.aux_logits) == 2 and aux > 0
+    torch.testing.assert_close(output.aux_loss, aux)
+    torch.testing.assert_close(output.loss, main + weight * aux)
+
+
+@pytest.mark.parametrize(
+    "labels", [[0, 1, 255, 3, 4, 255, 255, 2, 1, 0, 255, 4], [255] * 11 + [3]], ids=["some-ignored", "one-labelled"]
+)
+def test_masked_cross_entropy_averages_over_the_labels_that_are_not_ignored(labels):
+    logits = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor(labels)
+    kept = labels != 255
+    expected = -torch.log_softmax(logits[kept], dim=-1).gather(1, labels[kept, None]).mean()
+    torch.testing.assert_close(masked_cross_entropy(logits, labels, ignore_index=255), expected)
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "labels"),
+    [(1, torch.tensor([2, -1])), (1, torch.tensor([0.5, 1.5])), (3, torch.tensor([[0.5, 1.0, -2.0], [0.0, 3.0, 1.0]]))],
+    ids=["one-output-integer-targets", "one-output", "three-outputs"],
+)
+def test_regression_loss_is_the_mean_squared_error_of_every_head(num_labels, labels):
+    # One output is read as regression by default; several need it set (float labels would be multi-label).
+    problem_type = None if num_labels == 1 else "regression"
+    model = build_tiny("classification", num_labels=num_labels, problem_type=problem_type, aux_loss_weight=0.5).train()
+    output = model(pixels(), labels=labels)
+    assert model.config.problem_type == "regression"
+    targets = labels.float().reshape(2, num_labels)
+    aux = sum(((logits[:, 0] - targets) ** 2).mean() for logits in output.aux_logits)
+    torch.testing.assert_close(output.aux_loss, aux)
+    torch.testing.assert_close(output.loss, ((output.logits - targets) ** 2).mean() + 0.5 * aux)
+
+
+def test_multi_hot_labels_may_be_integers():
+    model = build_tiny("multi_label").train()
+    labels = labels_for("multi_label")
+    torch.testing.assert_close(model(pixels(), labels=labels.long()).loss, model(pixels(), labels=labels).loss)
+
+
+def test_segmentation_logits_are_the_decode_head_of_each_patch_token_in_raster_order():
+    model = build_tiny("segmentation").eval()
+    output = model(pixels(), output_hidden_states=True)
+    patch_tokens = model.cropr_vit.layernorm(output.hidden_states[-1])[:, 1:]
+    per_patch = model.decode_head(patch_tokens)  # (B, 16, C), patch p at row p // 4, column p % 4
+    for patch in (0, 1, 6, 15):
+        torch.testing.assert_close(output.logits[:, :, patch // 4, patch % 4], per_patch[:, patch])
+
+
 def test_segmentation_losses_respect_the_ignore_index():
     model = build_tiny("segmentation").train()
     x = pixels()
     labels = torch.full((2, 32, 32), 255)
-    labels[:, 16:, 16:] = 1
+    labels[:, 16:, 16:] = 1  # one labelled quarter: patches (2..3, 2..3) of the 4x4 grid
     output = model(x, labels=labels)
-    changed = labels.clone()
-    changed[:, :16, :16] = 255  # still ignored everywhere but the labelled quarter
     assert torch.isfinite(output.loss)
-    # Any value under the ignore index contributes nothing, so relabelling only ignored pixels changes nothing.
-    torch.manual_seed(0)
-    first = model(x, labels=labels)
-    torch.manual_seed(0)
-    second = model(x, labels=changed)
-    assert torch.allclose(first.loss, second.loss)
+    # The main loss is the mean over the labelled quarter only: ignored pixels neither add nor count.
+    main = F.cross_entropy(upsampled_logits(output.logits)[:, :, 16:, 16:], labels[:, 16:, 16:])
+    torch.testing.assert_close(output.loss - output.aux_loss, main)
+    # Likewise each module's auxiliary loss: the mean over the 4 labelled patches of each image.
+    labelled_patches = [10, 11, 14, 15]
+    aux = sum(
+        F.cross_entropy(logits[:, labelled_patches].flatten(0, 1), torch.ones(8, dtype=torch.long))
+        for logits in output.aux_logits
+    )
+    torch.testing.assert_close(output.aux_loss, aux)
+    # Labelling the rest of the image (class 2) changes the loss: the quarter alone was what counted before.
+    relabelled = labels.masked_fill(labels == 255, 2)
+    assert not torch.allclose(model(x, labels=relabelled).loss, output.loss)
 
 
 def test_segmentation_loss_of_an_all_ignored_batch_is_zero_not_nan():

@@ -1,9 +1,13 @@
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config_kwargs
 
 from cropr import CroprViTConfig
 from cropr.models.cropr_vit.routing_cropr_vit import (
+    CroprAggregator,
     CroprRouter,
+    TokenSelector,
     gather_tokens,
     patch_pixel_variance,
     received_attention,
@@ -48,6 +52,13 @@ def test_received_attention_from_all_queries_or_cls():
     assert torch.allclose(received_attention(probs, from_cls_only=True), probs[:, :, 0].mean(dim=1))
 
 
+def summed_query_scores(queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's score as defined: the sum over queries of the query-token dot products, one dot at a time."""
+    return torch.tensor(
+        [[sum(torch.dot(query, token).item() for query in queries) for token in sample] for sample in tokens]
+    )
+
+
 def test_eval_scores_from_aggregated_query_equal_the_sum_over_queries():
     config = CroprViTConfig(**tiny_config_kwargs(num_queries=7))
     router = CroprRouter(config)
@@ -59,7 +70,7 @@ def test_eval_scores_from_aggregated_query_equal_the_sum_over_queries():
     router.eval()
     eval_scores, no_aux = router(tokens)
     assert no_aux is None
-    expected = (router.queries @ tokens.transpose(1, 2)).sum(dim=1)
+    expected = summed_query_scores(router.queries.detach(), tokens)
     assert torch.allclose(eval_scores, expected, atol=1e-5)
     assert torch.allclose(train_scores, expected, atol=1e-5)
 
@@ -77,9 +88,63 @@ def test_aggregated_query_follows_weight_updates_and_loading():
 
 
 def test_non_salient_router_inverts_the_scores():
-    config = CroprViTConfig(**tiny_config_kwargs(token_selector="non_salient"))
-    router = CroprRouter(config).eval()
-    with torch.no_grad():
-        router.aggregated_query.normal_()
-    tokens = torch.randn(2, 5, config.hidden_size)
-    assert torch.allclose(router(tokens)[0], -(tokens @ router.aggregated_query))
+    cropr = CroprRouter(CroprViTConfig(**tiny_config_kwargs()))
+    non_salient = CroprRouter(CroprViTConfig(**tiny_config_kwargs(token_selector="non_salient")))
+    torch.nn.init.normal_(cropr.queries)
+    non_salient.load_state_dict(cropr.state_dict())
+    tokens = torch.randn(2, 5, cropr.queries.shape[1])
+    for mode in (True, False):
+        scores = summed_query_scores(cropr.queries.detach(), tokens)
+        assert torch.allclose(cropr.train(mode)(tokens)[0], scores, atol=1e-5)
+        assert torch.allclose(non_salient.train(mode)(tokens)[0], -scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("mlp", [True, False])
+def test_aggregator_pools_tokens_by_softmax_of_logits_over_sqrt_width(mlp):
+    config = CroprViTConfig(**tiny_config_kwargs(aggregator_mlp=mlp))
+    aggregator = CroprAggregator(config)
+    for parameter in aggregator.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    logits, tokens = torch.randn(2, 3, 5) * 4, torch.randn(2, 5, config.hidden_size)
+    weights = torch.exp(logits / config.hidden_size**0.5)
+    pooled = (weights / weights.sum(dim=-1, keepdim=True)) @ tokens
+    if mlp:
+        hidden = F.layer_norm(pooled, (config.hidden_size,), aggregator.norm.weight, aggregator.norm.bias, eps=1e-6)
+        pooled = pooled + aggregator.fc2(F.gelu(aggregator.fc1(hidden)))
+    torch.testing.assert_close(aggregator(logits, tokens), pooled)
+
+
+def test_router_layer_norms_use_the_reference_epsilons():
+    # Checkpoints of the reference implementation were trained with these: 1e-6 in the aggregator, 1e-5 in the head.
+    router = CroprRouter(CroprViTConfig(**tiny_config_kwargs()))
+    assert router.aggregator.norm.eps == 1e-6 and router.aux_head.norm.eps == 1e-5
+
+
+def test_an_inference_only_router_has_no_training_modules_and_scores_any_dtype():
+    router = CroprRouter(CroprViTConfig(**tiny_config_kwargs(inference_only=True))).eval()
+    assert router.queries is None and router.aggregator is None and router.aux_head is None
+    torch.nn.init.normal_(router.aggregated_query)
+    tokens = torch.randn(2, 5, router.aggregated_query.shape[0])
+    scores, aux_logits = router.train()(tokens)  # stays frozen in training: no queries to score with
+    assert aux_logits is None
+    torch.testing.assert_close(scores, tokens @ router.aggregated_query)
+    # Tokens of a lower precision than the float32 query (e.g. under autocast) are scored in their own dtype.
+    assert router(tokens.bfloat16())[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("pooling", ["cls", "avg"])
+def test_attention_selector_reads_the_attention_the_pooled_token_pays(pooling):
+    selector = TokenSelector(CroprViTConfig(**tiny_config_kwargs(token_selector="attention", pooling=pooling)))
+    probs = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)
+    scores, aux_logits = selector(0, torch.randn(2, 5, 32), None, probs)
+    expected = probs[:, :, 0].mean(dim=1) if pooling == "cls" else probs.mean(dim=(1, 2))
+    assert aux_logits is None
+    torch.testing.assert_close(scores, expected)
+
+
+def test_random_scores_are_drawn_on_the_tokens_device():
+    # The meta device stands in for an accelerator (index ops on meta tensors do not check devices, so a model-level
+    # run would not notice CPU scores).
+    selector = TokenSelector(CroprViTConfig(**tiny_config_kwargs(token_selector="random")))
+    scores, _ = selector(0, torch.empty(2, 5, 32, device="meta"), None, None)
+    assert scores.device.type == "meta" and scores.dtype == torch.float32

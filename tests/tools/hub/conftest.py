@@ -29,8 +29,8 @@ def run_client(local_hub: LocalHub, tmp_path_factory) -> Callable[..., dict]:
     """Run one `hub_client.py` scenario in a separate Python process against `local_hub`; return what it saved.
 
     The process gets `HF_ENDPOINT` (the local Hub), a temporary `HF_HOME`, `HF_HUB_OFFLINE=0` and a dummy token in
-    its environment before anything is imported. `isolated=True` runs it with `python -I` (the scenario itself
-    blocks the installed `cropr`).
+    its environment before anything is imported, and the repository's `src` on its path. `isolated=True` runs it
+    with `python -I` (the scenario itself blocks the installed `cropr`).
     """
     work_dir = tmp_path_factory.mktemp("hub_client")
 
@@ -48,6 +48,8 @@ def run_client(local_hub: LocalHub, tmp_path_factory) -> Callable[..., dict]:
             HF_HUB_DISABLE_TELEMETRY="1",
             OMP_NUM_THREADS="1",
             TOKENIZERS_PARALLELISM="false",
+            # The checked-out package rather than an installed copy (`-I` ignores it; that process must not import it).
+            PYTHONPATH=str(CLIENT.parents[2] / "src"),
         )
         command = [sys.executable, *(["-I"] if isolated else []), str(CLIENT), scenario, str(work_dir)]
         completed = subprocess.run(

@@ -18,6 +18,7 @@ CLASSIFIER_REPO = "org/cropr-tiny"
 INFERENCE_REPO = "org/cropr-tiny-inference"
 TRAINING_REPO = "org/cropr-tiny-training"
 TRAINER_REPO = "org/cropr-trainer"
+SCRIPT_REPO = "org/cropr-script"
 FASHION_LABELS = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
@@ -30,14 +31,18 @@ class _BlockCropr(importlib.abc.MetaPathFinder):
         return None
 
 
-def _tiny_config_kwargs(**overrides) -> dict:
-    """`tiny_config_kwargs` from the tests' top-level conftest.py (loaded by path: this folder has its own)."""
+def _tests_conftest():
+    """The tests' top-level conftest.py (loaded by path: this folder has its own)."""
     spec = importlib.util.spec_from_file_location(
         "cropr_tests_conftest", Path(__file__).resolve().parents[2] / "conftest.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.tiny_config_kwargs(**overrides)
+    return module
+
+
+def _tiny_config_kwargs(**overrides) -> dict:
+    return _tests_conftest().tiny_config_kwargs(**overrides)
 
 
 def _test_images():
@@ -170,7 +175,17 @@ def remote_code(work_dir: Path) -> dict:
     }
 
 
-SCENARIOS = {"push": push, "pull": pull, "remote-code": remote_code}
+def script_push(work_dir: Path) -> dict:
+    """Run the image-classification training script with `--push_to_hub`, as a user would."""
+    from cropr.training.run import run
+
+    output_dir = work_dir / "script"
+    argv = [*_tests_conftest().TINY_RUN, "--output_dir", str(output_dir), "--push_to_hub", "true"]
+    results = run("image-classification", [*argv, "--hub_model_id", SCRIPT_REPO])
+    return {"output_dir": results["output_dir"]}
+
+
+SCENARIOS = {"push": push, "pull": pull, "remote-code": remote_code, "script-push": script_push}
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ One `push` process pushes a tiny classifier with `push_to_hub` (model + image pr
 `cropr.tools.hub.push_inference_checkpoint` (stripped and with training parameters) and through
 `Trainer(push_to_hub=True)`;
 a `pull` process loads every repo by id with cropr installed, and a `remote-code` process loads it with
-`trust_remote_code=True` where `import cropr` fails. The tests compare what each process saw.
+`trust_remote_code=True` where `import cropr` fails; a `script-push` process runs a training script with
+`--push_to_hub`. The tests compare what each process saw.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from safetensors.torch import load as load_safetensors
 from cropr import CroprViTConfig, CroprViTForImageClassification
 from cropr.tools.hub import push_inference_checkpoint
 
-from .hub_client import CLASSIFIER_REPO, FASHION_LABELS, INFERENCE_REPO, TRAINER_REPO, TRAINING_REPO
+from .hub_client import CLASSIFIER_REPO, FASHION_LABELS, INFERENCE_REPO, SCRIPT_REPO, TRAINER_REPO, TRAINING_REPO
 from .local_hub import LocalHub
 
 SHA = re.compile(r"[0-9a-f]{40}")
@@ -98,6 +100,17 @@ def test_trainer_push_to_hub_uploads_a_loadable_checkpoint(local_hub, pushed, pu
     assert local_hub.repos[TRAINER_REPO].branches["main"] == pushed["trainer_commit"]
     assert torch.equal(pulled["trainer_logits"], pushed["trainer_logits"])
     assert len(pulled["trainer_pipeline_scores"]) == 10
+
+
+def test_training_script_push_to_hub_uploads_the_stripped_checkpoint(local_hub, run_client):
+    output_dir = Path(run_client("script-push")["output_dir"])
+    files = local_hub.files(SCRIPT_REPO)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files.keys()
+    # What the script saved locally, byte for byte: the stripped weights and the image processor.
+    for name in ("model.safetensors", "preprocessor_config.json"):
+        assert files[name] == (output_dir / name).read_bytes(), name
+    assert json.loads(files["config.json"])["inference_only"] is True
+    assert not any(TRAINING_ONLY.search(name) for name in weight_names(local_hub, SCRIPT_REPO))
 
 
 def test_trust_remote_code_round_trip_without_cropr(pushed, remote):
