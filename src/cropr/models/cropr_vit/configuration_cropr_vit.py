@@ -110,47 +110,78 @@ class CroprViTConfig(PreTrainedConfig):
     (Token Cropr, CVPR 2025). Defaults describe a ViT-B/16 at 224 px pruning 16 tokens after every block with Last
     Layer Fusion.
 
-    Backbone:
-        image_size (`int` or `(height, width)`, defaults to 224), patch_size (`int` or pair, defaults to 16),
-        num_channels (defaults to 3), hidden_size (768), num_hidden_layers (12), num_attention_heads (12),
-        intermediate_size (`int`, *optional*): MLP width; `None` means `mlp_ratio * hidden_size`.
-        mlp_ratio (defaults to 4), hidden_act (`"gelu"`), layer_norm_eps (1e-6), qkv_bias (`True`),
-        hidden_dropout_prob / attention_probs_dropout_prob (0.0),
-        drop_path_rate (`float`, defaults to 0.0): the stochastic-depth rate of the last block; rates rise linearly
-            from 0 over depth, and the last block gets 0 when `last_layer_fusion` is on.
-        initializer_range (0.02),
-        use_cls_token (`bool`, defaults to `True`): prepend a CLS token (always kept by every pruning module).
-        layerscale_value (`float`, *optional*): initial layer-scale value (DINOv2 backbones); `None` = no layer scale.
-        interpolate_pos_encoding (`bool`, defaults to `False`): default of the forward argument of the same name;
-            checkpoints converted from DINOv2 set it, as `Dinov2Model` always interpolates.
-            Other resolutions keep the schedule's ratios: with `interpolate_pos_encoding=True`, on an image of P
-            patches a module configured to remove R tokens removes round(R x P / `num_patches`), and at least one
-            patch token always stays, so every schedule fits every resolution (`patch_keep_counts(P)` gives the
-            counts). Without it, any input size other than `image_size` is an error.
-
-    Pruning:
-        pruning_rate (`int`, defaults to 16): tokens removed by each module of the per-block schedule:
-            one module after every block but the last (or the last two with Last Layer Fusion); the first removes one
-            more when a CLS token is present.
-        pruning_schedule (`list[int]`, *optional*): explicit tokens removed after each block (one entry per block,
-            0 = no module there); overrides `pruning_rate`. A stage schedule such as "50 after blocks 6, 12, 18" of a
-            24-block model is `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
-        last_layer_fusion (`bool`, defaults to `True`): restore every set-aside token before the last block so the
-            output is the full token map in raster order.
-        token_selector (`str`, defaults to `"cropr"`): one of "cropr", "random", "variance", "attention",
-            "non_salient", "none". "none" disables pruning entirely.
-        num_queries (`int`, defaults to 1): learned queries per Cropr module; the number of patches for segmentation.
-        aux_loss_weight (`float`, defaults to 1.0): total loss = main loss + weight x sum of the modules' aux losses.
-        aggregator_mlp (`bool`, defaults to `True`): residual LN + MLP on the aggregated tokens (training only).
-        pooling (`str`, defaults to `"avg"`): "avg" (mean over all output tokens, CLS included) or "cls".
-        inference_only (`bool`, defaults to `False`): set by `strip_training_modules()`; the checkpoint has no
-            queries, aggregators or auxiliary heads, only each module's aggregated query.
-        semantic_loss_ignore_index (`int`, defaults to 255): label ignored by the segmentation losses.
-        aux_ignored_labels (`list[int]`, *optional*): segmentation only: class ids that the Cropr modules' per-patch
-            auxiliary loss ignores too (the main loss still learns them). Meant for a dominant background class:
-            trained on it, the per-patch queries learn to look at background, and their summed scores keep background
-            patches and drop the objects (`docs/results.md`). ADE20k, the paper's benchmark, has no such class: its
-            "other" label is the ignore index for both losses.
+    Args:
+        image_size (`int` or `tuple[int, int]`, *optional*, defaults to 224):
+            The size of each image, or its `(height, width)`.
+        patch_size (`int` or `tuple[int, int]`, *optional*, defaults to 16):
+            The size of each patch, or its `(height, width)`.
+        num_channels (`int`, *optional*, defaults to 3):
+            The number of input channels.
+        hidden_size (`int`, *optional*, defaults to 768):
+            Dimensionality of the tokens; a multiple of `num_attention_heads`.
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of Transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Number of attention heads in each block.
+        intermediate_size (`int`, *optional*):
+            Width of the MLP; `None` means `mlp_ratio * hidden_size`.
+        mlp_ratio (`int`, *optional*, defaults to 4):
+            MLP width as a multiple of `hidden_size`, used when `intermediate_size` is `None`.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            The MLP's activation function.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            The epsilon of the blocks' and the final layer normalizations (> 0).
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query, key and value projections have a bias.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout probability of the attention output and the MLP.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout probability of the attention weights.
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Stochastic-depth rate of the last block; rates rise linearly from 0 over depth, and the last block gets 0
+            when `last_layer_fusion` is on.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of the weights.
+        use_cls_token (`bool`, *optional*, defaults to `True`):
+            Prepend a CLS token, which every pruning module keeps.
+        layerscale_value (`float`, *optional*):
+            Initial layer-scale value (DINOv2 backbones); `None` means no layer scale.
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+            Default of the forward argument of the same name; checkpoints converted from DINOv2 set it, as
+            `Dinov2Model` always interpolates. Other resolutions keep the schedule's ratios: on an image of P patches a
+            module configured to remove R tokens removes round(R x P / `num_patches`), and at least one patch token
+            always stays, so every schedule fits every resolution (`patch_keep_counts(P)` gives the counts). Without
+            it, any input size other than `image_size` is an error.
+        pruning_rate (`int`, *optional*, defaults to 16):
+            Tokens removed by each module of the per-block schedule: one module after every block but the last (or
+            the last two with Last Layer Fusion); the first removes one more when a CLS token is present.
+        pruning_schedule (`list[int]`, *optional*):
+            Explicit tokens removed after each block (one entry per block, 0 = no module there); overrides
+            `pruning_rate`. A stage schedule such as "50 after blocks 6, 12, 18" of a 24-block model is
+            `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
+        last_layer_fusion (`bool`, *optional*, defaults to `True`):
+            Restore every set-aside token before the last block, so the output is the full token map in raster order.
+        token_selector (`str`, *optional*, defaults to `"cropr"`):
+            One of "cropr", "random", "variance", "attention", "non_salient", "none"; "none" disables pruning.
+        num_queries (`int`, *optional*, defaults to 1):
+            Learned queries per Cropr module; the number of patches for segmentation.
+        aux_loss_weight (`float`, *optional*, defaults to 1.0):
+            Total loss = main loss + weight x the sum of the modules' auxiliary losses (finite, >= 0).
+        aggregator_mlp (`bool`, *optional*, defaults to `True`):
+            Residual LayerNorm + MLP on the aggregated tokens (training only).
+        pooling (`str`, *optional*, defaults to `"avg"`):
+            "avg" (mean over all output tokens, CLS included) or "cls".
+        inference_only (`bool`, *optional*, defaults to `False`):
+            Set by `strip_training_modules()`: the checkpoint has no queries, aggregators or auxiliary heads, only
+            each module's aggregated query.
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label ignored by the segmentation losses.
+        aux_ignored_labels (`list[int]`, *optional*):
+            Segmentation only: class ids that the Cropr modules' per-patch auxiliary loss ignores too (the main loss
+            still learns them). Meant for a dominant background class: trained on it, the per-patch queries learn to
+            look at background, and their summed scores keep background patches and drop the objects
+            (`docs/results.md`). ADE20k, the paper's benchmark, has no such class: its "other" label is the ignore
+            index for both losses.
 
     Example:
 
