@@ -90,7 +90,7 @@ def test_every_tensor_is_made_on_the_models_device(head, selector):
     assert output.logits.device.type == "meta" and output.kept_indices[-1].device.type == "meta"
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", ["base", *HEADS])
 def test_kept_indices_are_opt_in(head):
     model = build_tiny(head).eval()
     assert model(pixels()).kept_indices is None
