@@ -35,6 +35,8 @@ MUTANTS := 'cropr.models.cropr_vit.routing_cropr_vit.*' \
 	'cropr.models.cropr_vit.modeling_cropr_vit.x_sum_aux_losses__*' 'cropr.models.cropr_vit.modeling_cropr_vit.x_total_loss__*' \
 	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTPreTrainedModel*strip_training_modules__*' \
 	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTModel*forward__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTModel*_start_routing__*' \
+	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTModel*_prune__*' \
 	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTForImageClassification*forward__*' \
 	'cropr.models.cropr_vit.modeling_cropr_vit.x*CroprViTForSemanticSegmentation*forward__*'
 
