@@ -608,7 +608,7 @@ def render_markdown(results: dict[str, Any], notes: str | None = None) -> str:
         for name in task["heatmaps"]:
             lines += [f"**{task_name}**", "", f"![{task_name} heat-maps]({name})", ""]
     lines += [
-        "## Paper reference (DESIGN §7)",
+        "## Paper reference",
         "",
         "ImageNet-1k, MAE ViT-L/16 R=8 + LLF: unpruned 85.8, Cropr 85.3, attention top-k 84.7, variance 84.3, "
         "random 83.8, non-salient 76.4 (1.7x). ADE20k, EVA-02-L Segmenter R=40 + LLF: 56.6 vs 56.7 median mIoU "

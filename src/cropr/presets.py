@@ -7,7 +7,7 @@ from typing import Any
 from .models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ViT-B/16 at 224, R=16 per block + LLF: the FLOP ceiling of DESIGN §7 (~1.62x).
+    # ViT-B/16 at 224, R=16 per block + LLF: a FLOP ceiling of about 1.62x.
     "vit-b16": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
     # ViT-L/16 at 224, R=8 per block + LLF (~1.78x), the paper's ImageNet model.
     "vit-l16": dict(

@@ -7,7 +7,7 @@ from cropr.models.cropr_vit.configuration_cropr_vit import per_block_schedule
 
 def test_default_is_vit_b16_with_per_block_schedule_and_llf():
     config = CroprViTConfig()
-    # DESIGN §4: 197 -> 180 -> 164 -> ... -> 36, the last block sees all 197 tokens again.
+    # The per-block schedule: 197 -> 180 -> 164 -> ... -> 36, the last block sees all 197 tokens again.
     assert config.token_counts() == [197, 180, 164, 148, 132, 116, 100, 84, 68, 52, 36, 197]
     assert config.prune_counts == [17] + [16] * 9 + [0, 0]
     assert config.pruning_blocks == list(range(10))
@@ -40,7 +40,7 @@ def test_flops_match_the_design_formula_and_ceilings():
     per_block = 12 * tokens * width**2 + 2 * tokens**2 * width
     patch_embedding = 196 * 3 * 16 * 16 * width
     assert config.flops(pruned=False) == 12 * per_block + patch_embedding
-    # DESIGN §7: ViT-B/16 R=16 + LLF ~ 1.62x, ViT-L/16 R=8 + LLF ~ 1.78x.
+    # The FLOP ceilings: ViT-B/16 R=16 + LLF ~ 1.62x, ViT-L/16 R=8 + LLF ~ 1.78x.
     assert config.flop_ceiling() == pytest.approx(1.62, abs=0.01)
     large = CroprViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, pruning_rate=8)
     assert large.flop_ceiling() == pytest.approx(1.78, abs=0.01)
