@@ -225,6 +225,8 @@ def check_argument_conflicts(
                 "no Cropr modules: it would be ignored"
             )
     ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
+    if not 0.0 <= ramp <= 1.0:
+        raise RunError(f"--curriculum_ramp is a share of training, from 0 (no curriculum) to 1; got {ramp}")
     if pruning_args.curriculum_per_epoch and ramp == 0:
         raise RunError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
     if not do_train and resume_from_checkpoint:

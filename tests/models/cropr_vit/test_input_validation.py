@@ -321,6 +321,8 @@ BASE_ARGS = ["--preset", "tiny", "--image_size", "32", "--report_to", "none", "-
         ),
         ("image-classification", ["--pruning_rate", "2", "--pruning_schedule", "2,0,0,0"], "replaces --pruning_rate"),
         ("image-classification", ["--curriculum_per_epoch", "true"], "--curriculum_ramp is 0"),
+        ("image-classification", ["--curriculum_ramp", "-1"], "a share of training, from 0"),
+        ("semantic-segmentation", ["--curriculum_ramp", "1.5"], "a share of training, from 0"),
         ("image-classification", ["--do_eval"], "would evaluate untrained Cropr modules"),
         ("multi-label-classification", ["--do_eval", "--token_selector", "non_salient"], "untrained Cropr modules"),
         ("image-classification", ["--do_eval", "--resume_from_checkpoint", "x"], "this run does not train"),
