@@ -148,7 +148,7 @@ def freeze_early_blocks(model: CroprViTPreTrainedModel, num_blocks: int | None) 
     With layer decay the early blocks would move at a few percent of the head's lr anyway; freezing them skips their
     backward pass, which on a CPU budget buys more training steps for every selector alike.
     """
-    backbone = model.backbone
+    backbone = model.base_model
     num_blocks = len(backbone.layers) - 2 if num_blocks is None else num_blocks
     if num_blocks <= 0:
         return

@@ -298,7 +298,7 @@ def test_pruned_heads_forward_and_backward(dinov2_source, task, head_class):
     outputs = model(images(32), labels=labels)
     assert outputs.aux_loss is not None and torch.isfinite(outputs.loss)
     outputs.loss.backward()
-    backbone = model.backbone
+    backbone = model.base_model
     assert backbone.layers[0].attention.q_proj.weight.grad.abs().sum() > 0
     queries = next(iter(backbone.token_selector.routers.values())).queries
     assert queries.grad.abs().sum() > 0

@@ -168,7 +168,7 @@ def config_summary(config: CroprViTConfig, source: str) -> dict[str, Any]:
         "num_queries": config.num_queries,
         "last_layer_fusion": config.last_layer_fusion,
         "pruning_blocks": config.pruning_blocks,
-        "prune_counts": config.prune_counts,
+        "effective_pruning_schedule": config.effective_pruning_schedule,
         "token_counts": config.token_counts(),
         "gmacs_unpruned": config.flops(pruned=False) / 1e9,
         "gmacs_pruned": config.flops(pruned=True) / 1e9,
@@ -197,7 +197,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("last layer fusion", "yes" if summary["last_layer_fusion"] else "no"),
         ("pruning after blocks", f"{blocks} (0-based)"),
         ("tokens per block", " ".join(map(str, summary["token_counts"]))),
-        ("dropped after block", " ".join(map(str, summary["prune_counts"]))),
+        ("dropped after block", " ".join(map(str, summary["effective_pruning_schedule"]))),
         ("GMACs (backbone)", f"unpruned {summary['gmacs_unpruned']:.4g}, pruned {summary['gmacs_pruned']:.4g}"),
         ("FLOP ceiling", f"{summary['flop_ceiling']:.2f}x"),
         (

@@ -436,7 +436,7 @@ def from_backbone(
     state_dict = convert_backbone_state_dict(
         source_model.state_dict(), family.model_type, source_grid=source_grid, target_grid=config.patch_grid
     )
-    load_backbone_weights(model.backbone, state_dict, f"the {family.model_type!r} source")
+    load_backbone_weights(model.base_model, state_dict, f"the {family.model_type!r} source")
 
     normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
     height, width = config.image_size_hw

@@ -57,7 +57,7 @@ def test_drop_block_map_matches_model_token_counts():
         outputs = model(torch.randn(1, 3, 32, 32), output_kept_indices=True)
     drop_map = drop_block_map([k[0] for k in outputs.kept_indices], config.pruning_blocks, config.patch_grid, 1)
     for block, removed in zip(config.pruning_blocks, (4, 3), strict=True):  # the first module also counts the CLS
-        assert (drop_map == block).sum() == config.prune_counts[block] == removed
+        assert (drop_map == block).sum() == config.effective_pruning_schedule[block] == removed
     assert (drop_map == NEVER_DROPPED).sum() == config.patch_keep_counts()[-1]
 
 

@@ -55,7 +55,7 @@ class FractionRecorder(TrainerCallback):
         self.fractions: dict[int, float] = {}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.fractions[state.global_step] = model.backbone.pruning_fraction
+        self.fractions[state.global_step] = model.base_model.pruning_fraction
 
 
 class StopAfterSave(TrainerCallback):
@@ -139,7 +139,7 @@ def test_resumed_run_continues_the_curriculum_and_matches_the_uninterrupted_run(
     resumed_state = second.model.eval().state_dict()
     for name, tensor in uninterrupted.model.eval().state_dict().items():
         assert torch.equal(tensor, resumed_state[name]), name
-    assert second.model.backbone.pruning_fraction == 1.0  # left at the target schedule
+    assert second.model.base_model.pruning_fraction == 1.0  # left at the target schedule
 
 
 # The training scripts: a run stopped after its checkpoint and resumed with `--resume_from_checkpoint latest` ends

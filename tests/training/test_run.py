@@ -77,7 +77,7 @@ def test_pruning_arguments_reach_the_config(tmp_path, monkeypatch):
     assert [norm for norm in clip_norms if norm != math.inf] == [0.5] * 3  # clipped at every step once asked for
     config = CroprViTConfig.from_pretrained(tmp_path)
     assert config.token_selector == "variance"
-    assert config.prune_counts == [4, 0, 0, 0]
+    assert config.effective_pruning_schedule == [4, 0, 0, 0]
     assert not config.last_layer_fusion
 
 
@@ -181,7 +181,7 @@ def test_backbone_runs_get_the_papers_pruning_regime(tmp_path):
     run("image-classification", argv + ["--output_dir", str(tmp_path / "out"), "--backbone", str(backbone)])
     config = CroprViTConfig.from_pretrained(tmp_path / "out")
     # 16 patches, 2 modules (4 blocks with LLF): 80% of the patches, i.e. 13, set aside as evenly as possible.
-    assert config.prune_counts == [7, 6, 0, 0]
+    assert config.effective_pruning_schedule == [7, 6, 0, 0]
 
 
 def test_a_plain_vit_checkpoint_is_pointed_to_backbone_in_one_line(tmp_path):

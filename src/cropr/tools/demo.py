@@ -132,8 +132,8 @@ class DemoCheckpoint:
         modules = config.num_per_block_modules
         if config.token_selector == "none" or config.pruning_schedule is not None or modules == 0:
             return None
-        # At rate R the modules remove R tokens each, plus the CLS token once (`prune_counts`), and one patch must
-        # remain (`check_values`).
+        # At rate R the modules remove R tokens each, plus the CLS token once (`effective_pruning_schedule`), and
+        # one patch must remain (`check_values`).
         return 0, (config.num_patches - 1 - config.num_prefix_tokens) // modules
 
     def at_rate(self, rate: int | None) -> CroprViTPreTrainedModel:
@@ -143,8 +143,8 @@ class DemoCheckpoint:
         allowed = self.rate_range()
         if allowed is None:
             raise DemoError(
-                f"{self.source!r} prunes with a fixed schedule ({self.config.prune_counts}); it has no pruning rate "
-                "to change."
+                f"{self.source!r} prunes with a fixed schedule ({self.config.effective_pruning_schedule}); it has no "
+                "pruning rate to change."
             )
         if not allowed[0] <= rate <= allowed[1]:
             raise DemoError(f"The pruning rate must be in {allowed[0]}..{allowed[1]} for this model, got {rate}.")
@@ -164,7 +164,7 @@ class DemoCheckpoint:
         config = self.config
         height, width = config.image_size_hw
         rate = self.trained_rate
-        schedule = f"R={rate} per block" if rate is not None else f"schedule {config.prune_counts}"
+        schedule = f"R={rate} per block" if rate is not None else f"schedule {config.effective_pruning_schedule}"
         return (
             f"{self.model_class.__name__} ({self.task}, {config.num_labels} classes), {height}x{width} input, "
             f"{config.num_patches} patches, {config.num_hidden_layers} blocks of width {config.hidden_size}; "

@@ -45,7 +45,7 @@ class _MainOutput(nn.Module):
 
 def main_output_name(model: CroprViTPreTrainedModel) -> str:
     """Name of the tensor `export_onnx` writes as the graph output: "logits" for task heads, else the features."""
-    return "last_hidden_state" if model is model.backbone else "logits"
+    return "last_hidden_state" if model is model.base_model else "logits"
 
 
 def export_onnx(

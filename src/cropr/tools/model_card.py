@@ -419,7 +419,7 @@ def _details(model: CroprViTPreTrainedModel, measurements: Measurements, task_na
 
 
 def _schedule(config: CroprViTConfig) -> str:
-    counts, removed = config.token_counts(), config.prune_counts
+    counts, removed = config.token_counts(), config.effective_pruning_schedule
     arrow = " → ".join(str(count) for count in counts)
     prefix = " (CLS included)" if config.use_cls_token else ""
     rows = "\n".join(f"| {block} | {count} | {removed[block]} |" for block, count in enumerate(counts))

@@ -9,20 +9,20 @@ def test_default_is_vit_b16_with_per_block_schedule_and_llf():
     config = CroprViTConfig()
     # The per-block schedule: 197 -> 180 -> 164 -> ... -> 36, the last block sees all 197 tokens again.
     assert config.token_counts() == [197, 180, 164, 148, 132, 116, 100, 84, 68, 52, 36, 197]
-    assert config.prune_counts == [17] + [16] * 9 + [0, 0]
+    assert config.effective_pruning_schedule == [17] + [16] * 9 + [0, 0]
     assert config.pruning_blocks == list(range(10))
     assert config.token_counts(pruned=False) == [197] * 12
 
 
 def test_schedule_without_llf_prunes_after_every_block_but_the_last():
     config = CroprViTConfig(last_layer_fusion=False, pruning_rate=8)
-    assert config.prune_counts == [9] + [8] * 10 + [0]
+    assert config.effective_pruning_schedule == [9] + [8] * 10 + [0]
     assert config.token_counts()[-1] == 197 - 9 - 8 * 10
 
 
 def test_without_cls_the_first_module_prunes_exactly_the_rate():
     config = CroprViTConfig(use_cls_token=False, pruning_rate=16)
-    assert config.prune_counts[0] == 16
+    assert config.effective_pruning_schedule[0] == 16
     assert config.token_counts()[:3] == [196, 180, 164]
 
 
@@ -62,7 +62,7 @@ def test_json_round_trip_keeps_the_schedule(tmp_path):
     config = CroprViTConfig(**tiny_config_kwargs(pruning_schedule=[2, 3, 0, 0], token_selector="variance"))
     config.save_pretrained(tmp_path)
     loaded = CroprViTConfig.from_pretrained(tmp_path)
-    assert loaded.prune_counts == [2, 3, 0, 0]
+    assert loaded.effective_pruning_schedule == [2, 3, 0, 0]
     assert loaded.token_selector == "variance"
     assert loaded.num_labels == 5
 

@@ -1,6 +1,6 @@
 """Same seed, same model, same outputs: initialisation, training forwards (dropout and drop-path on), every selector.
 
-The random selector draws from `model.backbone.token_selector.generator` when one is set (independent of the global
+The random selector draws from `model.base_model.token_selector.generator` when one is set (independent of the global
 RNG), otherwise from the global RNG.
 """
 
@@ -31,7 +31,7 @@ def labels_for(head: str) -> torch.Tensor:
 def run_once(model, head: str, seed: int, generator_seed: int | None = None) -> dict[str, object]:
     """One training step's loss, gradients and kept tokens, then eval logits, from a given global seed."""
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    selector = model.backbone.token_selector
+    selector = model.base_model.token_selector
     selector.generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)

@@ -378,7 +378,7 @@ def test_another_label_set_needs_ignore_mismatched_sizes(variance_checkpoint):
     model, _ = build_model(task, model_args, PruningArguments(), labels, 56)
     assert model.classifier.linear.out_features == 3 and model.config.id2label == labels
     saved = CroprViTForImageClassification.from_pretrained(variance_checkpoint)
-    assert torch.equal(model.backbone.layers[0].mlp.fc1.weight, saved.backbone.layers[0].mlp.fc1.weight)
+    assert torch.equal(model.base_model.layers[0].mlp.fc1.weight, saved.base_model.layers[0].mlp.fc1.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

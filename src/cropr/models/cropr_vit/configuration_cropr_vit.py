@@ -246,10 +246,6 @@ class CroprViTConfig(PreTrainedConfig):
         # Raised here, not in a strict `validate_*` hook, so that callers get a plain ValueError.
         self.check_values()
 
-    def validate_cropr_fields(self):
-        """Part of `@strict` validation (run again at save time, after attributes may have been changed)."""
-        self.check_values()
-
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """`PreTrainedConfig.from_dict` that refuses another model's config (transformers only warns), checks the
@@ -298,8 +294,9 @@ class CroprViTConfig(PreTrainedConfig):
         return 1 if self.use_cls_token else 0
 
     @property
-    def prune_counts(self) -> list[int]:
-        """Tokens removed after each block (one entry per block) at `image_size`."""
+    def effective_pruning_schedule(self) -> list[int]:
+        """Tokens removed after each block (one entry per block) at `image_size`: `pruning_schedule` when set,
+        otherwise what `pruning_rate` gives, all zeros with `token_selector="none"`."""
         depth = self.num_hidden_layers
         if self.token_selector == "none":
             return [0] * depth
@@ -320,7 +317,7 @@ class CroprViTConfig(PreTrainedConfig):
     @property
     def pruning_blocks(self) -> list[int]:
         """Indices of the blocks followed by a pruning module."""
-        return [block for block, count in enumerate(self.prune_counts) if count > 0]
+        return [block for block, count in enumerate(self.effective_pruning_schedule) if count > 0]
 
     def patch_keep_counts(self, num_patches: int | None = None, fraction: float = 1.0) -> list[int]:
         """Patch tokens left after each block's module (CLS not counted).
@@ -333,7 +330,7 @@ class CroprViTConfig(PreTrainedConfig):
         # int(): under tracing (legacy ONNX export) the patch count arrives as a tensor; the schedule stays static.
         num_patches = reference if num_patches is None else int(num_patches)
         remaining, counts = num_patches, []
-        for removed in self.prune_counts:
+        for removed in self.effective_pruning_schedule:
             if removed:
                 scaled = removed * fraction * num_patches / reference
                 remaining = max(1, remaining - round(scaled))
@@ -344,7 +341,7 @@ class CroprViTConfig(PreTrainedConfig):
         """Tokens (CLS included) that each block sees at `image_size`."""
         tokens = self.num_patches + self.num_prefix_tokens
         counts = []
-        for block, removed in enumerate(self.prune_counts):
+        for block, removed in enumerate(self.effective_pruning_schedule):
             is_last = block == self.num_hidden_layers - 1
             if pruned and is_last and self.last_layer_fusion:
                 tokens = self.num_patches + self.num_prefix_tokens
@@ -377,7 +374,12 @@ class CroprViTConfig(PreTrainedConfig):
     # Validation
     # ----------------------------------------------------------------------------------------------------------
     def check_values(self) -> None:
-        """Raise a `ValueError` naming the field and the numbers when a value cannot work."""
+        """Raise a `ValueError` naming the field and the numbers when a value cannot work.
+
+        The one check of the config's values. It runs when a config is built, after `from_dict` applies overrides,
+        and when a model is built from a config or finds its config changed (`CroprViTPreTrainedModel.check_config`,
+        at every forward and before saving).
+        """
         positive = {
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -475,7 +477,7 @@ class CroprViTConfig(PreTrainedConfig):
             negative = [count for count in self.pruning_schedule if count < 0]
             if negative:
                 raise ValueError(f"`pruning_schedule` entries must be >= 0, got {list(self.pruning_schedule)}.")
-        counts = self.prune_counts
+        counts = self.effective_pruning_schedule
         if counts[-1] > 0:
             raise ValueError(
                 f"`pruning_schedule` prunes {counts[-1]} tokens after the last block ({depth - 1}), "

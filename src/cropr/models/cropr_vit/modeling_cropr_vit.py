@@ -472,10 +472,6 @@ class CroprViTPreTrainedModel(PreTrainedModel):
             # ever loaded, and loading refuses one that is missing).
             init.zeros_(module.aggregated_query)
 
-    @property
-    def backbone(self) -> "CroprViTModel":
-        return getattr(self, self.base_model_prefix, self)
-
     def set_pruning_fraction(self, fraction: float) -> None:
         """Scale every module's removal count in training mode (0 = keep all tokens, 1 = the configured schedule).
 
@@ -485,7 +481,7 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"pruning fraction must be in [0, 1], got {fraction}")
-        self.backbone.pruning_fraction = float(fraction)
+        self.base_model.pruning_fraction = float(fraction)
 
     def strip_training_modules(self) -> "CroprViTPreTrainedModel":
         """Remove every training-only parameter (queries, aggregators, auxiliary heads) for an inference checkpoint.
@@ -494,7 +490,7 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         eval outputs are unchanged. The config is marked `inference_only=True` so `from_pretrained` rebuilds the
         stripped shape. A stripped model can still be fine-tuned: its routers then stay frozen.
         """
-        selector = self.backbone.token_selector
+        selector = self.base_model.token_selector
         if selector.routers is not None:
             for router in selector.routers.values():
                 router.refresh_aggregated_query()
@@ -507,7 +503,7 @@ class CroprViTPreTrainedModel(PreTrainedModel):
 
     def refresh_routers(self) -> None:
         """Recompute every Cropr module's aggregated query from its queries (they drift apart while training)."""
-        routers = self.backbone.token_selector.routers
+        routers = self.base_model.token_selector.routers
         for router in routers.values() if routers is not None else ():
             router.refresh_aggregated_query()
 
