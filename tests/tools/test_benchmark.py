@@ -2,6 +2,7 @@
 claims come from `scripts/benchmark.py` on a quiet machine, not from unit tests."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from cropr.tools.benchmark import (
     parse_args,
     run_benchmark,
 )
+from cropr.tools.timing import interleaved_timings
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,10 @@ def test_report_has_every_variant_dtype_and_batch_size(report):
         metrics = entry["metrics"]
         for key in ("speedup_cropr", "speedup_random", "ceiling_fraction", "router_overhead", "none_vs_hf"):
             assert isinstance(metrics[key], float)
+        for key in ("speedup_ideal", "ideal_ceiling_fraction", "routing_cost"):
+            assert isinstance(metrics[key], float)
+        cropr, ideal = (entry["variants"][name]["throughput"] for name in ("cropr", "ideal"))
+        assert metrics["routing_cost"] == pytest.approx(ideal / cropr - 1.0)
         assert metrics["ceiling_fraction"] == pytest.approx(metrics["speedup_cropr"] / metrics["flop_ceiling"])
         assert len(metrics["targets"]) == 3
 
@@ -60,6 +66,7 @@ def test_report_analytic_numbers_are_the_tiny_presets(report):
     flops = report["flops"]
     assert flops["none"]["analytic_macs"] == flops["hf"]["analytic_macs"] == TINY_UNPRUNED_MACS
     assert flops["cropr"]["analytic_macs"] == flops["random"]["analytic_macs"] == TINY_PRUNED_MACS
+    assert flops["ideal"]["analytic_macs"] == TINY_PRUNED_MACS
     for item in flops.values():
         # The counter misses only the router's matrix-vector products: well under 1% of the backbone.
         assert item["counted_macs"] == pytest.approx(item["analytic_macs"], rel=0.01)
@@ -130,6 +137,9 @@ def test_invalid_requests_raise_clear_errors(monkeypatch):
         (["--min-time", "nan"], "argument --min-time: expected a finite number >= 0"),
         (["--dtypes", "fp16", "--device", "cpu"], "fp16 autocast is for CUDA"),
         (["--pruning-rate", "99"], "The pruning schedule removes"),
+        (["--clock", "cpu"], "--clock cpu counts this process's CPU seconds"),
+        (["--clock", "cpu", "--threads", "2"], "with --threads 1"),
+        (["--clock", "gpu"], "argument --clock: invalid choice"),
         (["--set", 'hidden_size="wide"'], "hidden_size"),
     ],
 )
@@ -150,3 +160,36 @@ def test_bad_options_end_in_one_usage_error_line(arguments, fragment, capsys, mo
 def test_pruning_schedule_accepts_blocks_without_pruning():
     options = parse_args(["--preset", "tiny", "--device", "cpu", "--pruning-schedule", "0,3,0,0"])
     assert build_config(options.preset, options.overrides).pruning_blocks == [1]
+
+
+def test_ideal_routing_runs_the_blocks_on_the_pruned_token_counts():
+    """`ideal` times the same blocks on the same sequence lengths as `cropr`, or its ratio explains nothing."""
+    inference = build_inference_models(BenchmarkOptions(preset="tiny"))
+    ideal, config = inference.models["ideal"], inference.configs["ideal"]
+    assert config.token_selector == "cropr"  # the schedule it follows is the pruned one
+    lengths = []
+    for layer in ideal.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.inference_mode():
+        output = ideal(torch.randn(2, 3, 32, 32)).last_hidden_state
+    assert lengths == config.token_counts() == TINY_TOKEN_COUNTS
+    assert output.shape == (2, 17, 32)  # Last Layer Fusion: the full token map
+    assert ideal.model.config.token_selector == "none"
+
+
+def test_cpu_clock_counts_this_process_only():
+    """A step that waits (as when other processes hold the cores) costs wall time, not CPU time."""
+    step = lambda: time.sleep(0.05)  # noqa: E731
+    wall = interleaved_timings({"wait": step}, torch.device("cpu"), warmup=1, repeats=1)
+    cpu = interleaved_timings({"wait": step}, torch.device("cpu"), warmup=1, repeats=1, clock="cpu")
+    assert wall["wait"][0] >= 0.05 and cpu["wait"][0] < 0.01
+    with pytest.raises(ValueError, match="Unknown clock 'gpu'"):
+        interleaved_timings({"wait": step}, torch.device("cpu"), clock="gpu")
+
+
+def test_cpu_clock_run_records_its_clock(tmp_path):
+    path = tmp_path / "results.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batch-sizes", "1", "--repeats", "1"]
+    argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "0", "--no-flop-count"]
+    assert main([*argv, "--clock", "cpu", "--output", str(path), "--quiet"]) == 0
+    assert json.loads(path.read_text())["environment"]["clock"] == "cpu"

@@ -6,12 +6,15 @@ rotated order), and the median over repeats is reported. Variants:
 - `hf`: transformers' `ViTModel` (`add_pooling_layer=False`) or `Dinov2Model` of the same shape, SDPA attention;
 - `none`: `CroprViTModel` without pruning, holding the same weights as `hf` (its output is checked to be equal);
 - `random`: the same weights with the random selector and the schedule of the preset;
-- `cropr`: the same weights with Cropr routers (eval, stripped with `strip_training_modules()`).
+- `cropr`: the same weights with Cropr routers (eval, stripped with `strip_training_modules()`);
+- `ideal`: the same blocks on the same token counts as `cropr` with routing that costs nothing ([`IdealRouting`]).
 
 Derived numbers per dtype and batch size: speedup of `cropr` (and `random`) over `none`, its ratio to the analytic
 FLOP ceiling, the router overhead `time(cropr) / time(random) - 1` and the `none` / `hf` throughput ratio. A training
 step (forward + backward + AdamW, aux heads active) of `none`, `random` and `cropr` shows what pruning saves and
-the auxiliary heads cost in training.
+the auxiliary heads cost in training. `ideal` splits the gap between the measured speedup and the FLOP ceiling: its
+speedup over `none` is what the blocks allow on this machine (short sequences use the hardware less well than their
+FLOP count says), and `time(cropr) / time(ideal) - 1` is what routing costs.
 
 Run `python scripts/benchmark.py --help`; the numbers of the project's README come from
 `python scripts/benchmark.py --preset vit-b16 --output results.json` on a quiet machine.
@@ -35,15 +38,17 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..conversion import convert_backbone_state_dict, load_backbone_weights
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
 from .argtypes import bounded_int, int_list, non_negative_float, output_file, parse_schedule
-from .timing import available_cores, interleaved_timings, machine_environment
+from .timing import CLOCKS, available_cores, interleaved_timings, machine_environment
 
-INFERENCE_VARIANTS = ("hf", "none", "random", "cropr")
+INFERENCE_VARIANTS = ("hf", "none", "random", "cropr", "ideal")
+PRUNED_VARIANTS = ("random", "cropr", "ideal")
 TRAINING_VARIANTS = ("none", "random", "cropr")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Targets of the "Performance" issue, checked at every dtype and batch size.
@@ -110,6 +115,7 @@ class BenchmarkOptions:
     train_repeats: int = 5
     count_flops: bool = True
     seed: int = 0
+    clock: str = "wall"
     quiet: bool = False
     output: str | None = None
     markdown: str | None = None
@@ -175,6 +181,40 @@ def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
     raise ValueError(f"Unknown model family {family!r}: 'vit' or 'dinov2'.")
 
 
+class IdealRouting(nn.Module):
+    """The blocks of `model` (an unpruned `CroprViTModel`) on the token counts of `schedule`, routed for free.
+
+    After each module of the schedule it keeps the first K tokens (a slice: no scores, no gather), and Last Layer
+    Fusion hands the last block the embeddings' full token map: the same blocks on the same numbers of tokens as the
+    pruned model, without any routing operation. A timing reference only; its outputs mean nothing.
+    """
+
+    def __init__(self, model: CroprViTModel, schedule: CroprViTConfig):
+        super().__init__()
+        self.model = model
+        self.keep_counts = schedule.patch_keep_counts()
+        self.pruning_blocks = frozenset(schedule.pruning_blocks)
+        self.fuse = schedule.last_layer_fusion and bool(self.pruning_blocks)
+
+    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        model = self.model
+        hidden_states = embedded = model.embeddings(pixel_values, False)
+        num_prefix, last_block = model.config.num_prefix_tokens, len(model.layers) - 1
+        for block, layer in enumerate(model.layers):
+            if block == last_block and self.fuse:
+                hidden_states = embedded
+            hidden_states, _ = layer(hidden_states)
+            if block in self.pruning_blocks:
+                hidden_states = hidden_states[:, : num_prefix + self.keep_counts[block]]
+        sequence_output = model.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output.mean(dim=1))
+
+
+def selector_of(variant: str) -> str:
+    """The `token_selector` of a variant's CroprViT config (`hf` and `ideal` run unpruned CroprViT blocks)."""
+    return "none" if variant in ("hf", "ideal") else variant
+
+
 @dataclass
 class InferenceModels:
     """The eval models of one benchmark, sharing backbone weights."""
@@ -186,7 +226,7 @@ class InferenceModels:
 
 
 def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
-    """`hf`, `none`, `random` and `cropr` (the ones in `options.variants`) in eval mode, same backbone weights."""
+    """`hf`, `none`, `random`, `cropr` and `ideal` (those in `options.variants`) in eval mode, same backbone weights."""
     preset = PRESETS[options.preset]
     config = build_config(options.preset, options.overrides)
     torch.manual_seed(options.seed)
@@ -199,12 +239,14 @@ def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
             models[variant] = hf_model
             configs[variant] = build_config(options.preset, options.overrides, token_selector="none")
             continue
-        variant_config = build_config(options.preset, options.overrides, token_selector=variant)
+        variant_config = build_config(options.preset, options.overrides, token_selector=selector_of(variant))
         model = CroprViTModel(variant_config)
         load_backbone_weights(model, backbone_state, f"transformers' {preset.family} baseline")
         model.eval()
         if variant == "cropr":
             model.strip_training_modules()
+        if variant == "ideal":
+            model, variant_config = IdealRouting(model, config), config
         models[variant] = model
         configs[variant] = variant_config
     return InferenceModels(config=config, models=models, configs=configs, backbone_state=backbone_state)
@@ -220,7 +262,7 @@ def check_outputs(
     batch_size = pixel_values.shape[0]
     full_shape = (batch_size, config.num_patches + config.num_prefix_tokens, config.hidden_size)
     for name, output in outputs.items():
-        pruned = name in ("random", "cropr")
+        pruned = name in PRUNED_VARIANTS
         if pruned and not config.last_layer_fusion:
             kept = config.patch_keep_counts()[config.pruning_blocks[-1]] + config.num_prefix_tokens
             expected = (batch_size, kept, config.hidden_size)
@@ -303,8 +345,8 @@ def derived_metrics(results: dict[str, dict[str, Any]], flop_ceiling: float) -> 
 
 
 def _ratios(results: dict[str, dict[str, Any]], key: str, flop_ceiling: float) -> dict[str, float]:
-    none, hf, random, cropr = (
-        results[name][key] if name in results else None for name in ("none", "hf", "random", "cropr")
+    none, hf, random, cropr, ideal = (
+        results[name][key] if name in results else None for name in ("none", "hf", "random", "cropr", "ideal")
     )
     ratios = {}
     if none and cropr:
@@ -316,6 +358,11 @@ def _ratios(results: dict[str, dict[str, Any]], key: str, flop_ceiling: float) -
         ratios["router_overhead"] = random / cropr - 1.0
     if none and hf:
         ratios["none_vs_hf"] = none / hf
+    if none and ideal:
+        ratios["speedup_ideal"] = ideal / none
+        ratios["ideal_ceiling_fraction"] = ratios["speedup_ideal"] / flop_ceiling
+    if ideal and cropr:
+        ratios["routing_cost"] = ideal / cropr - 1.0
     return ratios
 
 
@@ -348,7 +395,7 @@ def benchmark_inference(
             pixel_values = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
             steps = {name: _inference_step(model, pixel_values, device, dtype_name) for name, model in runnable.items()}
             samples = interleaved_timings(
-                steps, device, options.warmup, options.repeats, options.min_time, progress=progress
+                steps, device, options.warmup, options.repeats, options.min_time, progress, options.clock
             )
             results = {name: timing_summary(samples[name], batch_size) for name in steps}
             entries.append(
@@ -403,7 +450,9 @@ def benchmark_training(
         def progress(message: str, dtype_name=dtype_name) -> None:
             log(f"training {dtype_name} batch {batch_size}: {message}", options.quiet)
 
-        samples = interleaved_timings(steps, device, max(options.warmup, 2), options.train_repeats, 0.0, progress)
+        samples = interleaved_timings(
+            steps, device, max(options.warmup, 2), options.train_repeats, 0.0, progress, options.clock
+        )
         results = {name: timing_summary(samples[name], batch_size) for name in steps}
         none, random, cropr = (results[name]["median_s"] for name in TRAINING_VARIANTS)
         entries.append(
@@ -448,6 +497,7 @@ def environment(options: BenchmarkOptions, device: torch.device) -> dict[str, An
         "device": str(device),
         "dtypes": options.dtypes,
         "batch_sizes": options.batch_sizes,
+        "clock": options.clock,
         "compile": (options.compile_backend + (f" {options.compile_mode}" if options.compile_mode else ""))
         if options.compile
         else None,
@@ -497,7 +547,14 @@ def check_options(options: BenchmarkOptions) -> None:
         raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU.")
     config = build_config(options.preset, options.overrides)
     for variant in options.variants:
-        build_config(options.preset, options.overrides, token_selector="none" if variant == "hf" else variant)
+        build_config(options.preset, options.overrides, token_selector=selector_of(variant))
+    if options.clock not in CLOCKS:
+        raise ValueError(f"Unknown clock {options.clock!r}; choose from {sorted(CLOCKS)}.")
+    if options.clock == "cpu" and (check_device(options.device).type != "cpu" or options.threads != 1):
+        raise ValueError(
+            "--clock cpu counts this process's CPU seconds, a fair clock only on the CPU with --threads 1 (more "
+            "threads also count their idle spinning)."
+        )
     if "hf" in options.variants:
         with torch.device("meta"):  # checks that transformers' model can take the shape, allocating nothing
             build_hf_model(PRESETS[options.preset].family, config)
@@ -523,7 +580,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
     flops: dict[str, dict[str, Any]] = {}
     for name, model in inference.models.items():
         variant_config = inference.configs[name]
-        analytic = variant_config.flops(pruned=name in ("random", "cropr"))
+        analytic = variant_config.flops(pruned=name in PRUNED_VARIANTS)
         flops[name] = {"analytic_macs": analytic, "counted_macs": None}
         if options.count_flops:
             flops[name]["counted_macs"] = counted_macs(model, check_input[:1])
@@ -569,6 +626,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"CroprViT benchmark — {report['description']}",
         f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_model']}, "
         f"{env['torch_threads']} thread(s), device {env['device']}"
+        + (", CPU-time clock" if env.get("clock") == "cpu" else "")
         + (f" ({env['gpu']})" if "gpu" in env else "")
         + (f", torch.compile {env['compile']}" if env["compile"] else ""),
         f"tokens per block: {report['token_counts']}",
@@ -583,7 +641,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     variants = list(report["inference"][0]["variants"]) if report["inference"] else []
     header = f"{'dtype':<5} {'batch':>5} " + " ".join(f"{name + ' img/s':>12}" for name in variants)
-    header += f" {'speedup':>8} {'x ceil':>7} {'router':>7} {'none/hf':>8} {'best x ceil':>11}  targets"
+    header += f" {'speedup':>8} {'x ceil':>7} {'router':>7} {'none/hf':>8} {'best x ceil':>11}"
+    header += f" {'ideal':>7} {'x ceil':>7} {'routing':>8}  targets"
     lines += ["Inference throughput (median over repeats)", header]
     for entry in report["inference"]:
         metrics = entry["metrics"]
@@ -595,6 +654,9 @@ def format_report(report: dict[str, Any]) -> str:
             (metrics.get("router_overhead"), "{:+.1%}", 7),
             (metrics.get("none_vs_hf"), "{:.3f}", 8),
             (metrics["best"].get("ceiling_fraction"), "{:.3f}", 11),
+            (metrics.get("speedup_ideal"), "{:.3f}x", 7),
+            (metrics.get("ideal_ceiling_fraction"), "{:.3f}", 7),
+            (metrics.get("routing_cost"), "{:+.1%}", 8),
         )
         row += "".join(f" {format_optional(value, pattern):>{width}}" for value, pattern, width in columns) + "  "
         row += ", ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in metrics["targets"].items())
@@ -684,6 +746,13 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument("--train-repeats", type=bounded_int(1), default=5)
     parser.add_argument("--no-flop-count", dest="count_flops", action="store_false", help="skip FlopCounterMode")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU seconds, unaffected by other processes on a shared "
+        "machine (needs --threads 1)",
+    )
     parser.add_argument("--output", type=output_file, help="write the JSON report here")
     parser.add_argument(
         "--markdown", type=output_file, help="append a markdown section (command, machine load, table) to this file"
@@ -722,6 +791,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         train_repeats=args.train_repeats,
         count_flops=args.count_flops,
         seed=args.seed,
+        clock=args.clock,
         quiet=args.quiet,
         output=None if args.output is None else str(args.output),
         markdown=None if args.markdown is None else str(args.markdown),

@@ -25,14 +25,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(step: Callable[[], Any], iterations: int, device: torch.device) -> float:
-    """Seconds per call of `step`, over `iterations` back-to-back calls."""
+# "wall": elapsed time. "cpu": CPU seconds of this process (all its threads), which other processes on a shared
+# machine do not inflate; with more than one torch thread it also counts the time idle threads spin, so it is only
+# a fair clock for one thread.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_calls(step: Callable[[], Any], iterations: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per call of `step` on `clock` (see `CLOCKS`), over `iterations` back-to-back calls."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(iterations):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / iterations
+    return (now() - start) / iterations
 
 
 def interleaved_timings(
@@ -42,17 +49,20 @@ def interleaved_timings(
     repeats: int = 5,
     min_time: float = 0.0,
     progress: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
-    """Seconds per call of each step, one sample per repeat; variants run round-robin in a rotated order.
+    """Seconds per call of each step on `clock`, one sample per repeat; variants run round-robin in a rotated order.
 
     Each step first runs `warmup` times (at least once, which also sets how many calls make one sample: enough to
     last `min_time` seconds).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"Unknown clock {clock!r}; choose from {sorted(CLOCKS)}.")
     if repeats < 1:
         raise ValueError(f"`repeats` must be >= 1, got {repeats}")
     iterations = {}
     for name, step in steps.items():
-        estimate = time_calls(step, max(warmup, 1), device)
+        estimate = time_calls(step, max(warmup, 1), device, clock)
         iterations[name] = max(1, math.ceil(min_time / max(estimate, 1e-9)))
         if progress:
             progress(f"warm-up {name}: {estimate * 1e3:.2f} ms/call, {iterations[name]} call(s) per sample")
@@ -61,7 +71,7 @@ def interleaved_timings(
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
-            samples[name].append(time_calls(steps[name], iterations[name], device))
+            samples[name].append(time_calls(steps[name], iterations[name], device, clock))
         if progress:
             progress(
                 f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1] * 1e3:.2f} ms" for n in names)
@@ -110,6 +120,7 @@ def machine_environment() -> dict[str, Any]:
 
 
 __all__ = [
+    "CLOCKS",
     "available_cores",
     "cpu_model",
     "interleaved_timings",
