@@ -1,0 +1,94 @@
+"""Each supported source family into CroprViT, exactly: random tiny configs of transformers' own classes, saved and
+converted, compared with the source (hidden states, pooled output, kept classifier's logits) at the native size and
+at another size; rotary position embeddings through pruning; a short fine-tuning run per family."""
+
+import pytest
+import torch
+from PIL import Image
+from test_conversion import TINY, images, max_diff, randomize
+from transformers import (
+    AutoModelForImageClassification,
+    BeitConfig,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    ViTConfig,
+    ViTForImageClassification,
+    pipeline,
+)
+
+from cropr import CroprViTForImageClassification
+from cropr.conversion import from_backbone
+
+ATOL = 1e-4
+LABELS = {0: "ant", 1: "bee", 2: "cat"}
+HEAD = dict(id2label=LABELS, label2id={name: index for index, name in LABELS.items()})
+DINOV3 = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_register_tokens=2,
+    layerscale_value=0.1,
+)
+
+# name -> (source model, whether transformers' model interpolates only when asked)
+SOURCES = {
+    "vit": lambda: ViTForImageClassification(ViTConfig(intermediate_size=64, layer_norm_eps=1e-12, **TINY, **HEAD)),
+    "deit": lambda: DeiTForImageClassification(DeiTConfig(intermediate_size=64, **TINY, **HEAD)),
+    "deit_distilled": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(intermediate_size=64, **TINY, **HEAD)),
+    "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(mlp_ratio=2, layerscale_value=0.1, **TINY, **HEAD)),
+    "dinov2_swiglu": lambda: Dinov2ForImageClassification(Dinov2Config(use_swiglu_ffn=True, **TINY, **HEAD)),
+    "dinov2_with_registers": lambda: Dinov2WithRegistersForImageClassification(
+        Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=3, layerscale_value=0.1, **TINY, **HEAD)
+    ),
+    "dinov3_vit": lambda: DINOv3ViTModel(DINOv3ViTConfig(**DINOV3)),
+    "dinov3_vit_gated": lambda: DINOv3ViTModel(DINOv3ViTConfig(use_gated_mlp=True, hidden_act="silu", **DINOV3)),
+}
+ASKS_TO_INTERPOLATE = ("vit", "deit", "deit_distilled")
+# Families whose base model pools the CLS token (ViT's and DeiT's pooler, a dense layer + tanh, is not converted).
+POOLS_CLS = ("dinov2", "dinov2_swiglu", "dinov2_with_registers", "dinov3_vit", "dinov3_vit_gated")
+
+
+@pytest.fixture(scope="module", params=list(SOURCES))
+def saved_source(request, tmp_path_factory):
+    model = randomize(SOURCES[request.param]())
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    return request.param, model, directory
+
+
+def run_source(model, pixel_values, family):
+    kwargs = {"interpolate_pos_encoding": True} if family in ASKS_TO_INTERPOLATE else {}
+    return model(pixel_values, **kwargs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [32, 48])
+def test_unpruned_conversion_matches_the_source(saved_source, size):
+    family, source, directory = saved_source
+    pixel_values = images(size)
+    has_head = not family.startswith("dinov3")
+    task = "image-classification" if has_head else "feature-extraction"
+    model, _ = from_backbone(directory, task, token_selector="none")
+    model.eval()
+    interpolate = {"interpolate_pos_encoding": True} if size != 32 else {}
+    base_output = source.base_model(pixel_values, **interpolate) if has_head else run_source(source, pixel_values, "")
+    converted = model.base_model(pixel_values, **interpolate)
+    assert max_diff(converted.last_hidden_state, base_output.last_hidden_state) < ATOL
+    if has_head:
+        assert model.config.id2label == LABELS and not model.config.classifier_norm
+        assert max_diff(model(pixel_values, **interpolate).logits, source(pixel_values, **interpolate).logits) < ATOL
+    if family in POOLS_CLS:
+        features, _ = from_backbone(directory, "feature-extraction", token_selector="none", pooling="cls")
+        pooled = features.eval()(pixel_values, **interpolate).pooler_output
+        assert max_diff(pooled, base_output.pooler_output) < ATOL
