@@ -92,3 +92,54 @@ def test_unpruned_conversion_matches_the_source(saved_source, size):
         features, _ = from_backbone(directory, "feature-extraction", token_selector="none", pooling="cls")
         pooled = features.eval()(pixel_values, **interpolate).pooler_output
         assert max_diff(pooled, base_output.pooler_output) < ATOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings through pruning
+# ----------------------------------------------------------------------------------------------------------------------
+def reference_pruned_forward(source, pixel_values, kept_indices, pruning_blocks, num_prefix, last_layer_fusion):
+    """DINOv3 (transformers' own blocks) run on the tokens the CroprViT kept, each with the rotary angle of its
+    original position: the tokens are updated in place in the full token map, the set-aside ones wait there, and with
+    Last Layer Fusion the last block sees every token in raster order."""
+    state = source.embeddings(pixel_values)
+    cos, sin = source.rope_embeddings(pixel_values)
+    batch_size, num_tokens, width = state.shape
+    positions = torch.arange(num_tokens).expand(batch_size, -1)
+    kept = iter(kept_indices)
+    last_block = len(source.model.layer) - 1
+    for block, layer in enumerate(source.model.layer):
+        if block == last_block and last_layer_fusion:
+            positions = torch.arange(num_tokens).expand(batch_size, -1)
+        index = positions.unsqueeze(-1).expand(-1, -1, width)
+        patch_positions = positions[:, num_prefix:] - num_prefix
+        rotary = (cos[patch_positions].unsqueeze(1), sin[patch_positions].unsqueeze(1))
+        output = layer(state.gather(1, index), position_embeddings=rotary)
+        state = state.scatter(1, index, output)
+        if block in pruning_blocks:
+            positions = next(kept)
+    if not last_layer_fusion:
+        state = state.gather(1, positions.unsqueeze(-1).expand(-1, -1, width))
+    return source.norm(state)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("last_layer_fusion", [True, False])
+@pytest.mark.parametrize("size", [32, 48])
+def test_rotary_angles_follow_the_kept_tokens(tmp_path, last_layer_fusion, size):
+    source = randomize(DINOv3ViTModel(DINOv3ViTConfig(**DINOV3)))
+    source.save_pretrained(tmp_path)
+    model, _ = from_backbone(
+        tmp_path, "feature-extraction", token_selector="cropr", pruning_rate=3, last_layer_fusion=last_layer_fusion
+    )
+    model.eval()
+    pixel_values = images(size, batch=3)
+    outputs = model(pixel_values, output_kept_indices=True)
+    kept = outputs.kept_indices
+    # Each image keeps its own patches, in score order: positions differ from raster order and across the batch.
+    assert not torch.equal(kept[-1][0], kept[-1][1])
+    assert not torch.equal(kept[-1][0], kept[-1][0].sort().values)
+    expected = reference_pruned_forward(
+        source, pixel_values, kept, model.config.pruning_blocks, model.config.num_prefix_tokens, last_layer_fusion
+    )
+    assert outputs.last_hidden_state.shape == expected.shape
+    assert max_diff(outputs.last_hidden_state, expected) < ATOL
