@@ -143,3 +143,80 @@ def test_rotary_angles_follow_the_kept_tokens(tmp_path, last_layer_fusion, size)
     )
     assert outputs.last_hidden_state.shape == expected.shape
     assert max_diff(outputs.last_hidden_state, expected) < ATOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which head the converted model gets
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dinov2_classifier(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dinov2-classifier")
+    randomize(SOURCES["dinov2"]()).save_pretrained(directory)
+    return directory
+
+
+def test_other_labels_get_a_new_head(dinov2_classifier):
+    kept, _ = from_backbone(dinov2_classifier, pruning_rate=2)
+    assert kept.config.pooling == "cls_patch_mean" and kept.config.id2label == LABELS
+    assert kept.classifier.linear.weight.shape == (3, 64)
+    for labels in ({"num_labels": 5}, {"id2label": {0: "x", 1: "y", 2: "z"}}, {"num_labels": 3, "keep_head": False}):
+        new, _ = from_backbone(dinov2_classifier, pruning_rate=2, **labels)
+        assert new.config.pooling == "avg" and new.config.classifier_norm
+        assert new.classifier.linear.weight.shape[1] == 32
+        assert not torch.equal(new.classifier.linear.bias, kept.classifier.linear.bias)
+    # A pooling of its own means a new head; with the kept one it is refused.
+    new, _ = from_backbone(dinov2_classifier, num_labels=5, pruning_rate=2, pooling="cls")
+    assert new.config.pooling == "cls"
+    with pytest.raises(ValueError, match="reads `pooling='cls_patch_mean'`"):
+        from_backbone(dinov2_classifier, pruning_rate=2, pooling="cls")
+
+
+def test_keeping_a_head_that_cannot_be_kept_is_refused(dinov2_classifier, tmp_path):
+    with pytest.raises(ValueError, match="`num_labels=5` differs from the source's 3"):
+        from_backbone(dinov2_classifier, num_labels=5, pruning_rate=2, keep_head=True)
+    with pytest.raises(ValueError, match="'semantic-segmentation' is not 'image-classification'"):
+        from_backbone(dinov2_classifier, "semantic-segmentation", num_labels=3, pruning_rate=2, keep_head=True)
+    randomize(Dinov2Model(Dinov2Config(**TINY))).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no image classifier CroprViT keeps .*Dinov2ForImageClassification"):
+        from_backbone(tmp_path, num_labels=3, pruning_rate=2, keep_head=True)
+    with pytest.raises(ValueError, match="needs `num_labels` or `id2label`"):
+        from_backbone(tmp_path, pruning_rate=2)
+
+
+@torch.no_grad()
+def test_model_objects_keep_their_head():
+    source = randomize(SOURCES["deit_distilled"]())
+    model, _ = from_backbone(source, token_selector="none")
+    assert model.config.pooling == "cls_distillation"
+    assert max_diff(model.eval()(images(32)).logits, source(images(32)).logits) < ATOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning a converted model end to end
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["deit_distilled", "dinov2_with_registers", "dinov3_vit_gated"])
+def test_converted_model_trains_saves_and_classifies(family, tmp_path):
+    randomize(SOURCES[family]()).save_pretrained(tmp_path / "source")
+    labels = {} if family in ("deit_distilled", "dinov2_with_registers") else {"id2label": LABELS}
+    model, processor = from_backbone(tmp_path / "source", token_selector="cropr", pruning_rate=3, **labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(2):
+        outputs = model(images(32), labels=torch.tensor([0, 2]))
+        assert torch.isfinite(outputs.loss) and outputs.aux_loss is not None
+        outputs.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        logits = model(images(32)).logits
+    model.save_pretrained(tmp_path / "converted")
+    processor.save_pretrained(tmp_path / "converted")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "converted").eval()
+    assert type(reloaded) is CroprViTForImageClassification
+    with torch.no_grad():
+        assert torch.equal(reloaded(images(32)).logits, logits)
+    classifier = pipeline("image-classification", model=str(tmp_path / "converted"))
+    image = Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy())
+    predictions = classifier(image, top_k=3)
+    assert sorted(prediction["label"] for prediction in predictions) == sorted(LABELS.values())
