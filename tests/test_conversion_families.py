@@ -8,7 +8,6 @@ from PIL import Image
 from test_conversion import TINY, images, max_diff, randomize
 from transformers import (
     AutoModelForImageClassification,
-    BeitConfig,
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
