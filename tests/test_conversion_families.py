@@ -217,3 +217,15 @@ def test_converted_model_trains_saves_and_classifies(family, tmp_path):
     image = Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy())
     predictions = classifier(image, top_k=3)
     assert sorted(prediction["label"] for prediction in predictions) == sorted(LABELS.values())
+
+
+def test_convert_command_keeps_the_head(dinov2_classifier, tmp_path, capsys):
+    from cropr.cli import main
+
+    output = tmp_path / "converted"
+    assert main(["convert", str(dinov2_classifier), "--pruning-rate", "2", "--output-dir", str(output)]) == 0
+    assert "the source's classifier is kept: 3 labels, pooling 'cls_patch_mean'" in capsys.readouterr().out
+    assert CroprViTForImageClassification.from_pretrained(output).config.id2label == LABELS
+    argv = ["convert", str(dinov2_classifier), "--num-labels", "4", "--keep-head", "--output-dir", str(output)]
+    assert main(argv) == 1
+    assert "`num_labels=4` differs from the source's 3" in capsys.readouterr().err
