@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="build a CroprViT checkpoint from a pretrained ViT / DINOv2 backbone",
+        help="build a CroprViT checkpoint from a pretrained backbone (ViT, DeiT, DINOv2, DINOv3, ...)",
         description="Build a CroprViT model from a pretrained ViT, DeiT, DINOv2 (with registers) or DINOv3 checkpoint "
         "(Hub id or local folder) and save it with its image processor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

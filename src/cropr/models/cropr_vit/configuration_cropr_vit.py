@@ -293,8 +293,9 @@ class CroprViTConfig(PreTrainedConfig):
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(
-                f"This is a {model_type!r} config, not a {cls.model_type!r} one. To start from a ViT or DINOv2 "
-                "checkpoint, convert it with `cropr.from_backbone(...)` (or `scripts/convert_backbone.py`)."
+                f"This is a {model_type!r} config, not a {cls.model_type!r} one. To start from a pretrained "
+                "backbone (ViT, DeiT, DINOv2, DINOv3, ...), convert it with `cropr.from_backbone(...)` (or "
+                "`scripts/convert_backbone.py`)."
             )
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
