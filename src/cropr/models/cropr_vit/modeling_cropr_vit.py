@@ -55,8 +55,9 @@ class CroprViTModelOutput(ModelOutput):
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Each block's attention probabilities `(batch_size, num_heads, n, n)` for its own token count n.
     kept_indices (`tuple(torch.LongTensor)`, *optional*, returned when `output_kept_indices=True`):
-        For each pruning module, the original positions (0 = CLS when present, patches 1..) of the tokens it kept,
-        shape `(batch_size, num_kept)`, in the order the tokens leave the module. Opt-in because pipelines split
+        For each pruning module, the original positions of the tokens it kept (0 .. `num_prefix_tokens` - 1: CLS,
+        distillation and register tokens when present; then the patches in raster order), shape
+        `(batch_size, num_kept)`, in the order the tokens leave the module. Opt-in because pipelines split
         every tuple of an output along the batch.
     aux_logits (`tuple(torch.FloatTensor)`, *optional*, training only):
         For each Cropr module, its auxiliary head's logits `(batch_size, num_queries, num_labels)`.

@@ -218,7 +218,8 @@ def split_tokens(
 class RoutingState:
     """What one forward pass carries from pruning module to pruning module.
 
-    positions: `(batch_size, n)`, the position in the image (0 = CLS when present, patches 1..) of each current token.
+    positions: `(batch_size, n)`, the position of each current token in the embeddings' order (prefix tokens first:
+        CLS, distillation, registers; then the patches in raster order).
     keep_counts: the patch tokens each block's module keeps for this input ([`CroprViTConfig.patch_keep_counts`]).
     pixel_variance: `(batch_size, n)`, the variance selector's scores of the current tokens (`None` for the others).
     set_aside: for Last Layer Fusion (`None` without it), the tokens each module set aside with their positions.
