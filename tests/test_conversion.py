@@ -1,4 +1,5 @@
-"""Pretrained ViT / DINOv2 checkpoints into CroprViT: `cropr.conversion` and `scripts/convert_backbone.py`."""
+"""Pretrained ViT / DINOv2 checkpoints into CroprViT: `cropr.conversion` and `scripts/convert_backbone.py` (the other
+families: test_conversion_families.py)."""
 
 import json
 import os
@@ -12,11 +13,11 @@ from conftest import REPO_ROOT, SHARED_DATA
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
+    BeitConfig,
     Dinov2Backbone,
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
-    Dinov2WithRegistersConfig,
     SegformerImageProcessorPil,
     SwinConfig,
     ViTConfig,
@@ -336,15 +337,15 @@ def test_finetuned_stripped_model_round_trips(vit_source, tmp_path):
     ("config", "message"),
     [
         (SwinConfig(embed_dim=16, depths=[1], num_heads=[1]), "'swin'"),
-        (Dinov2WithRegistersConfig(**TINY), "'dinov2_with_registers'"),
-        (Dinov2Config(use_swiglu_ffn=True, **TINY), "use_swiglu_ffn"),
+        (BeitConfig(**TINY), "'beit'"),
     ],
 )
 def test_unsupported_architectures_are_refused(tmp_path, config, message):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message) as error:
         from_backbone(tmp_path, num_labels=2, pruning_rate=2)
-    assert "'vit'" in str(error.value) and "'dinov2'" in str(error.value)
+    for supported in ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit"):
+        assert f"'{supported}'" in str(error.value)
 
 
 def test_backbone_fields_and_labels_are_checked(vit_source):

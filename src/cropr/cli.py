@@ -33,7 +33,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from .conversion import CONVERSION_TASKS, from_backbone
 from .models.cropr_vit import modeling_cropr_vit
-from .models.cropr_vit.configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
+from .models.cropr_vit.configuration_cropr_vit import POOLING_MODES, TOKEN_SELECTORS, CroprViTConfig
 from .models.cropr_vit.modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
 from .tools.argtypes import bounded_int, load_id2label, output_dir, output_file, parse_image_size, parse_schedule
@@ -306,6 +306,7 @@ def run_convert(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         id2label=args.id2label,
         from_pretrained_kwargs={"revision": args.revision} if args.revision else None,
+        keep_head=args.keep_head,
         **overrides,
     )
     model.save_pretrained(args.output_dir)
@@ -318,6 +319,8 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     if config.pruning_blocks:
         print(f"  tokens per block {config.token_counts()}, FLOP ceiling {config.flop_ceiling():.2f}x")
+    if not config.classifier_norm:
+        print(f"  the source's classifier is kept: {config.num_labels} labels, pooling {config.pooling!r}")
     return 0
 
 
@@ -421,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="build a CroprViT checkpoint from a pretrained ViT / DINOv2 backbone",
-        description="Build a CroprViT model from a pretrained ViT / DINOv2 checkpoint (Hub id or local folder) and "
-        "save it with its image processor.",
+        help="build a CroprViT checkpoint from a pretrained backbone (ViT, DeiT, DINOv2, DINOv3, ...)",
+        description="Build a CroprViT model from a pretrained ViT, DeiT, DINOv2 (with registers) or DINOv3 checkpoint "
+        "(Hub id or local folder) and save it with its image processor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     convert.add_argument("source", help="Hub id (e.g. facebook/dinov2-small) or local checkpoint folder.")
@@ -434,9 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--image-size", type=parse_image_size, help="Resolution of the converted model (default: the source's)."
     )
-    labels = convert.add_argument_group("labels (one is required for the classification and segmentation heads)")
+    labels = convert.add_argument_group(
+        "labels (one is required for a new classification or segmentation head; a source's classifier is kept "
+        "without them, or with the source's labels)"
+    )
     labels.add_argument("--num-labels", type=bounded_int(1))
     labels.add_argument("--id2label", type=load_id2label, help="JSON object or JSON file mapping ids to names.")
+    labels.add_argument(
+        "--keep-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Keep the source's image classifier (default: when it has one and the labels fit; --keep-head fails "
+        "otherwise, --no-keep-head always builds a new head).",
+    )
 
     pruning = convert.add_argument_group("pruning (CroprViTConfig fields; defaults are the config's)")
     pruning.add_argument("--token-selector", choices=TOKEN_SELECTORS)
@@ -445,14 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pruning.add_argument("--pruning-schedule", type=parse_schedule, help="Tokens removed after each block: 0,16,...")
     pruning.add_argument("--last-layer-fusion", action=argparse.BooleanOptionalAction, default=None)
-    pruning.add_argument("--pooling", choices=["avg", "cls"])
+    pruning.add_argument("--pooling", choices=POOLING_MODES)
     pruning.add_argument("--aux-loss-weight", type=float)
     pruning.add_argument("--drop-path-rate", type=float)
     pruning.add_argument(
         "--interpolate-pos-encoding",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Default of the forward argument (default: on for DINOv2, off for ViT).",
+        help="Default of the forward argument (default: on for DINOv2 and DINOv3, off for ViT and DeiT).",
     )
     convert.add_argument("--revision", help="Revision of a Hub source.")
     convert.set_defaults(handler=run_convert)

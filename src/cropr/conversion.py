@@ -1,10 +1,11 @@
-"""Build CroprViT models from pretrained transformers ViT and DINOv2 checkpoints.
+"""Build CroprViT models from pretrained transformers ViT, DeiT, DINOv2 (with registers) and DINOv3 checkpoints.
 
 Nobody trains a Token Cropr model from scratch: one starts from a pretrained backbone, adds Cropr modules (each
 with its queries, aggregator and auxiliary head) and a task head, and fine-tunes. [`from_backbone`] does the first
-step. The backbone weights (patch embedding, CLS token, position embeddings, blocks with their layer scales, final
-LayerNorm) are copied from the source; everything Cropr adds and the task head keep the fresh initialisation of the
-CroprViT constructors. With `token_selector="none"` the converted backbone computes exactly what the source computes.
+step. The backbone weights (patch embedding, prefix tokens, position embeddings, blocks with their layer scales, final
+LayerNorm) are copied from the source; an image classifier of the source is kept when the labels fit; everything
+Cropr adds keeps the fresh initialisation of the CroprViT constructors. With `token_selector="none"` the converted
+model computes exactly what the source computes.
 
 ```python
 >>> from cropr.conversion import from_backbone
@@ -20,16 +21,24 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from transformers import (
     AutoConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    Dinov2ForImageClassification,
     Dinov2Model,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
+    DINOv3ViTModel,
     PreTrainedConfig,
     PreTrainedModel,
     SegformerImageProcessorPil,
+    ViTForImageClassification,
     ViTImageProcessorPil,
     ViTModel,
 )
@@ -79,18 +88,105 @@ BACKBONE_FIELDS = (
     "num_channels",
     "use_cls_token",
     "layerscale_value",
+    "num_register_tokens",
+    "use_distillation_token",
+    "position_embedding_type",
+    "rope_theta",
+    "use_gated_mlp",
+    "interpolate_antialias",
+    "classifier_norm",
 )
 
 # Why some architectures that look close to a ViT are refused: the converted model would not compute the same thing.
 UNSUPPORTED_REASONS = {
-    "deit": (
-        "distilled DeiT checkpoints have a distillation token besides CLS, which CroprViT does not have (the "
-        "non-distilled facebook/deit-* checkpoints are 'vit' checkpoints and are supported)"
-    ),
-    "dinov2_with_registers": "register tokens are extra prefix tokens, which CroprViT does not have",
     "swin": "Swin is hierarchical with windowed attention, not a plain token sequence",
     "swinv2": "Swin is hierarchical with windowed attention, not a plain token sequence",
 }
+
+
+@dataclass(frozen=True)
+class SourceHead:
+    """An image-classification head of a source architecture that CroprViT keeps.
+
+    Attributes:
+        model_class: the transformers class with that head.
+        pooling: the [`CroprViTConfig`] `pooling` that gives the head's input.
+        classifier: the head's linear layer as `(weight, bias)` over that pooled input.
+    """
+
+    model_class: type[PreTrainedModel]
+    pooling: str
+    classifier: Callable[[PreTrainedModel], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _linear_classifier(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.classifier.weight, model.classifier.bias
+
+
+def _deit_teacher_classifier(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeiT's two heads, averaged at inference, as one linear layer on the CLS and distillation tokens concatenated:
+    (W_cls x_cls + b_cls + W_dist x_dist + b_dist) / 2 = [W_cls, W_dist] / 2 . [x_cls; x_dist] + (b_cls + b_dist) / 2.
+    """
+    cls_head, distillation_head = model.cls_classifier, model.distillation_classifier
+    weight = torch.cat([cls_head.weight, distillation_head.weight], dim=1) / 2
+    return weight, (cls_head.bias + distillation_head.bias) / 2
+
+
+def _common_fields(config: PreTrainedConfig) -> dict:
+    return dict(
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        use_cls_token=True,
+        initializer_range=config.initializer_range,
+    )
+
+
+def _vit_fields(config: PreTrainedConfig) -> dict:
+    return dict(
+        _common_fields(config),
+        intermediate_size=config.intermediate_size,
+        qkv_bias=config.qkv_bias,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        use_distillation_token=config.model_type == "deit",
+    )
+
+
+def _dinov2_fields(config: PreTrainedConfig) -> dict:
+    intermediate_size = int(config.hidden_size * config.mlp_ratio)
+    fields = dict(_common_fields(config), layerscale_value=float(config.layerscale_value))
+    if config.use_swiglu_ffn:
+        # transformers' Dinov2SwiGLUFFN: two thirds of the MLP width, rounded up to a multiple of 8, and SiLU.
+        intermediate_size = (int(intermediate_size * 2 / 3) + 7) // 8 * 8
+        fields.update(use_gated_mlp=True, hidden_act="silu")
+    return dict(
+        fields,
+        intermediate_size=intermediate_size,
+        qkv_bias=config.qkv_bias,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        num_register_tokens=getattr(config, "num_register_tokens", 0),
+    )
+
+
+def _dinov3_fields(config: PreTrainedConfig) -> dict:
+    return dict(
+        _common_fields(config),
+        intermediate_size=config.intermediate_size,
+        layerscale_value=float(config.layerscale_value),
+        use_gated_mlp=config.use_gated_mlp,
+        num_register_tokens=config.num_register_tokens,
+        position_embedding_type="rope",
+        rope_theta=config.rope_theta,
+        # A bias the source lacks (DINOv3's key projection) is converted as zeros, which compute the same.
+        qkv_bias=True,
+        attention_probs_dropout_prob=config.attention_dropout,
+    )
 
 
 @dataclass(frozen=True)
@@ -100,23 +196,32 @@ class BackboneFamily:
     Attributes:
         model_type: the source config's `model_type`.
         model_class: the transformers base model loaded from a checkpoint path or Hub id.
+        config_fields: the [`CroprViTConfig`] backbone fields (`BACKBONE_FIELDS`, dropouts) of a source config.
         renames: `(pattern, replacement)` regexes applied in order to each parameter name of the source base model,
             in both the transformers 5 names and the names of checkpoints saved by older versions.
         dropped: regexes of source parameters with no CroprViT counterpart (masked-image-modeling token, pooler).
         image_mean / image_std / resample: preprocessing used when the source has no `preprocessor_config.json`
             (that of the family's published checkpoints).
         always_interpolates: whether the source resizes its position embeddings for any input size on its own
-            (DINOv2), rather than only when asked with `interpolate_pos_encoding=True` (ViT).
+            (DINOv2), or needs none (DINOv3's rotary embeddings), rather than only when asked with
+            `interpolate_pos_encoding=True` (ViT, DeiT).
+        heads: the image-classification heads kept by the conversion (the source's `architectures` name them).
+        positioned_prefix_tokens: prefix tokens in the source's position embeddings (CLS, DeiT's distillation token).
+        antialias: whether the source resizes its position embeddings with antialiasing (DINOv2 with registers).
     """
 
     model_type: str
     model_class: type[PreTrainedModel]
+    config_fields: Callable[[PreTrainedConfig], dict]
     renames: tuple[tuple[str, str], ...]
     dropped: tuple[str, ...]
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     resample: PILImageResampling
     always_interpolates: bool
+    heads: tuple[SourceHead, ...] = ()
+    positioned_prefix_tokens: int = 1
+    antialias: bool = False
 
 
 # Renames shared by both families. Order matters: `attention.output.dense` must be renamed before a ViT's MLP
@@ -130,34 +235,85 @@ _COMMON_RENAMES = (
     (r"\.attention\.output\.dense\.", ".attention.o_proj."),
 )
 
+_VIT_RENAMES = (
+    *_COMMON_RENAMES,
+    # Checkpoints saved before transformers 5 name the MLP `intermediate.dense` / `output.dense`.
+    (r"^(layers\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+    (r"^(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+)
+# DINOv2 and DINOv3 blocks: `norm1` / `norm2`, and the SwiGLU MLP's up and down projections are CroprViT's fc1 / fc2.
+_DINO_BLOCK_RENAMES = (
+    (r"^(layers\.\d+)\.norm1\.", r"\1.layernorm_before."),
+    (r"^(layers\.\d+)\.norm2\.", r"\1.layernorm_after."),
+    (r"^(layers\.\d+)\.mlp\.up_proj\.", r"\1.mlp.fc1."),
+    (r"^(layers\.\d+)\.mlp\.down_proj\.", r"\1.mlp.fc2."),
+)
+_DINOV2_FAMILY = dict(
+    config_fields=_dinov2_fields,
+    renames=(*_COMMON_RENAMES, *_DINO_BLOCK_RENAMES),
+    dropped=(r"^embeddings\.mask_token$",),
+    image_mean=tuple(IMAGENET_DEFAULT_MEAN),
+    image_std=tuple(IMAGENET_DEFAULT_STD),
+    resample=PILImageResampling.BICUBIC,
+    always_interpolates=True,
+)
+
 BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
     "vit": BackboneFamily(
         model_type="vit",
         model_class=ViTModel,
-        renames=(
-            *_COMMON_RENAMES,
-            # Checkpoints saved before transformers 5 name the MLP `intermediate.dense` / `output.dense`.
-            (r"^(layers\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
-            (r"^(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
-        ),
+        config_fields=_vit_fields,
+        renames=_VIT_RENAMES,
         dropped=(r"^embeddings\.mask_token$", r"^pooler\."),
         image_mean=tuple(IMAGENET_STANDARD_MEAN),
         image_std=tuple(IMAGENET_STANDARD_STD),
         resample=PILImageResampling.BILINEAR,
         always_interpolates=False,
+        heads=(SourceHead(ViTForImageClassification, "cls", _linear_classifier),),
+    ),
+    "deit": BackboneFamily(
+        model_type="deit",
+        model_class=DeiTModel,
+        config_fields=_vit_fields,
+        renames=_VIT_RENAMES,
+        dropped=(r"^embeddings\.mask_token$", r"^pooler\."),
+        image_mean=tuple(IMAGENET_DEFAULT_MEAN),
+        image_std=tuple(IMAGENET_DEFAULT_STD),
+        resample=PILImageResampling.BICUBIC,
+        always_interpolates=False,
+        heads=(
+            SourceHead(DeiTForImageClassification, "cls", _linear_classifier),
+            SourceHead(DeiTForImageClassificationWithTeacher, "cls_distillation", _deit_teacher_classifier),
+        ),
+        positioned_prefix_tokens=2,
     ),
     "dinov2": BackboneFamily(
         model_type="dinov2",
         model_class=Dinov2Model,
+        heads=(SourceHead(Dinov2ForImageClassification, "cls_patch_mean", _linear_classifier),),
+        **_DINOV2_FAMILY,
+    ),
+    "dinov2_with_registers": BackboneFamily(
+        model_type="dinov2_with_registers",
+        model_class=Dinov2WithRegistersModel,
+        heads=(SourceHead(Dinov2WithRegistersForImageClassification, "cls_patch_mean", _linear_classifier),),
+        antialias=True,
+        **_DINOV2_FAMILY,
+    ),
+    "dinov3_vit": BackboneFamily(
+        model_type="dinov3_vit",
+        model_class=DINOv3ViTModel,
+        config_fields=_dinov3_fields,
         renames=(
-            *_COMMON_RENAMES,
-            (r"^(layers\.\d+)\.norm1\.", r"\1.layernorm_before."),
-            (r"^(layers\.\d+)\.norm2\.", r"\1.layernorm_after."),
+            (r"^embeddings\.patch_embeddings\.", "embeddings.projection."),
+            (r"^model\.layer\.(\d+)\.", r"layers.\1."),
+            *_DINO_BLOCK_RENAMES,
+            (r"^norm\.", "layernorm."),
         ),
         dropped=(r"^embeddings\.mask_token$",),
         image_mean=tuple(IMAGENET_DEFAULT_MEAN),
         image_std=tuple(IMAGENET_DEFAULT_STD),
-        resample=PILImageResampling.BICUBIC,
+        resample=PILImageResampling.BILINEAR,
         always_interpolates=True,
     ),
 }
@@ -175,13 +331,7 @@ def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
             f"Cannot convert a {model_type!r} checkpoint to CroprViT"
             + (f": {reason}" if reason else "")
             + f". Supported architectures (`model_type`): {', '.join(repr(name) for name in SUPPORTED_MODEL_TYPES)} "
-            "(ViTModel / ViTFor*, Dinov2Model / Dinov2For* / Dinov2Backbone)."
-        )
-    if getattr(config, "use_swiglu_ffn", False):
-        raise ValueError(
-            "Cannot convert a 'dinov2' checkpoint with `use_swiglu_ffn=True` (SwiGLU MLP, as in DINOv2-g): CroprViT "
-            "blocks have a GELU MLP (fc1/fc2). Supported: 'dinov2' checkpoints with `use_swiglu_ffn=False` "
-            "(facebook/dinov2-small/base/large) and 'vit' checkpoints."
+            "(their base models, image classifiers and backbones)."
         )
     head_dim = getattr(config, "head_dim", None)
     if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
@@ -198,12 +348,13 @@ def convert_backbone_state_dict(
     source_grid: tuple[int, int] | None = None,
     target_grid: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Map the state dict of a source base model (`ViTModel` / `Dinov2Model`, no head prefix) to CroprViTModel names.
+    """Map the state dict of a source base model (`ViTModel`, `Dinov2Model`, ..., no head prefix) to CroprViTModel
+    names.
 
     Both the transformers 5 names (`layers.N.attention.q_proj`, DINOv2 `encoder.layer.N.norm1`) and those of older
     checkpoints (`encoder.layer.N.attention.attention.query`, `attention.output.dense`, ViT `intermediate.dense` /
     `output.dense`) are accepted. The mask token and pooler are dropped. When both grids are given and differ, the
-    position embeddings are resized with [`resize_position_embeddings`].
+    absolute position embeddings are resized with [`resize_position_embeddings`], as the source would resize them.
     """
     family = BACKBONE_FAMILIES.get(model_type)
     if family is None:
@@ -215,10 +366,22 @@ def convert_backbone_state_dict(
         for pattern, replacement in family.renames:
             name = re.sub(pattern, replacement, name)
         converted[name] = tensor
-    if source_grid is not None and target_grid is not None:
-        key = "embeddings.position_embeddings"
-        converted[key] = resize_position_embeddings(converted[key], source_grid, target_grid)
+    key = "embeddings.position_embeddings"
+    if source_grid is not None and target_grid is not None and key in converted:
+        converted[key] = resize_position_embeddings(
+            converted[key], source_grid, target_grid, family.positioned_prefix_tokens, antialias=family.antialias
+        )
     return converted
+
+
+def zero_absent_biases(state_dict: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict:
+    """`state_dict` with zeros for each bias of `target` whose layer's weight is there without a bias (DINOv3's key
+    projection): a zero bias computes what no bias computes."""
+    completed = dict(state_dict)
+    for name, tensor in target.items():
+        if name.endswith(".bias") and name not in completed and f"{name[: -len('bias')]}weight" in completed:
+            completed[name] = torch.zeros_like(tensor)
+    return completed
 
 
 def load_backbone_weights(backbone: CroprViTModel, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -244,15 +407,17 @@ def cropr_config_from_backbone(
     image_size: int | tuple[int, int] | None = None,
     num_labels: int | None = None,
     id2label: Mapping[int | str, str] | None = None,
+    source_head: SourceHead | None = None,
     **cropr_config_overrides,
 ) -> CroprViTConfig:
     """The [`CroprViTConfig`] of a CroprViT built on the backbone described by `source_config`.
 
     Backbone fields come from the source; `image_size` defaults to the source's; `interpolate_pos_encoding` defaults
-    to `True` for DINOv2 (whose model always interpolates) and `False` for ViT. Segmentation sets one query per patch
-    and Last Layer Fusion. An explicit `pruning_rate` that no module would use (the selector is "none", a
-    `pruning_schedule` is given, or the backbone is too shallow for a per-block module) raises a `ValueError`. See
-    [`from_backbone`] for the arguments.
+    to `True` for DINOv2 and DINOv3 (whose models take any size) and `False` for ViT and DeiT. Segmentation sets one
+    query per patch and Last Layer Fusion. With `source_head` (the source's classifier is kept) the labels come from
+    the source and the pooling and classifier follow that head. An explicit `pruning_rate` that no module would use
+    (the selector is "none", a `pruning_schedule` is given, or the backbone is too shallow for a per-block module)
+    raises a `ValueError`. See [`from_backbone`] for the arguments.
     """
     family = backbone_family(source_config)
     if task not in CONVERSION_TASKS:
@@ -263,30 +428,23 @@ def cropr_config_from_backbone(
             f"{fixed} cannot be overridden: backbone fields come from the source checkpoint; pass `image_size` and "
             "`num_labels` / `id2label` as their own arguments."
         )
-    if family.model_type == "dinov2":
-        intermediate_size = int(source_config.hidden_size * source_config.mlp_ratio)
-        layerscale_value = float(source_config.layerscale_value)
-    else:
-        intermediate_size = source_config.intermediate_size
-        layerscale_value = None
     kwargs = dict(
+        family.config_fields(source_config),
         image_size=list(as_pair(image_size if image_size is not None else source_config.image_size)),
-        patch_size=source_config.patch_size,
-        num_channels=source_config.num_channels,
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_act=source_config.hidden_act,
-        layer_norm_eps=source_config.layer_norm_eps,
-        qkv_bias=source_config.qkv_bias,
-        use_cls_token=True,
-        layerscale_value=layerscale_value,
-        initializer_range=source_config.initializer_range,
-        hidden_dropout_prob=source_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
         interpolate_pos_encoding=family.always_interpolates,
+        interpolate_antialias=family.antialias,
     )
+    if source_head is not None:
+        if task != "image-classification":
+            raise ValueError(f"A source's classifier is kept for task 'image-classification' only, not {task!r}.")
+        pooling = cropr_config_overrides.get("pooling", source_head.pooling)
+        if pooling != source_head.pooling:
+            raise ValueError(
+                f"The kept {source_head.model_class.__name__} head reads `pooling={source_head.pooling!r}`, not "
+                f"{pooling!r}; pass `keep_head=False` for a new head on another pooling."
+            )
+        kwargs.update(pooling=source_head.pooling, classifier_norm=False)
+        id2label = source_config.id2label
     kwargs.update(_label_kwargs(task, num_labels, id2label))
     if task == "semantic-segmentation":
         (height, width), (patch_h, patch_w) = as_pair(kwargs["image_size"]), as_pair(kwargs["patch_size"])
@@ -317,19 +475,67 @@ def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str
     return {"num_labels": num_labels}
 
 
-def _load_source(source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> PreTrainedModel:
-    """The source base model (no head), after checking its architecture from the config alone."""
+def _load_source(
+    source: str | os.PathLike | PreTrainedModel, load_head: bool, **from_pretrained_kwargs
+) -> tuple[PreTrainedModel, SourceHead | None]:
+    """The source model and its kept-head kind ([`SourceHead`], `None` when it has no image classifier CroprViT keeps
+    or `load_head` is off, and then only the base model is read), after checking the architecture from the config."""
     if isinstance(source, PreTrainedModel):
-        backbone_family(source.config)
-        return source.base_model
+        family = backbone_family(source.config)
+        head = next((head for head in family.heads if type(source) is head.model_class), None)
+        return source, head if source.config.num_labels > 0 else None
     config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
     family = backbone_family(config)
+    architectures = config.architectures or []
+    head = next((head for head in family.heads if head.model_class.__name__ in architectures), None)
+    if not load_head or config.num_labels < 1:
+        head = None
     # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a head
     # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model.
-    extra = {"add_pooling_layer": False} if family.model_type == "vit" else {}
+    model_class = family.model_class if head is None else head.model_class
+    extra = {"add_pooling_layer": False} if model_class in (ViTModel, DeiTModel) else {}
     # Weights are read from safetensors only: transformers would otherwise fall back to unpickling a .bin file.
     from_pretrained_kwargs.setdefault("use_safetensors", True)
-    return family.model_class.from_pretrained(source, config=config, **extra, **from_pretrained_kwargs)
+    model = model_class.from_pretrained(source, config=config, **extra, **from_pretrained_kwargs)
+    return model, head
+
+
+def _base_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The source's backbone: transformers' `base_model`, unless that names an inner module (DINOv3 models keep their
+    encoder under `model`, which is also their base-model prefix)."""
+    base = model.base_model
+    return base if hasattr(base, "embeddings") else model
+
+
+def _head_to_keep(
+    head: SourceHead | None,
+    source_config: PreTrainedConfig,
+    task: str,
+    keep_head: bool | None,
+    num_labels: int | None,
+    id2label: Mapping[int | str, str] | None,
+) -> SourceHead | None:
+    """The source head to keep: by default when there is one and the labels asked for are the source's; `keep_head`
+    True raises a `ValueError` saying why it cannot be kept, False never keeps it."""
+    if keep_head is False:
+        return None
+    reason = None
+    if task != "image-classification":
+        reason = f"task {task!r} is not 'image-classification'"
+    elif head is None:
+        kinds = [head.model_class.__name__ for head in backbone_family(source_config).heads]
+        reason = f"the source is no image classifier CroprViT keeps ({', '.join(kinds) or 'none for this family'})"
+    elif num_labels is not None and num_labels != source_config.num_labels:
+        reason = f"`num_labels={num_labels}` differs from the source's {source_config.num_labels}"
+    elif id2label is not None and {int(key): str(value) for key, value in id2label.items()} != {
+        int(key): str(value) for key, value in source_config.id2label.items()
+    }:
+        reason = "`id2label` differs from the source's labels"
+    if reason is None:
+        return head
+    if keep_head:
+        raise ValueError(f"Cannot keep the source's classifier: {reason}.")
+    return None
 
 
 def _normalization_settings(
@@ -379,16 +585,19 @@ def from_backbone(
     id2label: Mapping[int | str, str] | None = None,
     image_processor: str | os.PathLike | ImageProcessingMixin | None = None,
     from_pretrained_kwargs: Mapping | None = None,
+    keep_head: bool | None = None,
     **cropr_config_overrides,
 ) -> tuple[CroprViTPreTrainedModel, ViTImageProcessorPil | SegformerImageProcessorPil]:
-    """Build a CroprViT model on a pretrained ViT or DINOv2 backbone, with a matching image processor.
+    """Build a CroprViT model on a pretrained ViT, DeiT, DINOv2 or DINOv3 backbone, with a matching image processor.
 
     Args:
         source (`str`, `os.PathLike` or `PreTrainedModel`):
             A Hub id (e.g. `"google/vit-base-patch16-224-in21k"`, `"facebook/dinov2-base"`), a local directory
-            written by `save_pretrained`, or a model object: `ViTModel` / `ViTFor*` (model type "vit", which includes
-            the non-distilled facebook/deit-* checkpoints) or `Dinov2Model` / `Dinov2For*` / `Dinov2Backbone`
-            ("dinov2", without SwiGLU). Any other architecture raises a `ValueError`.
+            written by `save_pretrained`, or a model object of the model types in [`SUPPORTED_MODEL_TYPES`]: "vit"
+            (which includes the non-distilled facebook/deit-* checkpoints), "deit" (distilled DeiT, with its
+            distillation token), "dinov2", "dinov2_with_registers" and "dinov3_vit" (registers, rotary position
+            embeddings, SwiGLU); their base models, `*ForImageClassification` and backbones. Any other architecture
+            raises a `ValueError`.
         task (`str`, defaults to `"image-classification"`):
             One of [`CONVERSION_TASKS`]: "image-classification", "multi-label-classification",
             "semantic-segmentation", or "feature-extraction" (the bare `CroprViTModel`). Segmentation gets one Cropr
@@ -399,12 +608,19 @@ def from_backbone(
             model at that size computes what the source computes at that size. At other sizes the converted model
             interpolates from its own grid.
         num_labels (`int`, *optional*), id2label (`dict`, *optional*):
-            Labels of the new task head (one of them is required for the heads; `label2id` is derived).
+            Labels of a new task head (one of them is required for a new head; `label2id` is derived).
         image_processor (`str`, `os.PathLike` or image processor, *optional*):
             Where to take the normalisation from, when not the source itself (e.g. a model object whose
             `name_or_path` has no `preprocessor_config.json`).
         from_pretrained_kwargs (`dict`, *optional*):
             Passed to the `from_pretrained` calls that read the source (`revision`, `cache_dir`, `token`, ...).
+        keep_head (`bool`, *optional*):
+            For "image-classification": whether to keep the source's classifier (`ViTForImageClassification`,
+            `DeiTForImageClassification`, `DeiTForImageClassificationWithTeacher`, `Dinov2ForImageClassification`,
+            `Dinov2WithRegistersForImageClassification`) with its `id2label`, as a linear layer without LayerNorm on
+            the pooling it reads (`pooling` "cls", "cls_distillation" or "cls_patch_mean"). By default it is kept when
+            the source has one and `num_labels` / `id2label` are not given or equal the source's; `False` always
+            builds a new head, `True` raises a `ValueError` when it cannot be kept.
         **cropr_config_overrides:
             Any other [`CroprViTConfig`] field: `token_selector`, `pruning_rate`, `pruning_schedule`,
             `last_layer_fusion`, `pooling`, `aux_loss_weight`, `drop_path_rate`, `interpolate_pos_encoding`, ...
@@ -412,21 +628,25 @@ def from_backbone(
 
     Returns:
         `(model, image_processor)`: the CroprViT model (float32, train mode as built by its constructor) with the
-        backbone weights copied and the Cropr modules and head freshly initialised, and a `ViTImageProcessorPil`
-        (`SegformerImageProcessorPil` with `do_reduce_labels=False` for segmentation) resizing to `image_size` with
-        the source processor's mean, std and resampling filter (the family's defaults, with a warning, when the
-        source has no processor config: mean/std 0.5 for ViT, ImageNet's for DINOv2).
+        backbone weights (and a kept classifier) copied and the Cropr modules and a new head freshly initialised,
+        and a `ViTImageProcessorPil` (`SegformerImageProcessorPil` with `do_reduce_labels=False` for segmentation)
+        resizing to `image_size` with the source processor's mean, std and resampling filter (the family's
+        defaults, with a warning, when the source has no processor config: mean/std 0.5 for ViT, ImageNet's for the
+        others).
     """
     from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
-    source_model = _load_source(source, **from_pretrained_kwargs)
+    load_head = task == "image-classification" and keep_head is not False
+    source_model, head = _load_source(source, load_head, **from_pretrained_kwargs)
     source_config = source_model.config
     family = backbone_family(source_config)
+    head = _head_to_keep(head, source_config, task, keep_head, num_labels, id2label)
     config = cropr_config_from_backbone(
         source_config,
         task,
         image_size=image_size,
         num_labels=num_labels,
         id2label=id2label,
+        source_head=head,
         **cropr_config_overrides,
     )
     model = CONVERSION_TASKS[task](config)
@@ -434,9 +654,18 @@ def from_backbone(
     (source_h, source_w), (patch_h, patch_w) = as_pair(source_config.image_size), as_pair(source_config.patch_size)
     source_grid = (source_h // patch_h, source_w // patch_w)
     state_dict = convert_backbone_state_dict(
-        source_model.state_dict(), family.model_type, source_grid=source_grid, target_grid=config.patch_grid
+        _base_model(source_model).state_dict(),
+        family.model_type,
+        source_grid=source_grid,
+        target_grid=config.patch_grid,
     )
+    state_dict = zero_absent_biases(state_dict, model.base_model.state_dict())
     load_backbone_weights(model.base_model, state_dict, f"the {family.model_type!r} source")
+    if head is not None:
+        weight, bias = head.classifier(source_model)
+        with torch.no_grad():
+            model.classifier.linear.weight.copy_(weight)
+            model.classifier.linear.bias.copy_(bias)
 
     normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
     height, width = config.image_size_hw
@@ -459,4 +688,6 @@ __all__ = [
     "from_backbone",
     "load_backbone_weights",
     "resize_position_embeddings",
+    "SourceHead",
+    "zero_absent_biases",
 ]

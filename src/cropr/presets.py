@@ -23,6 +23,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         layerscale_value=1.0,
         pruning_rate=20,
     ),
+    # DINOv3-S/16 at 224 (196 patches), 4 registers, 2-D rotary position embeddings, layer scale; R=16 per block + LLF
+    # as ViT-B/16.
+    "dinov3-s16": dict(
+        image_size=224,
+        patch_size=16,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        layer_norm_eps=1e-5,
+        layerscale_value=1.0,
+        num_register_tokens=4,
+        position_embedding_type="rope",
+        pruning_rate=16,
+    ),
     # A ViT-Tiny-shaped model on 112 px with 8 px patches (196 patches, like ViT-B/16 at 224); R=28 per block + LLF
     # keeps 27 of 196 patches by block 5.
     "vit-ti8-112": dict(

@@ -3,7 +3,8 @@
 Every variant is measured in one process, interleaved: after a warm-up, each repeat runs every variant once (in a
 rotated order), and the median over repeats is reported. Variants:
 
-- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`) or `Dinov2Model` of the same shape, SDPA attention;
+- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`), `Dinov2Model` or `DINOv3ViTModel` of the same shape,
+  SDPA attention;
 - `none`: `CroprViTModel` without pruning, holding the same weights as `hf` (its output is checked to be equal);
 - `random`: the same weights with the random selector and the schedule of the preset;
 - `cropr`: the same weights with Cropr routers (eval, stripped with `strip_training_modules()`);
@@ -40,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..conversion import convert_backbone_state_dict, load_backbone_weights
+from ..conversion import convert_backbone_state_dict, load_backbone_weights, zero_absent_biases
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
@@ -63,7 +64,7 @@ SANITY_RTOL = 1e-4
 class Preset:
     """A benchmark model: the transformers family to compare with and the CroprViT config (pruning schedule)."""
 
-    family: str  # "vit" or "dinov2"
+    family: str  # "vit", "dinov2" or "dinov3_vit"
     config: dict[str, Any]
     description: str
 
@@ -79,6 +80,12 @@ PRESETS: dict[str, Preset] = {
         config={**MODEL_PRESETS["dinov2-s14"], "num_labels": 1000},
         description="DINOv2-S/14 at 224 px (256 patches), layer scale, R=20 after every block + LLF "
         "(257 -> 236 -> ... -> 56 tokens, the share ViT-B/16 R=16 keeps)",
+    ),
+    "dinov3-s16": Preset(
+        family="dinov3_vit",
+        config={**MODEL_PRESETS["dinov3-s16"], "num_labels": 1000},
+        description="DINOv3-S/16 at 224 px (196 patches + CLS + 4 registers), rotary position embeddings, layer scale, "
+        "R=16 after every block + LLF (201 -> 184 -> ... -> 40 tokens)",
     ),
     "vit-l16": Preset(
         family="vit",
@@ -139,7 +146,8 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None, **fields:
 
 
 def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
-    """transformers' `ViTModel` / `Dinov2Model` with the backbone shape of `config` and SDPA attention."""
+    """transformers' `ViTModel` / `Dinov2Model` / `DINOv3ViTModel` with the backbone shape of `config` and SDPA
+    attention."""
     if not config.use_cls_token:
         raise ValueError("The transformers baselines always have a CLS token: keep `use_cls_token=True`.")
     if config.image_size_hw[0] != config.image_size_hw[1] or config.patch_size_hw[0] != config.patch_size_hw[1]:
@@ -178,7 +186,20 @@ def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
                 **common,
             )
         )
-    raise ValueError(f"Unknown model family {family!r}: 'vit' or 'dinov2'.")
+    if family == "dinov3_vit":
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        return DINOv3ViTModel(
+            DINOv3ViTConfig(
+                intermediate_size=config.intermediate_size,
+                layerscale_value=1.0 if config.layerscale_value is None else config.layerscale_value,
+                num_register_tokens=config.num_register_tokens,
+                rope_theta=config.rope_theta,
+                use_gated_mlp=config.use_gated_mlp,
+                **{name: value for name, value in common.items() if "dropout" not in name and name != "qkv_bias"},
+            )
+        )
+    raise ValueError(f"Unknown model family {family!r}: 'vit', 'dinov2' or 'dinov3_vit'.")
 
 
 class IdealRouting(nn.Module):
@@ -232,6 +253,7 @@ def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
     torch.manual_seed(options.seed)
     hf_model = build_hf_model(preset.family, config).eval()
     backbone_state = convert_backbone_state_dict(hf_model.state_dict(), preset.family)
+    backbone_state = zero_absent_biases(backbone_state, CroprViTModel(config).state_dict())
     models: dict[str, nn.Module] = {}
     configs: dict[str, CroprViTConfig] = {}
     for variant in options.variants:
@@ -704,7 +726,8 @@ def _name_list(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser = argparse.ArgumentParser(
         prog="cropr-benchmark",
-        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT or DINOv2.",
+        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT, DINOv2 or "
+        "DINOv3.",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")

@@ -86,7 +86,7 @@ class DemoCheckpoint:
             raise DemoError(f"Cannot load {source!r} as a checkpoint: {_one_line(error)}") from None
         if not isinstance(config, CroprViTConfig):
             raise DemoError(
-                f"{source!r} holds a {config.model_type!r} model, not a CroprViT one: convert ViT / DINOv2 weights "
+                f"{source!r} holds a {config.model_type!r} model, not a CroprViT one: convert backbone weights "
                 "with `cropr convert` first."
             )
         architecture = (config.architectures or ["CroprViTModel"])[0]

@@ -39,7 +39,7 @@ class ModelArguments:
     )
     backbone: str | None = field(
         default=None,
-        metadata={"help": "A ViT / DINOv2 checkpoint (Hub id or directory) converted to CroprViT on the fly."},
+        metadata={"help": "A pretrained backbone (Hub id or directory) converted to CroprViT on the fly."},
     )
     preset: str = field(
         default="vit-mini8-112",
@@ -246,7 +246,7 @@ def check_argument_conflicts(
 
 
 def check_cropr_checkpoint(path: str, trust_remote_code: bool = False) -> None:
-    """Refuse another architecture's checkpoint for `--model_name_or_path`, pointing ViT / DINOv2 ones to `--backbone`.
+    """Refuse another architecture's checkpoint for `--model_name_or_path`, pointing backbones to `--backbone`.
 
     Raises:
         RunError: the checkpoint's config is not a CroprViT one.

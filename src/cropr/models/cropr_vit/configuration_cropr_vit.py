@@ -13,7 +13,10 @@ from transformers.activations import ACT2FN
 
 TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
 LEARNED_SELECTORS = ("cropr", "non_salient")
-POOLING_MODES = ("avg", "cls")
+POOLING_MODES = ("avg", "cls", "cls_patch_mean", "cls_distillation")
+POSITION_EMBEDDING_TYPES = ("absolute", "rope")
+# Poolings that concatenate two tokens: the pooled output, and the input of the classification head, is 2 x hidden_size.
+CONCATENATING_POOLINGS = ("cls_patch_mean", "cls_distillation")
 
 # Fields the modules of a CroprViT model are built from: shapes, which modules exist, dropout and drop-path rates, the
 # selector with its schedule and pooling, the label count of the heads. Changed on the config of a built model, the
@@ -34,6 +37,11 @@ STRUCTURAL_FIELDS = (
     "drop_path_rate",
     "use_cls_token",
     "layerscale_value",
+    "num_register_tokens",
+    "use_distillation_token",
+    "position_embedding_type",
+    "use_gated_mlp",
+    "classifier_norm",
     "pruning_rate",
     "pruning_schedule",
     "last_layer_fusion",
@@ -170,12 +178,33 @@ class CroprViTConfig(PreTrainedConfig):
         aggregator_mlp (`bool`, *optional*, defaults to `True`):
             Residual LayerNorm + MLP on the aggregated tokens (training only).
         pooling (`str`, *optional*, defaults to `"avg"`):
-            "avg" (mean over all output tokens, CLS included) or "cls".
+            "avg" (mean over all output tokens, prefix tokens included), "cls", "cls_patch_mean" (the CLS token
+            concatenated with the mean of the patch tokens, as `Dinov2ForImageClassification`) or "cls_distillation"
+            (the CLS token concatenated with the distillation token, DeiT's two heads as one linear layer). The two
+            concatenations give a pooled output of width `2 * hidden_size`.
         inference_only (`bool`, *optional*, defaults to `False`):
             Set by `strip_training_modules()`: the checkpoint has no queries, aggregators or auxiliary heads, only
             each module's aggregated query.
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label ignored by the segmentation losses.
+        num_register_tokens (`int`, *optional*, defaults to 0):
+            Register tokens after the CLS (and distillation) token, as DINOv2 with registers and DINOv3: learned prefix
+            tokens without position embedding, never scored or pruned.
+        use_distillation_token (`bool`, *optional*, defaults to `False`):
+            A distillation token after the CLS token, with its own position embedding (distilled DeiT); never pruned.
+        position_embedding_type (`str`, *optional*, defaults to `"absolute"`):
+            "absolute" (learned, added to the embeddings) or "rope": DINOv3's 2-D rotary embedding of the queries and
+            keys of the patch tokens, from patch-centre coordinates in [-1, 1], so any input size works. Every token
+            keeps its own rotation through pruning and Last Layer Fusion; prefix tokens are not rotated.
+        rope_theta (`float`, *optional*, defaults to 100.0):
+            Base period of the rotary embedding.
+        use_gated_mlp (`bool`, *optional*, defaults to `False`):
+            Gated MLP (SwiGLU with `hidden_act="silu"`): `fc2(act(gate_proj(x)) * fc1(x))`.
+        interpolate_antialias (`bool`, *optional*, defaults to `False`):
+            Resize the absolute position embeddings for other input sizes with antialiasing, as DINOv2 with registers.
+        classifier_norm (`bool`, *optional*, defaults to `True`):
+            Whether the classification head has a LayerNorm before its linear layer; `False` for a head converted from
+            a source model, whose classifier is a linear layer on the final LayerNorm's output.
         aux_ignored_labels (`list[int]`, *optional*):
             Segmentation only: class ids that the Cropr modules' per-patch auxiliary loss ignores too (the main loss
             still learns them). Meant for a dominant background class: trained on it, the per-patch queries learn to
@@ -234,6 +263,16 @@ class CroprViTConfig(PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
     aux_ignored_labels: list[int] | None = None
 
+    # Backbone variants of the pretrained families (DINOv2 with registers, DINOv3, distilled DeiT); the defaults are
+    # the plain ViT above, so checkpoints saved without these fields compute as before.
+    num_register_tokens: int = 0
+    use_distillation_token: bool = False
+    position_embedding_type: str = "absolute"
+    rope_theta: float | int = 100.0
+    use_gated_mlp: bool = False
+    interpolate_antialias: bool = False
+    classifier_norm: bool = True
+
     def __post_init__(self, **kwargs):
         warn_unknown_config_keys(kwargs, "it is stored on the config, but nothing reads it")
         if self.intermediate_size is None:
@@ -254,8 +293,9 @@ class CroprViTConfig(PreTrainedConfig):
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(
-                f"This is a {model_type!r} config, not a {cls.model_type!r} one. To start from a ViT or DINOv2 "
-                "checkpoint, convert it with `cropr.from_backbone(...)` (or `scripts/convert_backbone.py`)."
+                f"This is a {model_type!r} config, not a {cls.model_type!r} one. To start from a pretrained "
+                "backbone (ViT, DeiT, DINOv2, DINOv3, ...), convert it with `cropr.from_backbone(...)` (or "
+                "`scripts/convert_backbone.py`)."
             )
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
@@ -291,7 +331,18 @@ class CroprViTConfig(PreTrainedConfig):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.use_cls_token else 0
+        """Tokens before the patches, never pruned: CLS, distillation and register tokens."""
+        return int(self.use_cls_token) + int(self.use_distillation_token) + self.num_register_tokens
+
+    @property
+    def num_positioned_prefix_tokens(self) -> int:
+        """Prefix tokens that have an absolute position embedding (CLS and distillation token, not registers)."""
+        return int(self.use_cls_token) + int(self.use_distillation_token)
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of `pooler_output`, the input of the classification head."""
+        return self.hidden_size * (2 if self.pooling in CONCATENATING_POOLINGS else 1)
 
     @property
     def effective_pruning_schedule(self) -> list[int]:
@@ -353,14 +404,15 @@ class CroprViTConfig(PreTrainedConfig):
     def flops(self, pruned: bool = True) -> int:
         """Analytic multiply-adds of the backbone for one image at `image_size`.
 
-        Per block with n tokens: 4nD^2 (q, k, v, o projections) + 2n^2D (scores and weighted sum) + 2nDI (MLP);
-        plus the patch embedding and, when pruned, one n x D routing product per module.
+        Per block with n tokens: 4nD^2 (q, k, v, o projections) + 2n^2D (scores and weighted sum) + 2nDI (MLP, 3nDI
+        gated); plus the patch embedding and, when pruned, one n x D routing product per module.
         """
-        width, mlp_width = self.hidden_size, self.intermediate_size
+        width = self.hidden_size
+        mlp_per_token = (3 if self.use_gated_mlp else 2) * width * self.intermediate_size
         patch_h, patch_w = self.patch_size_hw
         total = self.num_patches * self.num_channels * patch_h * patch_w * width
         for tokens in self.token_counts(pruned):
-            total += 4 * tokens * width**2 + 2 * tokens**2 * width + 2 * tokens * width * mlp_width
+            total += 4 * tokens * width**2 + 2 * tokens**2 * width + tokens * mlp_per_token
         if pruned:
             counts = self.token_counts(pruned)
             total += sum(counts[block] * width for block in self.pruning_blocks)
@@ -417,8 +469,9 @@ class CroprViTConfig(PreTrainedConfig):
             raise ValueError(f"`token_selector` must be one of {TOKEN_SELECTORS}, got {self.token_selector!r}.")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {self.pooling!r}.")
-        if self.pooling == "cls" and not self.use_cls_token:
-            raise ValueError('`pooling="cls"` needs `use_cls_token=True`.')
+        if self.pooling in ("cls", "cls_patch_mean") and not self.use_cls_token:
+            raise ValueError(f'`pooling="{self.pooling}"` needs `use_cls_token=True`.')
+        self._check_backbone_variants()
         if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
             raise ValueError(f"`aux_loss_weight` must be >= 0 and finite, got {self.aux_loss_weight}.")
         if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
@@ -450,6 +503,28 @@ class CroprViTConfig(PreTrainedConfig):
         else:
             return
         raise ValueError(f"`pruning_rate={self.pruning_rate}` would not be used: {reason}.")
+
+    def _check_backbone_variants(self) -> None:
+        if self.num_register_tokens < 0:
+            raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
+        if self.use_distillation_token and not self.use_cls_token:
+            raise ValueError("`use_distillation_token=True` needs `use_cls_token=True` (DeiT's token order).")
+        if self.pooling == "cls_distillation" and not self.use_distillation_token:
+            raise ValueError('`pooling="cls_distillation"` needs `use_distillation_token=True`.')
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, got "
+                f"{self.position_embedding_type!r}."
+            )
+        if self.position_embedding_type == "rope":
+            head_dim = self.hidden_size // self.num_attention_heads
+            if head_dim % 4:
+                raise ValueError(
+                    '`position_embedding_type="rope"` needs a head width divisible by 4 (two axes, sine and cosine); '
+                    f"`hidden_size / num_attention_heads` is {head_dim}."
+                )
+            if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+                raise ValueError(f"`rope_theta` must be > 0 and finite, got {self.rope_theta}.")
 
     def _check_aux_ignored_labels(self) -> None:
         if not self.aux_ignored_labels:
@@ -493,7 +568,7 @@ class CroprViTConfig(PreTrainedConfig):
             raise ValueError(
                 f"The pruning schedule removes {removed} tokens ({counts}) but a {self.image_size_hw[0]}x"
                 f"{self.image_size_hw[1]} image with `patch_size` {self.patch_size_hw[0]} has "
-                f"{self.num_patches} patch tokens (+{self.num_prefix_tokens} CLS); at most {available} can be "
+                f"{self.num_patches} patch tokens (+{self.num_prefix_tokens} prefix); at most {available} can be "
                 "removed so that one patch token remains. Lower `pruning_rate` or the `pruning_schedule` entries."
             )
 
@@ -501,6 +576,8 @@ class CroprViTConfig(PreTrainedConfig):
 __all__ = [
     "CroprViTConfig",
     "LEARNED_SELECTORS",
+    "POOLING_MODES",
+    "POSITION_EMBEDDING_TYPES",
     "STRUCTURAL_FIELDS",
     "TOKEN_SELECTORS",
     "per_block_schedule",

@@ -46,15 +46,18 @@ class CroprViTModelOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
         Final-LayerNorm tokens. With Last Layer Fusion (or no pruning): every token, in raster order (CLS first).
         Without it: only the tokens kept by the last module, CLS first, then by descending score.
-    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        Mean of `last_hidden_state` over tokens (`pooling="avg"`, CLS included) or its CLS token (`pooling="cls"`).
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, or `2 * hidden_size` wide):
+        Mean of `last_hidden_state` over tokens (`pooling="avg"`, prefix tokens included), its CLS token
+        (`pooling="cls"`), or the CLS token concatenated with the mean of the patch tokens (`"cls_patch_mean"`) or
+        with the distillation token (`"cls_distillation"`), which are `2 * hidden_size` wide.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Embeddings and each block's output; lengths shrink where tokens were pruned.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Each block's attention probabilities `(batch_size, num_heads, n, n)` for its own token count n.
     kept_indices (`tuple(torch.LongTensor)`, *optional*, returned when `output_kept_indices=True`):
-        For each pruning module, the original positions (0 = CLS when present, patches 1..) of the tokens it kept,
-        shape `(batch_size, num_kept)`, in the order the tokens leave the module. Opt-in because pipelines split
+        For each pruning module, the original positions of the tokens it kept (0 .. `num_prefix_tokens` - 1: CLS,
+        distillation and register tokens when present; then the patches in raster order), shape
+        `(batch_size, num_kept)`, in the order the tokens leave the module. Opt-in because pipelines split
         every tuple of an output along the batch.
     aux_logits (`tuple(torch.FloatTensor)`, *optional*, training only):
         For each Cropr module, its auxiliary head's logits `(batch_size, num_queries, num_labels)`.
@@ -103,12 +106,14 @@ def resize_position_embeddings(
     source_grid: tuple[int, int],
     target_grid: tuple[int, int],
     num_prefix_tokens: int = 1,
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Resize `(1, prefix + h*w, D)` absolute position embeddings from the patch grid `source_grid` to `target_grid`.
 
     Bicubic, `align_corners=False`, computed in float32 and cast back: the interpolation transformers' ViT and DINOv2
-    apply on the fly (`interpolate_pos_encoding`). The prefix (CLS) embeddings are kept as they are. Used at every
-    forward on another input size, and once by the conversion of a backbone to another image size.
+    apply on the fly (`interpolate_pos_encoding`); `antialias=True` is that of DINOv2 with registers. The prefix (CLS,
+    distillation) embeddings are kept as they are. Used at every forward on another input size, and once by the
+    conversion of a backbone to another image size.
     """
     if tuple(source_grid) == tuple(target_grid):
         return position_embeddings
@@ -121,13 +126,16 @@ def resize_position_embeddings(
             "grid of the source config."
         )
     patches = patches.reshape(1, *source_grid, dim).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=tuple(target_grid), mode="bicubic", align_corners=False)
+    patches = F.interpolate(
+        patches.float(), size=tuple(target_grid), mode="bicubic", align_corners=False, antialias=antialias
+    )
     patches = patches.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([prefix, patches], dim=1)
 
 
 class CroprViTEmbeddings(nn.Module):
-    """Patch embedding, optional CLS token and absolute position embeddings (interpolated for other sizes)."""
+    """Patch embedding and prefix tokens, in the order CLS, distillation token, registers, patches; absolute position
+    embeddings (interpolated for other sizes) for all but the registers, or none with rotary position embeddings."""
 
     def __init__(self, config: CroprViTConfig):
         super().__init__()
@@ -135,11 +143,24 @@ class CroprViTEmbeddings(nn.Module):
         self.image_size = config.image_size_hw
         self.num_channels = config.num_channels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
+        self.distillation_token = (
+            nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_distillation_token else None
+        )
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+            if config.num_register_tokens
+            else None
+        )
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
         )
-        num_positions = config.num_patches + config.num_prefix_tokens
-        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        # Registers carry no position: they are inserted after the position embeddings are added.
+        self.num_positioned_prefix_tokens = config.num_positioned_prefix_tokens
+        self.position_embeddings = None
+        if config.position_embedding_type == "absolute":
+            num_positions = config.num_patches + self.num_positioned_prefix_tokens
+            self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.antialias = config.interpolate_antialias
         self.grid_size = config.patch_grid
         self.num_prefix_tokens = config.num_prefix_tokens
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -147,19 +168,64 @@ class CroprViTEmbeddings(nn.Module):
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """The position embeddings resized to another patch grid (see [`resize_position_embeddings`])."""
         return resize_position_embeddings(
-            self.position_embeddings, self.grid_size, (grid_height, grid_width), self.num_prefix_tokens
+            self.position_embeddings,
+            self.grid_size,
+            (grid_height, grid_width),
+            self.num_positioned_prefix_tokens,
+            antialias=self.antialias,
         )
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
         pixel_values = pixel_values.to(self.projection.weight.dtype)
         embeddings = self.projection(pixel_values).flatten(2).transpose(1, 2)
-        if self.cls_token is not None:
-            embeddings = torch.cat([self.cls_token.expand(batch_size, -1, -1), embeddings], dim=1)
-        grid = (height // self.patch_size[0], width // self.patch_size[1])
-        if interpolate_pos_encoding:
-            return self.dropout(embeddings + self.interpolate_pos_encoding(*grid))
-        return self.dropout(embeddings + self.position_embeddings)
+        prefix = [token for token in (self.cls_token, self.distillation_token) if token is not None]
+        if prefix:
+            embeddings = torch.cat([*(token.expand(batch_size, -1, -1) for token in prefix), embeddings], dim=1)
+        if self.position_embeddings is not None:
+            if interpolate_pos_encoding:
+                grid = (height // self.patch_size[0], width // self.patch_size[1])
+                embeddings = embeddings + self.interpolate_pos_encoding(*grid)
+            else:
+                embeddings = embeddings + self.position_embeddings
+        if self.register_tokens is not None:
+            split = self.num_positioned_prefix_tokens
+            registers = self.register_tokens.expand(batch_size, -1, -1)
+            embeddings = torch.cat([embeddings[:, :split], registers, embeddings[:, split:]], dim=1)
+        return self.dropout(embeddings)
+
+
+def rotary_position_table(
+    config: CroprViTConfig, grid: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sine `(num_prefix + h*w, head_dim)` of DINOv3's 2-D rotary embedding for every token position.
+
+    As `DINOv3ViTRopePositionEmbedding` (transformers) in eval mode: patch centres on a [-1, 1] grid per axis,
+    frequencies `rope_theta ** -(4k / head_dim)`, angles `2 pi coordinate frequency`, computed in float32. Prefix
+    tokens get angle 0 (cosine 1, sine 0), which leaves them unrotated as DINOv3 leaves them, bit for bit, so one
+    table indexed by the tokens' positions serves every set of kept tokens.
+    """
+    head_dim = config.hidden_size // config.num_attention_heads
+    grid_h, grid_w = grid
+    inv_freq = 1 / config.rope_theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
+    coords_h = torch.arange(0.5, grid_h, dtype=torch.float32, device=device) / grid_h
+    coords_w = torch.arange(0.5, grid_w, dtype=torch.float32, device=device) / grid_w
+    coords = 2.0 * torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+    angles = (2 * torch.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
+    angles = F.pad(angles, (0, 0, config.num_prefix_tokens, 0))
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def rotate_half(hidden_states: torch.Tensor) -> torch.Tensor:
+    first, second = hidden_states.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate `(batch, heads, n, head_dim)` queries or keys by the `(batch or 1, n, head_dim)` cosines and sines of
+    their tokens."""
+    cos, sin = (table.unsqueeze(1) for table in rotary)
+    return hidden_states * cos + rotate_half(hidden_states) * sin
 
 
 def eager_attention_forward(
@@ -201,13 +267,18 @@ class CroprViTAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, need_weights: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        need_weights: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if rotary is not None:
+            query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
         attention_interface: Callable = eager_attention_forward
         if not need_weights:
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -235,6 +306,21 @@ class CroprViTMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class CroprViTGatedMLP(nn.Module):
+    """Gated MLP (SwiGLU with `silu`): `fc1` is the up projection and `fc2` the down projection, as in the plain
+    MLP, and `gate_proj` the gate."""
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.gate_proj(hidden_states)) * self.fc1(hidden_states))
 
 
 class CroprViTLayerScale(nn.Module):
@@ -271,6 +357,7 @@ class CroprViTLayer(GradientCheckpointingLayer):
     With Last Layer Fusion, the last block receives the kept tokens followed by the set-aside ones and
     `restore_positions`, the position in the image of each: it returns its output in raster order, so that every
     reader of the block's output (the next layers, recorded hidden states) sees the full token map in place.
+    `rotary` holds the rotary cosines and sines of the current tokens (rotary position embeddings only).
     """
 
     def __init__(self, config: CroprViTConfig, drop_path_rate: float):
@@ -278,7 +365,7 @@ class CroprViTLayer(GradientCheckpointingLayer):
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = CroprViTAttention(config)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = CroprViTMLP(config)
+        self.mlp = CroprViTGatedMLP(config) if config.use_gated_mlp else CroprViTMLP(config)
         use_layer_scale = config.layerscale_value is not None
         self.layer_scale1 = CroprViTLayerScale(config) if use_layer_scale else nn.Identity()
         self.layer_scale2 = CroprViTLayerScale(config) if use_layer_scale else nn.Identity()
@@ -290,8 +377,9 @@ class CroprViTLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         need_weights: bool = False,
         restore_positions: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, attention_probs = self.attention(self.layernorm_before(hidden_states), need_weights)
+        attention_output, attention_probs = self.attention(self.layernorm_before(hidden_states), need_weights, rotary)
         attention_output = self.layer_scale1(self.dropout(attention_output))
         hidden_states = hidden_states + self.drop_path(attention_output)
         mlp_output = self.layer_scale2(self.dropout(self.mlp(self.layernorm_after(hidden_states))))
@@ -459,9 +547,10 @@ class CroprViTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, CroprViTEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            if module.cls_token is not None:
-                init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            tokens = (module.position_embeddings, module.cls_token, module.distillation_token, module.register_tokens)
+            for parameter in tokens:
+                if parameter is not None:
+                    init.trunc_normal_(parameter, mean=0.0, std=std)
         elif isinstance(module, CroprViTLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
         elif isinstance(module, CroprRouter):
@@ -697,18 +786,29 @@ class CroprViTModel(CroprViTPreTrainedModel):
                 hidden_states, restore_positions = routing.fuse_set_aside(hidden_states)
             prunes_here = block in self.pruning_blocks
             need_weights = output_attentions or (prunes_here and self.token_selector.needs_attention)
-            hidden_states, attention_probs = layer(hidden_states, need_weights, restore_positions)
+            hidden_states, attention_probs = layer(hidden_states, need_weights, restore_positions, routing.rotary)
             if prunes_here:
                 hidden_states = self._prune(block, hidden_states, attention_probs, routing)
 
         sequence_output = self.layernorm(hidden_states)
-        pooled_output = sequence_output[:, 0] if self.config.pooling == "cls" else sequence_output.mean(dim=1)
         return CroprViTModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
+            pooler_output=self._pool(sequence_output),
             kept_indices=tuple(routing.kept_indices) if routing.kept_indices is not None else None,
             aux_logits=tuple(routing.aux_logits) if routing.aux_logits else None,
         )
+
+    def _pool(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        """`pooler_output` by `config.pooling`; the patch tokens are those after the prefix tokens."""
+        pooling = self.config.pooling
+        if pooling == "avg":
+            return sequence_output.mean(dim=1)
+        cls_token = sequence_output[:, 0]
+        if pooling == "cls":
+            return cls_token
+        if pooling == "cls_patch_mean":
+            return torch.cat([cls_token, sequence_output[:, self.num_prefix_tokens :].mean(dim=1)], dim=1)
+        return torch.cat([cls_token, sequence_output[:, 1]], dim=1)
 
     def _start_routing(
         self, pixel_values: torch.Tensor, hidden_states: torch.Tensor, output_kept_indices: bool
@@ -722,10 +822,16 @@ class CroprViTModel(CroprViTPreTrainedModel):
         pixel_variance = None
         if self.token_selector.needs_pixel_variance:
             pixel_variance = F.pad(patch_pixel_variance(pixel_values, config.patch_size_hw), (num_prefix, 0))
+        rotary_table = None
+        if config.position_embedding_type == "rope":
+            patch_h, patch_w = config.patch_size_hw
+            grid = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
+            rotary_table = rotary_position_table(config, grid, hidden_states.device, hidden_states.dtype)
         return RoutingState(
             positions=torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1),
             keep_counts=config.patch_keep_counts(num_tokens - num_prefix, fraction),
             pixel_variance=pixel_variance,
+            rotary_table=rotary_table,
             set_aside=[] if config.last_layer_fusion and self.pruning_blocks else None,
             kept_indices=[] if output_kept_indices else None,
         )
@@ -877,7 +983,9 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cropr_vit = CroprViTModel(config)
-        self.classifier = CroprClassificationHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.classifier = CroprClassificationHead(
+            config.pooled_size, config.num_labels, config.layer_norm_eps, use_norm=config.classifier_norm
+        )
         # The multi-label head's class name matches none of transformers' losses; it shares this one.
         self.loss_type = "ForImageClassification"
         self.post_init()

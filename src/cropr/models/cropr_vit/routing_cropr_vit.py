@@ -23,9 +23,10 @@ class CroprClassificationHead(nn.Module):
     """LayerNorm + Linear: every head of the model classifies, per image (classification and the image-level Cropr
     modules' auxiliary heads) or per patch (segmentation and its modules' auxiliary heads)."""
 
-    def __init__(self, hidden_size: int, num_outputs: int, layer_norm_eps: float):
+    def __init__(self, hidden_size: int, num_outputs: int, layer_norm_eps: float, use_norm: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        # Without the norm: a source model's classifier, a linear layer on the final LayerNorm's output.
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if use_norm else nn.Identity()
         self.linear = nn.Linear(hidden_size, num_outputs)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -217,12 +218,16 @@ def split_tokens(
 class RoutingState:
     """What one forward pass carries from pruning module to pruning module.
 
-    positions: `(batch_size, n)`, the position in the image (0 = CLS when present, patches 1..) of each current token.
+    positions: `(batch_size, n)`, the position of each current token in the embeddings' order (prefix tokens first:
+        CLS, distillation, registers; then the patches in raster order).
     keep_counts: the patch tokens each block's module keeps for this input ([`CroprViTConfig.patch_keep_counts`]).
     pixel_variance: `(batch_size, n)`, the variance selector's scores of the current tokens (`None` for the others).
     set_aside: for Last Layer Fusion (`None` without it), the tokens each module set aside with their positions.
     kept_indices: `positions` after each module, when they are to be returned.
     aux_logits: each Cropr module's auxiliary logits (training).
+    rotary_table: with rotary position embeddings, the cosines and sines `(num_tokens, head_dim)` of every position
+        ([`rotary_position_table`]); `rotary` holds those of the current tokens, gathered with `positions` whenever
+        they change, so that every token keeps its own rotation through Top-K and Last Layer Fusion.
     """
 
     positions: torch.Tensor
@@ -231,6 +236,17 @@ class RoutingState:
     set_aside: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     kept_indices: list[torch.Tensor] | None = None
     aux_logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.rotary_table is not None:
+            # Every token is in its place: the table itself, broadcast over the batch.
+            self.rotary = tuple(table.unsqueeze(0) for table in self.rotary_table)
+
+    def _gather_rotary(self, positions: torch.Tensor) -> None:
+        if self.rotary_table is not None:
+            self.rotary = tuple(table[positions] for table in self.rotary_table)
 
     def keep(
         self, hidden_states: torch.Tensor, keep_index: torch.Tensor, set_aside_index: torch.Tensor | None
@@ -242,15 +258,18 @@ class RoutingState:
             )
         hidden_states = gather_tokens(hidden_states, keep_index)
         self.positions = gather_tokens(self.positions, keep_index)
+        self._gather_rotary(self.positions)
         if self.pixel_variance is not None:
             self.pixel_variance = gather_tokens(self.pixel_variance, keep_index)
         return hidden_states
 
     def fuse_set_aside(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last Layer Fusion: the kept tokens followed by every set-aside one, and the position in the image of each
-        (for [`restore_raster_order`] after the last block)."""
+        (for [`restore_raster_order`] after the last block); `rotary` then follows the fused tokens."""
         tokens, positions = zip(*self.set_aside, strict=True)
-        return torch.cat([hidden_states, *tokens], dim=1), torch.cat([self.positions, *positions], dim=1)
+        fused_positions = torch.cat([self.positions, *positions], dim=1)
+        self._gather_rotary(fused_positions)
+        return torch.cat([hidden_states, *tokens], dim=1), fused_positions
 
 
 def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
