@@ -220,15 +220,19 @@ class IdealRouting(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
         model = self.model
         hidden_states = embedded = model.embeddings(pixel_values, False)
+        # Rotary position embeddings rotate every token in every block: the slices keep the first positions' angles.
+        rotary = all_rotary = model._start_routing(pixel_values, hidden_states, False).rotary
         num_prefix, last_block = model.config.num_prefix_tokens, len(model.layers) - 1
         for block, layer in enumerate(model.layers):
             if block == last_block and self.fuse:
-                hidden_states = embedded
-            hidden_states, _ = layer(hidden_states)
+                hidden_states, rotary = embedded, all_rotary
+            hidden_states, _ = layer(hidden_states, rotary=rotary)
             if block in self.pruning_blocks:
-                hidden_states = hidden_states[:, : num_prefix + self.keep_counts[block]]
+                kept = num_prefix + self.keep_counts[block]
+                hidden_states = hidden_states[:, :kept]
+                rotary = None if rotary is None else tuple(table[:, :kept] for table in rotary)
         sequence_output = model.layernorm(hidden_states)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output.mean(dim=1))
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=model._pool(sequence_output))
 
 
 def selector_of(variant: str) -> str:
