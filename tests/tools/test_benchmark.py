@@ -193,3 +193,14 @@ def test_cpu_clock_run_records_its_clock(tmp_path):
     argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "0", "--no-flop-count"]
     assert main([*argv, "--clock", "cpu", "--output", str(path), "--quiet"]) == 0
     assert json.loads(path.read_text())["environment"]["clock"] == "cpu"
+
+
+def test_pipeline_option_reports_the_photo_latency(tmp_path):
+    pytest.importorskip("skimage")
+    path = tmp_path / "results.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batch-sizes", "1", "--repeats", "1"]
+    argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "0", "--no-flop-count"]
+    assert main([*argv, "--pipeline", "--output", str(path), "--quiet"]) == 0
+    result = json.loads(path.read_text())["pipeline"]
+    assert result["photos"] == 4 and set(result["latency_ms"]) == {"processor", "cropr", "none"}
+    assert result["processor_share"] > 0

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cropr import CroprViTConfig, CroprViTModel
 from cropr.cli import main
+from cropr.data.images import SAMPLE_PHOTOS
 from cropr.tools import demo
 from cropr.tools.demo import (
     Comparison,
@@ -194,7 +195,7 @@ def test_load_image_refuses_bad_input_with_a_readable_message(tmp_path, monkeypa
 def test_examples_are_photos_and_scenes_of_the_checkpoint_task(segmentation):
     pytest.importorskip("skimage")
     names = example_names(segmentation)
-    assert names == [*demo.PHOTO_EXAMPLES, "built-in scene 1", "built-in scene 2"]
+    assert names == [*SAMPLE_PHOTOS, "built-in scene 1", "built-in scene 2"]
     assert example_image("chelsea", segmentation).size == (451, 300)
     scene = example_image("built-in scene 2", segmentation)
     assert scene.mode == "RGB" and scene.size == (56, 56)  # the smallest segmentation canvas (model: 32 px)

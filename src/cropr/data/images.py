@@ -1,4 +1,4 @@
-"""Image helpers shared by the training scripts and the command line.
+"""Image helpers shared by the training scripts, the command line and the tools.
 
 [`to_rgb`] converts any PIL image to 8-bit RGB. PIL's own `convert("RGB")` clamps 16-bit greyscale images (modes
 `"I;16"` and `"I"`, as 16-bit PNGs open) to 255, which turns most of their pixels white; here they are scaled to
@@ -14,6 +14,9 @@ WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """PIL modes of integer images wider than 8 bits, which [`to_rgb`] scales rather than clamps."""
 
 MAX_16_BIT = 65535
+
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+"""Photos shipped with scikit-image (`skimage.data`): real images for the demo and the pipeline benchmark."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -46,3 +49,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 __all__ = ["WIDE_INTEGER_MODES", "to_rgb"]
+
+
+def sample_photo(name: str) -> Image.Image:
+    """The scikit-image sample photo `name` (one of [`SAMPLE_PHOTOS`]) as an RGB image.
+
+    Raises:
+        ImportError: when scikit-image is not installed (it comes with `pip install "cropr[demo]"`).
+        ValueError: for a name not in [`SAMPLE_PHOTOS`].
+    """
+    if name not in SAMPLE_PHOTOS:
+        raise ValueError(f"{name!r} is not a sample photo; choose from {SAMPLE_PHOTOS}.")
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise ImportError(
+            'The sample photos come with scikit-image: pip install scikit-image (or "cropr[demo]").'
+        ) from error
+    return to_rgb(Image.fromarray(getattr(skimage.data, name)()))

@@ -39,13 +39,16 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTImageProcessorPil
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..conversion import convert_backbone_state_dict, load_backbone_weights, zero_absent_biases
+from ..data.images import SAMPLE_PHOTOS, sample_photo
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
 from .argtypes import bounded_int, int_list, non_negative_float, output_file, parse_schedule
+from .pipeline_latency import measure_pipeline_latency
 from .timing import CLOCKS, available_cores, interleaved_timings, machine_environment
 
 INFERENCE_VARIANTS = ("hf", "none", "random", "cropr", "ideal")
@@ -123,6 +126,7 @@ class BenchmarkOptions:
     count_flops: bool = True
     seed: int = 0
     clock: str = "wall"
+    pipeline: bool = False
     quiet: bool = False
     output: str | None = None
     markdown: str | None = None
@@ -514,6 +518,24 @@ def _training_step(
     return step
 
 
+def benchmark_pipeline(inference: InferenceModels, options: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
+    """Per-photo latency of `pipeline("image-classification")`, pruned vs pruning off, image processing included."""
+    config = build_config(options.preset, options.overrides)
+    model = CroprViTForImageClassification(config)
+    load_backbone_weights(model.cropr_vit, inference.backbone_state, "the benchmark backbone")
+    model.to(device).eval().strip_training_modules()
+    height, width = config.image_size_hw
+    processor = ViTImageProcessorPil(size={"height": height, "width": width})
+    return measure_pipeline_latency(
+        model,
+        processor,
+        warmup=options.warmup,
+        repeats=options.repeats,
+        min_time=options.min_time,
+        clock=options.clock,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Environment, report, CLI
 # ----------------------------------------------------------------------------------------------------------------------
@@ -574,6 +596,11 @@ def check_options(options: BenchmarkOptions) -> None:
     config = build_config(options.preset, options.overrides)
     for variant in options.variants:
         build_config(options.preset, options.overrides, token_selector=selector_of(variant))
+    if options.pipeline:
+        try:
+            sample_photo(SAMPLE_PHOTOS[0])
+        except ImportError as error:
+            raise ValueError(f"--pipeline times real photos: {error}") from None
     if options.clock not in CLOCKS:
         raise ValueError(f"Unknown clock {options.clock!r}; choose from {sorted(CLOCKS)}.")
     if options.clock == "cpu" and (check_device(options.device).type != "cpu" or options.threads != 1):
@@ -642,6 +669,9 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
     }
     if options.train_batch_size:
         report["training"] = benchmark_training(inference, options, device)
+    if options.pipeline:
+        log("pipeline('image-classification') on the sample photos", options.quiet)
+        report["pipeline"] = benchmark_pipeline(inference, options, device)
     return report
 
 
@@ -695,6 +725,16 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{entry['dtype']:<5} "
                 + ", ".join(f"{name} {result['latency_ms']:.2f}" for name, result in entry["variants"].items())
             )
+    if report.get("pipeline"):
+        result = report["pipeline"]
+        latency = result["latency_ms"]
+        lines += [
+            "",
+            f"pipeline('image-classification') on {result['photos']} photos, one at a time (ms per photo, median)",
+            f"image processor {latency['processor']:.2f}, pruned pipeline {latency['cropr']:.2f}, pruning off "
+            f"{latency['none']:.2f}; speedup {result['speedup']:.3f}x ({result['ceiling_fraction']:.3f} of the "
+            f"ceiling); image processing is {result['processor_share']:.1%} of a pruned call",
+        ]
     if report["training"]:
         lines += ["", "Training step (forward + backward + AdamW, aux heads active; ms, median)"]
         for entry in report["training"]:
@@ -774,6 +814,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument("--no-flop-count", dest="count_flops", action="store_false", help="skip FlopCounterMode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also time pipeline('image-classification') on single real photos (needs scikit-image), pruned vs off",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
@@ -819,6 +864,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         count_flops=args.count_flops,
         seed=args.seed,
         clock=args.clock,
+        pipeline=args.pipeline,
         quiet=args.quiet,
         output=None if args.output is None else str(args.output),
         markdown=None if args.markdown is None else str(args.markdown),

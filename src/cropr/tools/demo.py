@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoConfig, AutoImageProcessor
 
-from ..data.images import to_rgb
+from ..data.images import SAMPLE_PHOTOS, sample_photo, to_rgb
 from ..models.cropr_vit import modeling_cropr_vit
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
@@ -43,8 +43,6 @@ VARIANT_CACHE_SIZE = 3
 """Models at other pruning rates kept in memory (each a full copy of the weights), so that moving the slider back and
 forth does not reload them."""
 
-PHOTO_EXAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
-"""Photos shipped with scikit-image (`skimage.data`), offered as examples when scikit-image is installed."""
 NUM_SCENE_EXAMPLES = 2
 """Built-in scenes (validation split of the checkpoint's built-in task) offered as examples."""
 SCENE_PREFIX = "built-in scene "
@@ -216,16 +214,14 @@ def example_names(checkpoint: DemoCheckpoint) -> list[str]:
     except ImportError:
         photos = []
     else:
-        photos = list(PHOTO_EXAMPLES)
+        photos = list(SAMPLE_PHOTOS)
     return photos + [f"{SCENE_PREFIX}{index + 1}" for index in range(NUM_SCENE_EXAMPLES)]
 
 
 def example_image(name: str, checkpoint: DemoCheckpoint) -> Image.Image:
     """The image of a built-in example named by `example_names`."""
-    if name in PHOTO_EXAMPLES:
-        import skimage.data
-
-        return to_rgb(Image.fromarray(getattr(skimage.data, name)()))
+    if name in SAMPLE_PHOTOS:
+        return sample_photo(name)
     if name.startswith(SCENE_PREFIX) and name[len(SCENE_PREFIX) :].isdigit():
         index = int(name[len(SCENE_PREFIX) :]) - 1
         if 0 <= index < NUM_SCENE_EXAMPLES:
@@ -366,7 +362,6 @@ def latency_summary(comparison: Comparison, repeats: int) -> str:
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "MAX_IMAGE_PIXELS",
-    "PHOTO_EXAMPLES",
     "Comparison",
     "DemoCheckpoint",
     "DemoError",
