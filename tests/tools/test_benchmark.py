@@ -204,3 +204,15 @@ def test_pipeline_option_reports_the_photo_latency(tmp_path):
     result = json.loads(path.read_text())["pipeline"]
     assert result["photos"] == 4 and set(result["latency_ms"]) == {"processor", "cropr", "none"}
     assert result["processor_share"] > 0
+
+
+def test_ideal_routing_output_depends_on_every_block():
+    """Every block's work reaches the output, so that a compiler cannot drop blocks and time less than `cropr` does."""
+    ideal = build_inference_models(BenchmarkOptions(preset="tiny")).models["ideal"]
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        before = ideal(pixel_values).last_hidden_state
+        for layer in ideal.model.layers[:-1]:
+            layer.mlp.fc2.bias.add_(1.0)
+            assert not torch.equal(ideal(pixel_values).last_hidden_state, before)
+            layer.mlp.fc2.bias.sub_(1.0)

@@ -210,8 +210,9 @@ class IdealRouting(nn.Module):
     """The blocks of `model` (an unpruned `CroprViTModel`) on the token counts of `schedule`, routed for free.
 
     After each module of the schedule it keeps the first K tokens (a slice: no scores, no gather), and Last Layer
-    Fusion hands the last block the embeddings' full token map: the same blocks on the same numbers of tokens as the
-    pruned model, without any routing operation. A timing reference only; its outputs mean nothing.
+    Fusion completes them with the embeddings of the other tokens (one concatenation, no reordering): the same blocks
+    on the same numbers of tokens as the pruned model, without any routing operation. A timing reference only; its
+    outputs mean nothing.
     """
 
     def __init__(self, model: CroprViTModel, schedule: CroprViTConfig):
@@ -229,7 +230,10 @@ class IdealRouting(nn.Module):
         num_prefix, last_block = model.config.num_prefix_tokens, len(model.layers) - 1
         for block, layer in enumerate(model.layers):
             if block == last_block and self.fuse:
-                hidden_states, rotary = embedded, all_rotary
+                # The embeddings of the tokens routed away stand in for them; concatenated (not replacing the kept
+                # tokens) so that the earlier blocks' work reaches the output, or a compiler would drop it.
+                hidden_states = torch.cat([hidden_states, embedded[:, hidden_states.shape[1] :]], dim=1)
+                rotary = all_rotary
             hidden_states, _ = layer(hidden_states, rotary=rotary)
             if block in self.pruning_blocks:
                 kept = num_prefix + self.keep_counts[block]
