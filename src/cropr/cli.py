@@ -33,7 +33,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from .conversion import CONVERSION_TASKS, from_backbone
 from .models.cropr_vit import modeling_cropr_vit
-from .models.cropr_vit.configuration_cropr_vit import TOKEN_SELECTORS, CroprViTConfig
+from .models.cropr_vit.configuration_cropr_vit import POOLING_MODES, TOKEN_SELECTORS, CroprViTConfig
 from .models.cropr_vit.modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
 from .tools.argtypes import bounded_int, load_id2label, output_dir, output_file, parse_image_size, parse_schedule
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pruning.add_argument("--pruning-schedule", type=parse_schedule, help="Tokens removed after each block: 0,16,...")
     pruning.add_argument("--last-layer-fusion", action=argparse.BooleanOptionalAction, default=None)
-    pruning.add_argument("--pooling", choices=["avg", "cls"])
+    pruning.add_argument("--pooling", choices=POOLING_MODES)
     pruning.add_argument("--aux-loss-weight", type=float)
     pruning.add_argument("--drop-path-rate", type=float)
     pruning.add_argument(

@@ -1,10 +1,12 @@
-"""Build CroprViT models from pretrained transformers ViT and DINOv2 checkpoints.
+"""Build CroprViT models from pretrained transformers ViT, DINOv2, CLIP and SigLIP checkpoints.
 
 Nobody trains a Token Cropr model from scratch: one starts from a pretrained backbone, adds Cropr modules (each
 with its queries, aggregator and auxiliary head) and a task head, and fine-tunes. [`from_backbone`] does the first
 step. The backbone weights (patch embedding, CLS token, position embeddings, blocks with their layer scales, final
-LayerNorm) are copied from the source; everything Cropr adds and the task head keep the fresh initialisation of the
-CroprViT constructors. With `token_selector="none"` the converted backbone computes exactly what the source computes.
+LayerNorm, and the vision towers' pre-LayerNorm and attention-pooling head) are copied from the source; everything
+Cropr adds keeps the fresh initialisation of the CroprViT constructors. A classifier of the source
+(`CLIPForImageClassification`, `SiglipForImageClassification`) is kept with its labels; other task heads are new. With
+`token_selector="none"` the converted model computes exactly what the source computes.
 
 ```python
 >>> from cropr.conversion import from_backbone
@@ -20,16 +22,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
+    CLIPForImageClassification,
+    CLIPVisionModel,
     Dinov2Model,
     PreTrainedConfig,
     PreTrainedModel,
     SegformerImageProcessorPil,
+    SiglipForImageClassification,
+    SiglipVisionModel,
     ViTImageProcessorPil,
     ViTModel,
 )
@@ -39,6 +46,8 @@ from transformers.image_utils import (
     IMAGENET_DEFAULT_STD,
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     PILImageResampling,
 )
 from transformers.utils import logging
@@ -79,7 +88,14 @@ BACKBONE_FIELDS = (
     "num_channels",
     "use_cls_token",
     "layerscale_value",
+    "patch_embedding_bias",
+    "pre_layernorm",
+    "final_layernorm",
+    "classifier_layernorm",
 )
+
+# Tasks whose head is an image-level Linear layer, like the classifier a source checkpoint may have.
+CLASSIFICATION_TASKS = ("image-classification", "multi-label-classification")
 
 # Why some architectures that look close to a ViT are refused: the converted model would not compute the same thing.
 UNSUPPORTED_REASONS = {
@@ -90,7 +106,13 @@ UNSUPPORTED_REASONS = {
     "dinov2_with_registers": "register tokens are extra prefix tokens, which CroprViT does not have",
     "swin": "Swin is hierarchical with windowed attention, not a plain token sequence",
     "swinv2": "Swin is hierarchical with windowed attention, not a plain token sequence",
+    "siglip2": (
+        "'siglip2' checkpoints are SigLIP 2 NaFlex models (variable resolution and aspect ratio, patches flattened "
+        "by the processor), which CroprViT's fixed patch grid does not run; the fixed-resolution SigLIP 2 "
+        "checkpoints (google/siglip2-*-patch16-224 and the like) are 'siglip' checkpoints and are supported"
+    ),
 }
+UNSUPPORTED_REASONS["siglip2_vision_model"] = UNSUPPORTED_REASONS["siglip2"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,10 @@ class BackboneFamily:
             (that of the family's published checkpoints).
         always_interpolates: whether the source resizes its position embeddings for any input size on its own
             (DINOv2), rather than only when asked with `interpolate_pos_encoding=True` (ViT).
+        classification_class: the transformers class of the family with an image classifier (a Linear layer named
+            `classifier`) that the conversion keeps, or `None`.
+        layout: the [`CroprViTConfig`] fields that reproduce the family's tower, from the tower's config and whether
+            the source's classifier is kept (what that classifier reads decides the pooling).
     """
 
     model_type: str
@@ -117,6 +143,8 @@ class BackboneFamily:
     image_std: tuple[float, ...]
     resample: PILImageResampling
     always_interpolates: bool
+    classification_class: type[PreTrainedModel] | None = None
+    layout: Callable[[PreTrainedConfig, bool], dict] | None = None
 
 
 # Renames shared by both families. Order matters: `attention.output.dense` must be renamed before a ViT's MLP
@@ -162,7 +190,79 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
     ),
 }
 
+
+# CLIP and SigLIP vision towers share their block layout (`encoder.layers.N.self_attn` / `layer_norm1` / `mlp`), and
+# store the position embeddings as an `nn.Embedding` (its `(positions, D)` weight is reshaped on conversion).
+_VISION_TOWER_RENAMES = (
+    (r"^embeddings\.patch_embedding\.", "embeddings.projection."),
+    (r"^embeddings\.position_embedding\.weight$", "embeddings.position_embeddings"),
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^pre_layrnorm\.", "pre_layernorm."),
+    (r"^post_layernorm\.", "layernorm."),
+    (r"^head\.", "map_head."),
+    (r"^encoder\.layers\.(\d+)\.", r"layers.\1."),
+    (r"\.self_attn\.out_proj\.", ".attention.o_proj."),
+    (r"\.self_attn\.", ".attention."),
+    (r"\.layer_norm1\.", ".layernorm_before."),
+    (r"\.layer_norm2\.", ".layernorm_after."),
+)
+
+
+def _clip_layout(config: PreTrainedConfig, keeps_classifier: bool) -> dict:
+    # CLIPVisionModel: pre-LayerNorm, raw last hidden state, post-LayerNorm on the CLS token. Its classifier reads the
+    # mean of the raw patch tokens, where the post-LayerNorm has no part.
+    if keeps_classifier:
+        return dict(patch_embedding_bias=False, pre_layernorm=True, final_layernorm="none", pooling="patch_avg")
+    return dict(patch_embedding_bias=False, pre_layernorm=True, final_layernorm="pooled", pooling="cls")
+
+
+def _siglip_layout(config: PreTrainedConfig, keeps_classifier: bool) -> dict:
+    # No CLS token. SiglipVisionModel pools with its attention-pooling head (when it has one); its classifier reads the
+    # mean of the (post-LayerNorm) tokens instead.
+    uses_map = getattr(config, "vision_use_head", True) and not keeps_classifier
+    return dict(use_cls_token=False, pooling="map" if uses_map else "avg")
+
+
+_CLIP_FAMILY = BackboneFamily(
+    model_type="clip_vision_model",
+    model_class=CLIPVisionModel,
+    renames=_VISION_TOWER_RENAMES,
+    dropped=(),
+    image_mean=tuple(OPENAI_CLIP_MEAN),
+    image_std=tuple(OPENAI_CLIP_STD),
+    resample=PILImageResampling.BICUBIC,
+    always_interpolates=False,
+    classification_class=CLIPForImageClassification,
+    layout=_clip_layout,
+)
+_SIGLIP_FAMILY = BackboneFamily(
+    model_type="siglip_vision_model",
+    model_class=SiglipVisionModel,
+    renames=_VISION_TOWER_RENAMES,
+    dropped=(),
+    image_mean=tuple(IMAGENET_STANDARD_MEAN),
+    image_std=tuple(IMAGENET_STANDARD_STD),
+    resample=PILImageResampling.BILINEAR,
+    always_interpolates=False,
+    classification_class=SiglipForImageClassification,
+    layout=_siglip_layout,
+)
+# A full CLIP / SigLIP checkpoint ('clip', 'siglip': image and text towers, or an image classifier) converts through its
+# vision tower ('clip_vision_model', 'siglip_vision_model'), whose config is its `vision_config`.
+BACKBONE_FAMILIES.update(
+    clip=_CLIP_FAMILY,
+    clip_vision_model=_CLIP_FAMILY,
+    siglip=_SIGLIP_FAMILY,
+    siglip_vision_model=_SIGLIP_FAMILY,
+)
+
 SUPPORTED_MODEL_TYPES = tuple(BACKBONE_FAMILIES)
+
+
+def vision_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The config of the vision tower: the `vision_config` of a composite CLIP / SigLIP config, else `config`."""
+    sub_config = getattr(config, "vision_config", None)
+    return sub_config if sub_config is not None else config
 
 
 def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
@@ -175,8 +275,11 @@ def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
             f"Cannot convert a {model_type!r} checkpoint to CroprViT"
             + (f": {reason}" if reason else "")
             + f". Supported architectures (`model_type`): {', '.join(repr(name) for name in SUPPORTED_MODEL_TYPES)} "
-            "(ViTModel / ViTFor*, Dinov2Model / Dinov2For* / Dinov2Backbone)."
+            "(ViTModel / ViTFor*, Dinov2Model / Dinov2For* / Dinov2Backbone, the vision tower of CLIPModel / "
+            "CLIPVisionModel / CLIPForImageClassification and of SiglipModel / SiglipVisionModel / "
+            "SiglipForImageClassification)."
         )
+    config = vision_config(config)
     if getattr(config, "use_swiglu_ffn", False):
         raise ValueError(
             "Cannot convert a 'dinov2' checkpoint with `use_swiglu_ffn=True` (SwiGLU MLP, as in DINOv2-g): CroprViT "
@@ -202,8 +305,9 @@ def convert_backbone_state_dict(
 
     Both the transformers 5 names (`layers.N.attention.q_proj`, DINOv2 `encoder.layer.N.norm1`) and those of older
     checkpoints (`encoder.layer.N.attention.attention.query`, `attention.output.dense`, ViT `intermediate.dense` /
-    `output.dense`) are accepted. The mask token and pooler are dropped. When both grids are given and differ, the
-    position embeddings are resized with [`resize_position_embeddings`].
+    `output.dense`) are accepted, and those of the CLIP / SigLIP vision towers. The mask token and pooler are
+    dropped. When both grids are given and differ, the position embeddings are resized with
+    [`resize_position_embeddings`].
     """
     family = BACKBONE_FAMILIES.get(model_type)
     if family is None:
@@ -215,9 +319,15 @@ def convert_backbone_state_dict(
         for pattern, replacement in family.renames:
             name = re.sub(pattern, replacement, name)
         converted[name] = tensor
+    key = "embeddings.position_embeddings"
+    for name in (key, "embeddings.cls_token"):
+        if name in converted and converted[name].dim() != 3:
+            # CLIP and SigLIP keep them as (positions, D) and (D,); CroprViT as (1, positions, D).
+            converted[name] = converted[name].reshape(1, -1, converted[name].shape[-1])
     if source_grid is not None and target_grid is not None:
-        key = "embeddings.position_embeddings"
-        converted[key] = resize_position_embeddings(converted[key], source_grid, target_grid)
+        # Position embeddings beyond the patch grid belong to the prefix (CLS; none in SigLIP).
+        num_prefix_tokens = max(converted[key].shape[1] - source_grid[0] * source_grid[1], 0)
+        converted[key] = resize_position_embeddings(converted[key], source_grid, target_grid, num_prefix_tokens)
     return converted
 
 
@@ -244,15 +354,17 @@ def cropr_config_from_backbone(
     image_size: int | tuple[int, int] | None = None,
     num_labels: int | None = None,
     id2label: Mapping[int | str, str] | None = None,
+    keeps_classifier: bool = False,
     **cropr_config_overrides,
 ) -> CroprViTConfig:
     """The [`CroprViTConfig`] of a CroprViT built on the backbone described by `source_config`.
 
-    Backbone fields come from the source; `image_size` defaults to the source's; `interpolate_pos_encoding` defaults
-    to `True` for DINOv2 (whose model always interpolates) and `False` for ViT. Segmentation sets one query per patch
-    and Last Layer Fusion. An explicit `pruning_rate` that no module would use (the selector is "none", a
-    `pruning_schedule` is given, or the backbone is too shallow for a per-block module) raises a `ValueError`. See
-    [`from_backbone`] for the arguments.
+    Backbone fields come from the source (the vision tower's config for CLIP and SigLIP); `image_size` defaults to the
+    source's; `interpolate_pos_encoding` defaults to `True` for DINOv2 (whose model always interpolates) and `False`
+    otherwise. `keeps_classifier` builds the head as the source's classifier (a Linear layer without LayerNorm, on
+    what the source's classifier pools). Segmentation sets one query per patch and Last Layer Fusion. An explicit
+    `pruning_rate` that no module would use (the selector is "none", a `pruning_schedule` is given, or the backbone is
+    too shallow for a per-block module) raises a `ValueError`. See [`from_backbone`] for the arguments.
     """
     family = backbone_family(source_config)
     if task not in CONVERSION_TASKS:
@@ -263,6 +375,12 @@ def cropr_config_from_backbone(
             f"{fixed} cannot be overridden: backbone fields come from the source checkpoint; pass `image_size` and "
             "`num_labels` / `id2label` as their own arguments."
         )
+    if keeps_classifier and "pooling" in cropr_config_overrides:
+        raise ValueError(
+            "`pooling` cannot be overridden while the source's classifier is kept: it reads what the source's "
+            "classifier pools. Pass other `id2label` for a new head."
+        )
+    source_config = vision_config(source_config)
     if family.model_type == "dinov2":
         intermediate_size = int(source_config.hidden_size * source_config.mlp_ratio)
         layerscale_value = float(source_config.layerscale_value)
@@ -279,14 +397,20 @@ def cropr_config_from_backbone(
         intermediate_size=intermediate_size,
         hidden_act=source_config.hidden_act,
         layer_norm_eps=source_config.layer_norm_eps,
-        qkv_bias=source_config.qkv_bias,
+        # CLIP and SigLIP name neither field: their projections always have biases, and only attention has dropout.
+        qkv_bias=getattr(source_config, "qkv_bias", True),
         use_cls_token=True,
         layerscale_value=layerscale_value,
-        initializer_range=source_config.initializer_range,
-        hidden_dropout_prob=source_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
+        initializer_range=getattr(source_config, "initializer_range", 0.02),
+        hidden_dropout_prob=getattr(source_config, "hidden_dropout_prob", 0.0),
+        attention_probs_dropout_prob=getattr(
+            source_config, "attention_probs_dropout_prob", getattr(source_config, "attention_dropout", 0.0)
+        ),
         interpolate_pos_encoding=family.always_interpolates,
+        classifier_layernorm=not keeps_classifier,
     )
+    if family.layout is not None:
+        kwargs.update(family.layout(source_config, keeps_classifier))
     kwargs.update(_label_kwargs(task, num_labels, id2label))
     if task == "semantic-segmentation":
         (height, width), (patch_h, patch_w) = as_pair(kwargs["image_size"]), as_pair(kwargs["patch_size"])
@@ -317,19 +441,87 @@ def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str
     return {"num_labels": num_labels}
 
 
-def _load_source(source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> PreTrainedModel:
-    """The source base model (no head), after checking its architecture from the config alone."""
+@dataclass(frozen=True)
+class SourceClassifier:
+    """The image classifier of a source checkpoint: its Linear layer and the labels of its outputs."""
+
+    linear: nn.Linear
+    id2label: dict[int, str]
+
+
+def _vision_tower(model: PreTrainedModel) -> PreTrainedModel:
+    """The vision tower of a source model: `vision_model` of a CLIP / SigLIP model, else its base model."""
+    tower = getattr(model, "vision_model", None)
+    return tower if tower is not None else model.base_model
+
+
+def _load_source(
+    source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs
+) -> tuple[PreTrainedModel, SourceClassifier | None]:
+    """The source's vision tower (no head) and the classifier it has, if any, after checking its architecture from
+    the config alone."""
     if isinstance(source, PreTrainedModel):
-        backbone_family(source.config)
-        return source.base_model
-    config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
-    family = backbone_family(config)
-    # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a head
-    # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model.
-    extra = {"add_pooling_layer": False} if family.model_type == "vit" else {}
-    # Weights are read from safetensors only: transformers would otherwise fall back to unpickling a .bin file.
-    from_pretrained_kwargs.setdefault("use_safetensors", True)
-    return family.model_class.from_pretrained(source, config=config, **extra, **from_pretrained_kwargs)
+        family = backbone_family(source.config)
+        model = source
+    else:
+        config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
+        family = backbone_family(config)
+        # Weights are read from safetensors only: transformers would otherwise fall back to unpickling a .bin file.
+        from_pretrained_kwargs.setdefault("use_safetensors", True)
+        classifier_class = family.classification_class
+        if classifier_class is not None and classifier_class.__name__ in (config.architectures or ()):
+            model = classifier_class.from_pretrained(source, config=config, **from_pretrained_kwargs)
+        else:
+            # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a
+            # head prefix (`vit.`, `dinov2.`) or the other towers of a CLIP / SigLIP checkpoint when it is loaded into
+            # the base model or vision tower.
+            extra = {"add_pooling_layer": False} if family.model_type == "vit" else {}
+            tower_config = vision_config(config)
+            return family.model_class.from_pretrained(
+                source, config=tower_config, **extra, **from_pretrained_kwargs
+            ), None
+    classifier = None
+    if family.classification_class is not None and isinstance(model, family.classification_class):
+        if isinstance(model.classifier, nn.Linear):  # `nn.Identity` when built with `num_labels=0`
+            id2label = {int(index): str(label) for index, label in model.config.id2label.items()}
+            classifier = SourceClassifier(model.classifier, id2label)
+    return _vision_tower(model), classifier
+
+
+def _keeps_classifier(
+    task: str,
+    classifier: SourceClassifier | None,
+    num_labels: int | None,
+    id2label: Mapping[int | str, str] | None,
+) -> bool:
+    """Whether the converted head is the source's classifier: for an image-level task, unless other labels are asked
+    for (then the head is new, with a warning)."""
+    if classifier is None or task not in CLASSIFICATION_TASKS:
+        return False
+    asked = {int(index): str(label) for index, label in id2label.items()} if id2label is not None else None
+    if (asked is None or asked == classifier.id2label) and num_labels in (None, len(classifier.id2label)):
+        return True
+    logger.warning(
+        f"The source's classifier ({len(classifier.id2label)} classes) is not kept: other labels were given, so the "
+        "head is new."
+    )
+    return False
+
+
+def _without_unused_modules(state_dict: dict[str, torch.Tensor], config: CroprViTConfig) -> dict[str, torch.Tensor]:
+    """The converted weights without the source modules that `config` does not compute: SigLIP's attention-pooling
+    head under another pooling, CLIP's post-LayerNorm when its classifier, which does not read it, is kept."""
+    unused = []
+    if config.pooling != "map":
+        unused.append("map_head.")
+    elif not any(name.startswith("map_head.") for name in state_dict):
+        raise ValueError(
+            '`pooling="map"` needs a source with an attention-pooling head (a SigLIP vision tower with '
+            '`vision_use_head=True`); choose "avg", "patch_avg" or "cls".'
+        )
+    if config.final_layernorm == "none":
+        unused.append("layernorm.")
+    return {name: tensor for name, tensor in state_dict.items() if not name.startswith(tuple(unused))}
 
 
 def _normalization_settings(
@@ -418,15 +610,17 @@ def from_backbone(
         source has no processor config: mean/std 0.5 for ViT, ImageNet's for DINOv2).
     """
     from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
-    source_model = _load_source(source, **from_pretrained_kwargs)
+    source_model, classifier = _load_source(source, **from_pretrained_kwargs)
     source_config = source_model.config
     family = backbone_family(source_config)
+    keeps_classifier = _keeps_classifier(task, classifier, num_labels, id2label)
     config = cropr_config_from_backbone(
         source_config,
         task,
         image_size=image_size,
         num_labels=num_labels,
-        id2label=id2label,
+        id2label=classifier.id2label if keeps_classifier else id2label,
+        keeps_classifier=keeps_classifier,
         **cropr_config_overrides,
     )
     model = CONVERSION_TASKS[task](config)
@@ -436,7 +630,11 @@ def from_backbone(
     state_dict = convert_backbone_state_dict(
         source_model.state_dict(), family.model_type, source_grid=source_grid, target_grid=config.patch_grid
     )
+    state_dict = _without_unused_modules(state_dict, config)
     load_backbone_weights(model.base_model, state_dict, f"the {family.model_type!r} source")
+    if keeps_classifier:
+        with torch.no_grad():
+            model.classifier.linear.load_state_dict(classifier.linear.state_dict())
 
     normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
     height, width = config.image_size_hw

@@ -13,7 +13,8 @@ from transformers.activations import ACT2FN
 
 TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
 LEARNED_SELECTORS = ("cropr", "non_salient")
-POOLING_MODES = ("avg", "cls")
+POOLING_MODES = ("avg", "cls", "patch_avg", "map")
+FINAL_LAYERNORM_MODES = ("tokens", "pooled", "none")
 
 # Fields the modules of a CroprViT model are built from: shapes, which modules exist, dropout and drop-path rates, the
 # selector with its schedule and pooling, the label count of the heads. Changed on the config of a built model, the
@@ -43,6 +44,10 @@ STRUCTURAL_FIELDS = (
     "pooling",
     "inference_only",
     "num_labels",
+    "patch_embedding_bias",
+    "pre_layernorm",
+    "final_layernorm",
+    "classifier_layernorm",
 )
 
 # Keys that transformers itself passes to, or writes into, every config besides its fields and properties (names
@@ -170,7 +175,10 @@ class CroprViTConfig(PreTrainedConfig):
         aggregator_mlp (`bool`, *optional*, defaults to `True`):
             Residual LayerNorm + MLP on the aggregated tokens (training only).
         pooling (`str`, *optional*, defaults to `"avg"`):
-            "avg" (mean over all output tokens, CLS included) or "cls".
+            "avg" (mean over all output tokens, CLS included), "cls", "patch_avg" (mean over the patch tokens, prefix
+            tokens excluded: the head of `CLIPForImageClassification`) or "map" (SigLIP's multihead attention pooling:
+            a learned probe attends to the output tokens, then a residual LayerNorm + MLP; its weights are part of the
+            backbone).
         inference_only (`bool`, *optional*, defaults to `False`):
             Set by `strip_training_modules()`: the checkpoint has no queries, aggregators or auxiliary heads, only
             each module's aggregated query.
@@ -182,6 +190,17 @@ class CroprViTConfig(PreTrainedConfig):
             look at background, and their summed scores keep background patches and drop the objects
             (`docs/results.md`). ADE20k, the paper's benchmark, has no such class: its "other" label is the ignore
             index for both losses.
+        patch_embedding_bias (`bool`, *optional*, defaults to `True`):
+            Whether the patch embedding has a bias (CLIP's has none).
+        pre_layernorm (`bool`, *optional*, defaults to `False`):
+            A LayerNorm on the embeddings before the first block (CLIP's `pre_layrnorm`).
+        final_layernorm (`str`, *optional*, defaults to `"tokens"`):
+            Where the final LayerNorm applies: "tokens" (every output token, as ViT, DINOv2 and SigLIP), "pooled"
+            (`pooler_output` only, `last_hidden_state` is the last block's output: CLIP's `post_layernorm`) or "none"
+            (no final LayerNorm: a CLIP classifier, whose head reads the last block's output).
+        classifier_layernorm (`bool`, *optional*, defaults to `True`):
+            Whether the classification head normalises the pooled output before its Linear layer; off for a head kept
+            from a source checkpoint, which is a Linear layer alone.
 
     Example:
 
@@ -233,6 +252,12 @@ class CroprViTConfig(PreTrainedConfig):
     inference_only: bool = False
     semantic_loss_ignore_index: int = 255
     aux_ignored_labels: list[int] | None = None
+
+    # Vision-tower variants (CLIP, SigLIP); the defaults are the ViT / DINOv2 layout.
+    patch_embedding_bias: bool = True
+    pre_layernorm: bool = False
+    final_layernorm: str = "tokens"
+    classifier_layernorm: bool = True
 
     def __post_init__(self, **kwargs):
         warn_unknown_config_keys(kwargs, "it is stored on the config, but nothing reads it")
@@ -419,6 +444,8 @@ class CroprViTConfig(PreTrainedConfig):
             raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if self.pooling == "cls" and not self.use_cls_token:
             raise ValueError('`pooling="cls"` needs `use_cls_token=True`.')
+        if self.final_layernorm not in FINAL_LAYERNORM_MODES:
+            raise ValueError(f"`final_layernorm` must be one of {FINAL_LAYERNORM_MODES}, got {self.final_layernorm!r}.")
         if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
             raise ValueError(f"`aux_loss_weight` must be >= 0 and finite, got {self.aux_loss_weight}.")
         if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
@@ -500,7 +527,9 @@ class CroprViTConfig(PreTrainedConfig):
 
 __all__ = [
     "CroprViTConfig",
+    "FINAL_LAYERNORM_MODES",
     "LEARNED_SELECTORS",
+    "POOLING_MODES",
     "STRUCTURAL_FIELDS",
     "TOKEN_SELECTORS",
     "per_block_schedule",

@@ -44,10 +44,13 @@ from .routing_cropr_vit import (
 class CroprViTModelOutput(ModelOutput):
     """
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
-        Final-LayerNorm tokens. With Last Layer Fusion (or no pruning): every token, in raster order (CLS first).
+        Final-LayerNorm tokens (the last block's output when `config.final_layernorm` is "pooled" or "none"). With
+        Last Layer Fusion (or no pruning): every token, in raster order (CLS first).
         Without it: only the tokens kept by the last module, CLS first, then by descending score.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        Mean of `last_hidden_state` over tokens (`pooling="avg"`, CLS included) or its CLS token (`pooling="cls"`).
+        Mean of `last_hidden_state` over tokens (`pooling="avg"`, CLS included), its CLS token (`pooling="cls"`), the
+        mean of its patch tokens (`pooling="patch_avg"`) or its attention pooling (`pooling="map"`); then the final
+        LayerNorm when `config.final_layernorm="pooled"`.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Embeddings and each block's output; lengths shrink where tokens were pruned.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -136,7 +139,11 @@ class CroprViTEmbeddings(nn.Module):
         self.num_channels = config.num_channels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
         self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            bias=config.patch_embedding_bias,
         )
         num_positions = config.num_patches + config.num_prefix_tokens
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
@@ -263,6 +270,24 @@ class CroprViTDropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
+
+
+class CroprViTAttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling (`pooling="map"`): a learned probe attends to the tokens, then a residual
+    LayerNorm + MLP. Built as `SiglipMultiheadAttentionPoolingHead`, so that converted weights compute the same."""
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CroprViTMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+        pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
 
 
 class CroprViTLayer(GradientCheckpointingLayer):
@@ -464,6 +489,10 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.cls_token, mean=0.0, std=std)
         elif isinstance(module, CroprViTLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, CroprViTAttentionPoolingHead):
+            init.trunc_normal_(module.probe, mean=0.0, std=std)
+            init.trunc_normal_(module.attention.in_proj_weight, mean=0.0, std=std)
+            init.zeros_(module.attention.in_proj_bias)
         elif isinstance(module, CroprRouter):
             if module.queries is not None:
                 init.trunc_normal_(module.queries, mean=0.0, std=self.config.hidden_size**-0.5)
@@ -646,6 +675,9 @@ class CroprViTModel(CroprViTPreTrainedModel):
     def __init__(self, config: CroprViTConfig):
         super().__init__(config)
         self.embeddings = CroprViTEmbeddings(config)
+        self.pre_layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
+        )
         drop_path_rates = [
             config.drop_path_rate * block / max(config.num_hidden_layers - 1, 1)
             for block in range(config.num_hidden_layers)
@@ -653,7 +685,10 @@ class CroprViTModel(CroprViTPreTrainedModel):
         if config.last_layer_fusion:
             drop_path_rates[-1] = 0.0
         self.layers = nn.ModuleList([CroprViTLayer(config, rate) for rate in drop_path_rates])
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.final_layernorm != "none" else None
+        )
+        self.map_head = CroprViTAttentionPoolingHead(config) if config.pooling == "map" else None
         self.token_selector = TokenSelector(config)
         self.pruning_blocks = frozenset(config.pruning_blocks)
         self.num_prefix_tokens = config.num_prefix_tokens
@@ -689,6 +724,8 @@ class CroprViTModel(CroprViTPreTrainedModel):
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
         routing = self._start_routing(pixel_values, hidden_states, output_kept_indices)
         last_block = len(self.layers) - 1
         for block, layer in enumerate(self.layers):
@@ -701,14 +738,28 @@ class CroprViTModel(CroprViTPreTrainedModel):
             if prunes_here:
                 hidden_states = self._prune(block, hidden_states, attention_probs, routing)
 
-        sequence_output = self.layernorm(hidden_states)
-        pooled_output = sequence_output[:, 0] if self.config.pooling == "cls" else sequence_output.mean(dim=1)
+        final_layernorm = self.config.final_layernorm
+        sequence_output = self.layernorm(hidden_states) if final_layernorm == "tokens" else hidden_states
+        pooled_output = self._pool(sequence_output)
+        if final_layernorm == "pooled":
+            pooled_output = self.layernorm(pooled_output)
         return CroprViTModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
             kept_indices=tuple(routing.kept_indices) if routing.kept_indices is not None else None,
             aux_logits=tuple(routing.aux_logits) if routing.aux_logits else None,
         )
+
+    def _pool(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        """One vector per image from the output tokens, as `config.pooling` says."""
+        pooling = self.config.pooling
+        if pooling == "cls":
+            return sequence_output[:, 0]
+        if pooling == "patch_avg":
+            return sequence_output[:, self.num_prefix_tokens :].mean(dim=1)
+        if pooling == "map":
+            return self.map_head(sequence_output)
+        return sequence_output.mean(dim=1)
 
     def _start_routing(
         self, pixel_values: torch.Tensor, hidden_states: torch.Tensor, output_kept_indices: bool
@@ -877,7 +928,9 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cropr_vit = CroprViTModel(config)
-        self.classifier = CroprClassificationHead(config.hidden_size, config.num_labels, config.layer_norm_eps)
+        self.classifier = CroprClassificationHead(
+            config.hidden_size, config.num_labels, config.layer_norm_eps, layernorm=config.classifier_layernorm
+        )
         # The multi-label head's class name matches none of transformers' losses; it shares this one.
         self.loss_type = "ForImageClassification"
         self.post_init()
