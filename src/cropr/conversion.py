@@ -573,14 +573,17 @@ def from_backbone(
     from_pretrained_kwargs: Mapping | None = None,
     **cropr_config_overrides,
 ) -> tuple[CroprViTPreTrainedModel, ViTImageProcessorPil | SegformerImageProcessorPil]:
-    """Build a CroprViT model on a pretrained ViT or DINOv2 backbone, with a matching image processor.
+    """Build a CroprViT model on a pretrained ViT, DINOv2, CLIP or SigLIP backbone, with a matching image processor.
 
     Args:
         source (`str`, `os.PathLike` or `PreTrainedModel`):
-            A Hub id (e.g. `"google/vit-base-patch16-224-in21k"`, `"facebook/dinov2-base"`), a local directory
-            written by `save_pretrained`, or a model object: `ViTModel` / `ViTFor*` (model type "vit", which includes
-            the non-distilled facebook/deit-* checkpoints) or `Dinov2Model` / `Dinov2For*` / `Dinov2Backbone`
-            ("dinov2", without SwiGLU). Any other architecture raises a `ValueError`.
+            A Hub id (e.g. `"google/vit-base-patch16-224-in21k"`, `"facebook/dinov2-base"`,
+            `"google/siglip-base-patch16-224"`), a local directory written by `save_pretrained`, or a model object:
+            `ViTModel` / `ViTFor*` (model type "vit", which includes the non-distilled facebook/deit-* checkpoints),
+            `Dinov2Model` / `Dinov2For*` / `Dinov2Backbone` ("dinov2", without SwiGLU), the vision tower of
+            `CLIPModel` / `CLIPVisionModel` / `CLIPForImageClassification` ("clip", "clip_vision_model") or of
+            `SiglipModel` / `SiglipVisionModel` / `SiglipForImageClassification` ("siglip", "siglip_vision_model",
+            which includes the fixed-resolution SigLIP 2 checkpoints). Any other architecture raises a `ValueError`.
         task (`str`, defaults to `"image-classification"`):
             One of [`CONVERSION_TASKS`]: "image-classification", "multi-label-classification",
             "semantic-segmentation", or "feature-extraction" (the bare `CroprViTModel`). Segmentation gets one Cropr
@@ -591,7 +594,9 @@ def from_backbone(
             model at that size computes what the source computes at that size. At other sizes the converted model
             interpolates from its own grid.
         num_labels (`int`, *optional*), id2label (`dict`, *optional*):
-            Labels of the new task head (one of them is required for the heads; `label2id` is derived).
+            Labels of the new task head (one of them is required for the heads; `label2id` is derived). A source with
+            an image classifier (`CLIPForImageClassification`, `SiglipForImageClassification`) keeps it, with its
+            `id2label`, for the classification tasks unless other labels are given here.
         image_processor (`str`, `os.PathLike` or image processor, *optional*):
             Where to take the normalisation from, when not the source itself (e.g. a model object whose
             `name_or_path` has no `preprocessor_config.json`).
@@ -604,10 +609,11 @@ def from_backbone(
 
     Returns:
         `(model, image_processor)`: the CroprViT model (float32, train mode as built by its constructor) with the
-        backbone weights copied and the Cropr modules and head freshly initialised, and a `ViTImageProcessorPil`
+        backbone weights (and the source's classifier, when kept) copied and the Cropr modules (and a new head)
+        freshly initialised, and a `ViTImageProcessorPil`
         (`SegformerImageProcessorPil` with `do_reduce_labels=False` for segmentation) resizing to `image_size` with
         the source processor's mean, std and resampling filter (the family's defaults, with a warning, when the
-        source has no processor config: mean/std 0.5 for ViT, ImageNet's for DINOv2).
+        source has no processor config: mean/std 0.5 for ViT and SigLIP, ImageNet's for DINOv2, OpenAI's for CLIP).
     """
     from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
     source_model, classifier = _load_source(source, **from_pretrained_kwargs)
