@@ -58,7 +58,7 @@ SANITY_RTOL = 1e-4
 class Preset:
     """A benchmark model: the transformers family to compare with and the CroprViT config (pruning schedule)."""
 
-    family: str  # "vit" or "dinov2"
+    family: str  # "vit", "dinov2" or "siglip"
     config: dict[str, Any]
     description: str
 
@@ -74,6 +74,12 @@ PRESETS: dict[str, Preset] = {
         config={**MODEL_PRESETS["dinov2-s14"], "num_labels": 1000},
         description="DINOv2-S/14 at 224 px (256 patches), layer scale, R=20 after every block + LLF "
         "(257 -> 236 -> ... -> 56 tokens, the share ViT-B/16 R=16 keeps)",
+    ),
+    "siglip-b16": Preset(
+        family="siglip",
+        config={**MODEL_PRESETS["siglip-b16"], "num_labels": 1000},
+        description="SigLIP-B/16-shaped tower at 224 px: no CLS token, attention-pooling (MAP) head, R=16 after every "
+        "block + LLF (196 -> 180 -> ... -> 36 tokens)",
     ),
     "vit-l16": Preset(
         family="vit",
@@ -133,9 +139,11 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None, **fields:
 
 
 def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
-    """transformers' `ViTModel` / `Dinov2Model` with the backbone shape of `config` and SDPA attention."""
-    if not config.use_cls_token:
-        raise ValueError("The transformers baselines always have a CLS token: keep `use_cls_token=True`.")
+    """transformers' `ViTModel` / `Dinov2Model` / `SiglipVisionModel` with the backbone shape of `config` and SDPA
+    attention."""
+    if config.use_cls_token == (family == "siglip"):
+        fix = "has no CLS token: set `use_cls_token=False`" if family == "siglip" else "has a CLS token: keep it"
+        raise ValueError(f"transformers' {family} baseline {fix}.")
     if config.image_size_hw[0] != config.image_size_hw[1] or config.patch_size_hw[0] != config.patch_size_hw[1]:
         raise ValueError("The transformers baselines need square images and patches.")
     common = dict(
@@ -172,7 +180,17 @@ def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
                 **common,
             )
         )
-    raise ValueError(f"Unknown model family {family!r}: 'vit' or 'dinov2'.")
+    if family == "siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        return SiglipVisionModel(
+            SiglipVisionConfig(
+                intermediate_size=config.intermediate_size,
+                vision_use_head=config.pooling == "map",
+                **{name: common[name] for name in common if name not in ("hidden_dropout_prob", "qkv_bias")},
+            )
+        )
+    raise ValueError(f"Unknown model family {family!r}: 'vit', 'dinov2' or 'siglip'.")
 
 
 @dataclass

@@ -379,7 +379,9 @@ class CroprViTConfig(PreTrainedConfig):
         """Analytic multiply-adds of the backbone for one image at `image_size`.
 
         Per block with n tokens: 4nD^2 (q, k, v, o projections) + 2n^2D (scores and weighted sum) + 2nDI (MLP);
-        plus the patch embedding and, when pruned, one n x D routing product per module.
+        plus the patch embedding, the attention-pooling head (`pooling="map"`: key and value projections of the n
+        output tokens 2nD^2, one query's scores and sum 2nD, its q and o projections 2D^2 and MLP 2DI) and, when
+        pruned, one n x D routing product per module.
         """
         width, mlp_width = self.hidden_size, self.intermediate_size
         patch_h, patch_w = self.patch_size_hw
@@ -389,6 +391,10 @@ class CroprViTConfig(PreTrainedConfig):
         if pruned:
             counts = self.token_counts(pruned)
             total += sum(counts[block] * width for block in self.pruning_blocks)
+        if self.pooling == "map":
+            # Nothing is pruned after the last block: the head reads the tokens that block sees.
+            tokens = self.token_counts(pruned)[-1]
+            total += 2 * tokens * width**2 + 2 * tokens * width + 2 * width**2 + 2 * width * mlp_width
         return total
 
     def flop_ceiling(self) -> float:

@@ -284,7 +284,7 @@ class CroprViTAttentionPoolingHead(nn.Module):
         self.mlp = CroprViTMLP(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+        probe = self.probe.repeat(hidden_states.shape[0], 1, 1)
         pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
