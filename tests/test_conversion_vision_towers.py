@@ -10,6 +10,7 @@ from transformers import (
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     Siglip2Config,
     SiglipConfig,
     SiglipForImageClassification,
@@ -38,6 +39,7 @@ def vision_tower_of(model):
 
 SOURCES = {
     "clip_vision_model": lambda: CLIPVisionModel(CLIPVisionConfig(**VISION)),
+    "clip_vision_model_with_projection": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)),
     "clip": lambda: CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT)),
     "siglip_vision_model": lambda: SiglipVisionModel(SiglipVisionConfig(**VISION)),
     "siglip": lambda: SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
@@ -126,11 +128,11 @@ def test_siglip_classifier_keeps_the_token_output(tmp_path):
 def test_other_labels_give_a_new_head(tmp_path, caplog):
     saved(CLASSIFIERS["clip"](), tmp_path)
     model, _ = from_backbone(tmp_path, id2label={0: "a", 1: "b"}, token_selector="none")
-    assert model.config.id2label == {0: "a", 1: "b"} and model.config.classifier_layernorm
+    assert model.config.id2label == {0: "a", 1: "b"} and model.config.classifier_norm
     assert "not kept" in caplog.text
     # The same labels, or only their number, keep it.
     model, _ = from_backbone(tmp_path, num_labels=3, token_selector="none")
-    assert model.config.id2label == LABELS and not model.config.classifier_layernorm
+    assert model.config.id2label == LABELS and not model.config.classifier_norm
     with pytest.raises(ValueError, match="`pooling` cannot be overridden while the source's classifier is kept"):
         from_backbone(tmp_path, pooling="cls")
 

@@ -91,11 +91,8 @@ BACKBONE_FIELDS = (
     "patch_embedding_bias",
     "pre_layernorm",
     "final_layernorm",
-    "classifier_layernorm",
+    "classifier_norm",
 )
-
-# Tasks whose head is an image-level Linear layer, like the classifier a source checkpoint may have.
-CLASSIFICATION_TASKS = ("image-classification", "multi-label-classification")
 
 # Why some architectures that look close to a ViT are refused: the converted model would not compute the same thing.
 UNSUPPORTED_REASONS = {
@@ -212,7 +209,7 @@ def _clip_layout(config: PreTrainedConfig, keeps_classifier: bool) -> dict:
     # CLIPVisionModel: pre-LayerNorm, raw last hidden state, post-LayerNorm on the CLS token. Its classifier reads the
     # mean of the raw patch tokens, where the post-LayerNorm has no part.
     if keeps_classifier:
-        return dict(patch_embedding_bias=False, pre_layernorm=True, final_layernorm="none", pooling="patch_avg")
+        return dict(patch_embedding_bias=False, pre_layernorm=True, final_layernorm="none", pooling="patch_mean")
     return dict(patch_embedding_bias=False, pre_layernorm=True, final_layernorm="pooled", pooling="cls")
 
 
@@ -407,7 +404,7 @@ def cropr_config_from_backbone(
             source_config, "attention_probs_dropout_prob", getattr(source_config, "attention_dropout", 0.0)
         ),
         interpolate_pos_encoding=family.always_interpolates,
-        classifier_layernorm=not keeps_classifier,
+        classifier_norm=not keeps_classifier,
     )
     if family.layout is not None:
         kwargs.update(family.layout(source_config, keeps_classifier))
@@ -476,10 +473,10 @@ def _load_source(
             # head prefix (`vit.`, `dinov2.`) or the other towers of a CLIP / SigLIP checkpoint when it is loaded into
             # the base model or vision tower.
             extra = {"add_pooling_layer": False} if family.model_type == "vit" else {}
-            tower_config = vision_config(config)
-            return family.model_class.from_pretrained(
-                source, config=tower_config, **extra, **from_pretrained_kwargs
-            ), None
+            tower = family.model_class.from_pretrained(
+                source, config=vision_config(config), **extra, **from_pretrained_kwargs
+            )
+            return tower, None
     classifier = None
     if family.classification_class is not None and isinstance(model, family.classification_class):
         if isinstance(model.classifier, nn.Linear):  # `nn.Identity` when built with `num_labels=0`
@@ -494,9 +491,9 @@ def _keeps_classifier(
     num_labels: int | None,
     id2label: Mapping[int | str, str] | None,
 ) -> bool:
-    """Whether the converted head is the source's classifier: for an image-level task, unless other labels are asked
+    """Whether the converted head is the source's classifier: for image classification, unless other labels are asked
     for (then the head is new, with a warning)."""
-    if classifier is None or task not in CLASSIFICATION_TASKS:
+    if classifier is None or task != "image-classification":
         return False
     asked = {int(index): str(label) for index, label in id2label.items()} if id2label is not None else None
     if (asked is None or asked == classifier.id2label) and num_labels in (None, len(classifier.id2label)):
@@ -517,7 +514,7 @@ def _without_unused_modules(state_dict: dict[str, torch.Tensor], config: CroprVi
     elif not any(name.startswith("map_head.") for name in state_dict):
         raise ValueError(
             '`pooling="map"` needs a source with an attention-pooling head (a SigLIP vision tower with '
-            '`vision_use_head=True`); choose "avg", "patch_avg" or "cls".'
+            '`vision_use_head=True`); choose "avg", "patch_mean" or "cls".'
         )
     if config.final_layernorm == "none":
         unused.append("layernorm.")
@@ -596,7 +593,7 @@ def from_backbone(
         num_labels (`int`, *optional*), id2label (`dict`, *optional*):
             Labels of the new task head (one of them is required for the heads; `label2id` is derived). A source with
             an image classifier (`CLIPForImageClassification`, `SiglipForImageClassification`) keeps it, with its
-            `id2label`, for the classification tasks unless other labels are given here.
+            `id2label`, for "image-classification" unless other labels are given here.
         image_processor (`str`, `os.PathLike` or image processor, *optional*):
             Where to take the normalisation from, when not the source itself (e.g. a model object whose
             `name_or_path` has no `preprocessor_config.json`).

@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 
 TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
 LEARNED_SELECTORS = ("cropr", "non_salient")
-POOLING_MODES = ("avg", "cls", "patch_avg", "map")
+POOLING_MODES = ("avg", "cls", "patch_mean", "map")
 FINAL_LAYERNORM_MODES = ("tokens", "pooled", "none")
 
 # Fields the modules of a CroprViT model are built from: shapes, which modules exist, dropout and drop-path rates, the
@@ -47,7 +47,7 @@ STRUCTURAL_FIELDS = (
     "patch_embedding_bias",
     "pre_layernorm",
     "final_layernorm",
-    "classifier_layernorm",
+    "classifier_norm",
 )
 
 # Keys that transformers itself passes to, or writes into, every config besides its fields and properties (names
@@ -175,7 +175,7 @@ class CroprViTConfig(PreTrainedConfig):
         aggregator_mlp (`bool`, *optional*, defaults to `True`):
             Residual LayerNorm + MLP on the aggregated tokens (training only).
         pooling (`str`, *optional*, defaults to `"avg"`):
-            "avg" (mean over all output tokens, CLS included), "cls", "patch_avg" (mean over the patch tokens, prefix
+            "avg" (mean over all output tokens, CLS included), "cls", "patch_mean" (mean over the patch tokens, prefix
             tokens excluded: the head of `CLIPForImageClassification`) or "map" (SigLIP's multihead attention pooling:
             a learned probe attends to the output tokens, then a residual LayerNorm + MLP; its weights are part of the
             backbone).
@@ -198,7 +198,7 @@ class CroprViTConfig(PreTrainedConfig):
             Where the final LayerNorm applies: "tokens" (every output token, as ViT, DINOv2 and SigLIP), "pooled"
             (`pooler_output` only, `last_hidden_state` is the last block's output: CLIP's `post_layernorm`) or "none"
             (no final LayerNorm: a CLIP classifier, whose head reads the last block's output).
-        classifier_layernorm (`bool`, *optional*, defaults to `True`):
+        classifier_norm (`bool`, *optional*, defaults to `True`):
             Whether the classification head normalises the pooled output before its Linear layer; off for a head kept
             from a source checkpoint, which is a Linear layer alone.
 
@@ -257,7 +257,7 @@ class CroprViTConfig(PreTrainedConfig):
     patch_embedding_bias: bool = True
     pre_layernorm: bool = False
     final_layernorm: str = "tokens"
-    classifier_layernorm: bool = True
+    classifier_norm: bool = True
 
     def __post_init__(self, **kwargs):
         warn_unknown_config_keys(kwargs, "it is stored on the config, but nothing reads it")

@@ -49,7 +49,7 @@ class CroprViTModelOutput(ModelOutput):
         Without it: only the tokens kept by the last module, CLS first, then by descending score.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Mean of `last_hidden_state` over tokens (`pooling="avg"`, CLS included), its CLS token (`pooling="cls"`), the
-        mean of its patch tokens (`pooling="patch_avg"`) or its attention pooling (`pooling="map"`); then the final
+        mean of its patch tokens (`pooling="patch_mean"`) or its attention pooling (`pooling="map"`); then the final
         LayerNorm when `config.final_layernorm="pooled"`.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Embeddings and each block's output; lengths shrink where tokens were pruned.
@@ -755,7 +755,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
         pooling = self.config.pooling
         if pooling == "cls":
             return sequence_output[:, 0]
-        if pooling == "patch_avg":
+        if pooling == "patch_mean":
             return sequence_output[:, self.num_prefix_tokens :].mean(dim=1)
         if pooling == "map":
             return self.map_head(sequence_output)
@@ -929,7 +929,7 @@ class CroprViTForImageClassification(CroprViTPreTrainedModel):
         self.num_labels = config.num_labels
         self.cropr_vit = CroprViTModel(config)
         self.classifier = CroprClassificationHead(
-            config.hidden_size, config.num_labels, config.layer_norm_eps, layernorm=config.classifier_layernorm
+            config.hidden_size, config.num_labels, config.layer_norm_eps, use_norm=config.classifier_norm
         )
         # The multi-label head's class name matches none of transformers' losses; it shares this one.
         self.loss_type = "ForImageClassification"

@@ -21,12 +21,12 @@ AGGREGATOR_LAYER_NORM_EPS = 1e-6
 
 class CroprClassificationHead(nn.Module):
     """LayerNorm + Linear: every head of the model classifies, per image (classification and the image-level Cropr
-    modules' auxiliary heads) or per patch (segmentation and its modules' auxiliary heads). Without `layernorm`, the
-    Linear layer alone (a classifier kept from a source checkpoint)."""
+    modules' auxiliary heads) or per patch (segmentation and its modules' auxiliary heads)."""
 
-    def __init__(self, hidden_size: int, num_outputs: int, layer_norm_eps: float, layernorm: bool = True):
+    def __init__(self, hidden_size: int, num_outputs: int, layer_norm_eps: float, use_norm: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if layernorm else nn.Identity()
+        # Without the norm: a source model's classifier, a linear layer on the final LayerNorm's output.
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if use_norm else nn.Identity()
         self.linear = nn.Linear(hidden_size, num_outputs)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
