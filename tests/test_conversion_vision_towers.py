@@ -7,6 +7,7 @@ from test_conversion import ATOL, images, max_diff, randomize
 from transformers import (
     CLIPConfig,
     CLIPForImageClassification,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -14,10 +15,10 @@ from transformers import (
     Siglip2Config,
     SiglipConfig,
     SiglipForImageClassification,
+    SiglipImageProcessorPil,
     SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
-    ViTImageProcessorPil,
     pipeline,
 )
 
@@ -186,17 +187,19 @@ def test_siglip_segmentation_prunes_and_restores_every_patch(tmp_path):
 # Fine-tune, save, reload, pipeline
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "source_factory",
-    [CLASSIFIERS["clip"], SOURCES["siglip_vision_model"]],
+    ("source_factory", "source_processor"),
+    [
+        (CLASSIFIERS["clip"], CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32)),
+        (SOURCES["siglip_vision_model"], SiglipImageProcessorPil(size={"height": 32, "width": 32})),
+    ],
     ids=["clip-with-classifier", "siglip-with-attention-pooling"],
 )
-def test_finetune_save_reload_pipeline(source_factory, tmp_path):
+def test_finetune_save_reload_pipeline(source_factory, source_processor, tmp_path):
     saved(source_factory(), tmp_path / "source")
-    ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.4] * 3, image_std=[0.3] * 3).save_pretrained(
-        tmp_path / "source"
-    )
+    source_processor.save_pretrained(tmp_path / "source")
     model, processor = from_backbone(tmp_path / "source", id2label=LABELS, pruning_rate=3)
-    assert model.config.pruning_blocks == [0, 1] and list(processor.image_mean) == [0.4] * 3
+    assert model.config.pruning_blocks == [0, 1] and processor.size == {"height": 32, "width": 32}
+    assert list(processor.image_mean) == list(source_processor.image_mean) and processor.resample == 3
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(2):
