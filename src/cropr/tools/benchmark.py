@@ -1,9 +1,10 @@
-"""Throughput, latency, FLOPs and training-step benchmark of CroprViT against transformers' own ViT / DINOv2.
+"""Throughput, latency, FLOPs and training-step benchmark of CroprViT against transformers' own ViT / DINOv2 / SigLIP.
 
 Every variant is measured in one process, interleaved: after a warm-up, each repeat runs every variant once (in a
 rotated order), and the median over repeats is reported. Variants:
 
-- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`) or `Dinov2Model` of the same shape, SDPA attention;
+- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`), `Dinov2Model` or `SiglipVisionModel` of the same shape,
+  SDPA attention;
 - `none`: `CroprViTModel` without pruning, holding the same weights as `hf` (its output is checked to be equal);
 - `random`: the same weights with the random selector and the schedule of the preset;
 - `cropr`: the same weights with Cropr routers (eval, stripped with `strip_training_modules()`).
@@ -660,7 +661,8 @@ def _name_list(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser = argparse.ArgumentParser(
         prog="cropr-benchmark",
-        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT or DINOv2.",
+        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT, DINOv2 or "
+        "SigLIP.",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")

@@ -39,7 +39,9 @@ class ModelArguments:
     )
     backbone: str | None = field(
         default=None,
-        metadata={"help": "A ViT / DINOv2 checkpoint (Hub id or directory) converted to CroprViT on the fly."},
+        metadata={
+            "help": "A ViT, DINOv2, CLIP or SigLIP checkpoint (Hub id or directory) converted to CroprViT on the fly."
+        },
     )
     preset: str = field(
         default="vit-mini8-112",
