@@ -72,10 +72,13 @@ def test_unpruned_tower_matches_source(model_type, tmp_path):
     expected_pooling = "cls" if model_type.startswith("clip") else "map"
     assert model.config.pooling == expected_pooling and model.config.use_cls_token == model_type.startswith("clip")
     for size, interpolate in ((32, False), (48, True)):
-        expected = source(images(size), interpolate_pos_encoding=interpolate)
-        actual = model(images(size), interpolate_pos_encoding=interpolate)
+        expected = source(images(size), interpolate_pos_encoding=interpolate, output_hidden_states=True)
+        actual = model(images(size), interpolate_pos_encoding=interpolate, output_hidden_states=True)
         assert max_diff(actual.last_hidden_state, expected.last_hidden_state) < ATOL
         assert max_diff(actual.pooler_output, expected.pooler_output) < ATOL
+        # The first hidden state is the blocks' input: after CLIP's pre-LayerNorm, as in transformers.
+        assert len(actual.hidden_states) == len(expected.hidden_states)
+        assert max(map(max_diff, actual.hidden_states, expected.hidden_states)) < ATOL
 
 
 @torch.no_grad()
