@@ -95,6 +95,18 @@ def test_converted_at_another_size_matches_source_interpolating(family, tmp_path
     assert max_diff(actual.pooler_output, expected.pooler_output) < ATOL
 
 
+@torch.no_grad()
+def test_source_size_off_the_patch_grid_must_be_chosen(tmp_path):
+    # As SigLIP so400m/14 at 384 px: the source's patch embedding drops the last pixels, CroprViT needs whole patches.
+    source = SiglipVisionModel(SiglipVisionConfig(**{**VISION, "image_size": 38}))
+    saved(source, tmp_path)
+    with pytest.raises(ValueError, match=r"not a multiple of its patch size 8x8.*Pass `image_size=\(32, 32\)`"):
+        from_backbone(tmp_path, "feature-extraction", token_selector="none")
+    model, _ = from_backbone(tmp_path, "feature-extraction", token_selector="none", image_size=(32, 32))
+    expected = source(images(38)).last_hidden_state
+    assert max_diff(model.eval()(images(38)[..., :32, :32]).last_hidden_state, expected) < ATOL
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The source's classifier
 # ----------------------------------------------------------------------------------------------------------------------

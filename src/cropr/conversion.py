@@ -378,6 +378,8 @@ def cropr_config_from_backbone(
             "classifier pools. Pass other `id2label` for a new head."
         )
     source_config = vision_config(source_config)
+    if image_size is None:
+        _check_source_size_fits_patches(source_config)
     if family.model_type == "dinov2":
         intermediate_size = int(source_config.hidden_size * source_config.mlp_ratio)
         layerscale_value = float(source_config.layerscale_value)
@@ -419,6 +421,20 @@ def cropr_config_from_backbone(
         # An explicit rate that removes nothing is a mistake, not a request for an unpruned model.
         config.check_pruning_rate_is_used()
     return config
+
+
+def _check_source_size_fits_patches(source_config: PreTrainedConfig) -> None:
+    """Refuse to default to a source size that is no multiple of the patch size (SigLIP so400m/14 at 384 px): the
+    source's patch embedding drops the remainder, CroprViT needs whole patches, so the size must be chosen."""
+    (height, width), (patch_h, patch_w) = as_pair(source_config.image_size), as_pair(source_config.patch_size)
+    if height % patch_h or width % patch_w:
+        fitted_h, fitted_w = height - height % patch_h, width - width % patch_w
+        raise ValueError(
+            f"The source's image size {height}x{width} is not a multiple of its patch size {patch_h}x{patch_w}: its "
+            f"patch embedding reads the top-left {fitted_h}x{fitted_w} pixels only. Pass `image_size=({fitted_h}, "
+            f"{fitted_w})`: the converted model then reads the same {fitted_h // patch_h}x{fitted_w // patch_w} "
+            "patches, on images resized to that size."
+        )
 
 
 def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str, str] | None) -> dict:
