@@ -77,3 +77,18 @@ def test_pruned_options_train_save_and_reload(fields, tmp_path):
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values).logits, model(pixel_values).logits)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+def test_attention_pooling_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cropr.tools.export import export_onnx, run_onnx
+
+    torch.manual_seed(0)
+    model = build_tiny("classification", **SIGLIP).eval().strip_training_modules()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    path = export_onnx(model, tmp_path / "model.onnx", batch_size=2, dynamo=False)
+    torch.testing.assert_close(torch.from_numpy(run_onnx(path, pixel_values)), expected, rtol=0, atol=1e-4)
