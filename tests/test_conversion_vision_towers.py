@@ -189,6 +189,8 @@ def test_siglip_segmentation_prunes_and_restores_every_patch(tmp_path):
     saved(SOURCES["siglip_vision_model"](), tmp_path)
     model, _ = from_backbone(tmp_path, "semantic-segmentation", num_labels=3, pruning_rate=3)
     assert model.config.num_prefix_tokens == 0 and model.config.token_counts() == [16, 13, 10, 16]
+    # The head reads the tokens, so the attention pooling, which nothing would train, is left out.
+    assert model.config.pooling == "avg" and model.base_model.map_head is None
     model.train()
     outputs = model(images(32), labels=torch.randint(0, 3, (2, 32, 32)), output_kept_indices=True)
     assert outputs.logits.shape == (2, 3, 4, 4) and torch.isfinite(outputs.loss)
