@@ -236,7 +236,12 @@ def test_finetune_save_reload_pipeline(source_factory, source_processor, tmp_pat
     assert sorted(result["label"] for result in results) == sorted(LABELS.values())
 
 
+@torch.no_grad()
 def test_segmentation_head_is_new_for_a_classifier_source(tmp_path):
-    saved(CLASSIFIERS["clip"](), tmp_path)
+    source = saved(CLASSIFIERS["clip"](), tmp_path).eval()
     model, _ = from_backbone(tmp_path, "semantic-segmentation", num_labels=2, token_selector="none")
-    assert isinstance(model, CroprViTForSemanticSegmentation) and model.config.final_layernorm == "pooled"
+    assert isinstance(model, CroprViTForSemanticSegmentation)
+    # The head reads the tokens as the blocks leave them; the post-LayerNorm of the pooled CLS token is left out.
+    assert model.config.final_layernorm == "none" and model.base_model.layernorm is None
+    expected = source.vision_model(images(32)).last_hidden_state
+    assert max_diff(model.eval().cropr_vit(images(32)).last_hidden_state, expected) < ATOL

@@ -415,9 +415,12 @@ def cropr_config_from_backbone(
         (height, width), (patch_h, patch_w) = as_pair(kwargs["image_size"]), as_pair(kwargs["patch_size"])
         # Explicit conflicting values are left in so that the segmentation head's own check explains the problem.
         kwargs.update(num_queries=(height // patch_h) * (width // patch_w), last_layer_fusion=True)
+        # The segmentation head reads the tokens: an attention-pooling head, or a LayerNorm of the pooled output only
+        # (CLIP's), would run for nothing, untrained.
         if kwargs.get("pooling") == "map":
-            # The segmentation head reads the tokens: an attention-pooling head would run for nothing, untrained.
             kwargs["pooling"] = "avg"
+        if kwargs.get("final_layernorm") == "pooled":
+            kwargs["final_layernorm"] = "none"
     kwargs.update(cropr_config_overrides)
     config = CroprViTConfig(**kwargs)
     if "pruning_rate" in cropr_config_overrides:
