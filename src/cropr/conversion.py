@@ -682,4 +682,5 @@ __all__ = [
     "from_backbone",
     "load_backbone_weights",
     "resize_position_embeddings",
+    "vision_config",
 ]
