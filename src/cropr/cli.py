@@ -424,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="build a CroprViT checkpoint from a pretrained backbone (ViT, DeiT, DINOv2, DINOv3, ...)",
-        description="Build a CroprViT model from a pretrained ViT, DeiT, DINOv2 (with registers) or DINOv3 checkpoint "
-        "(Hub id or local folder) and save it with its image processor.",
+        help="build a CroprViT checkpoint from a pretrained backbone (ViT, DeiT, DINOv2, DINOv3, CLIP, SigLIP)",
+        description="Build a CroprViT model from a pretrained ViT, DeiT, DINOv2 (with registers), DINOv3, CLIP or "
+        "SigLIP checkpoint (Hub id or local folder) and save it with its image processor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     convert.add_argument("source", help="Hub id (e.g. facebook/dinov2-small) or local checkpoint folder.")

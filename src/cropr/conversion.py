@@ -1,4 +1,5 @@
-"""Build CroprViT models from pretrained transformers ViT, DeiT, DINOv2 (with registers) and DINOv3 checkpoints.
+"""Build CroprViT models from pretrained transformers ViT, DeiT, DINOv2 (with registers), DINOv3, CLIP and SigLIP
+checkpoints.
 
 Nobody trains a Token Cropr model from scratch: one starts from a pretrained backbone, adds Cropr modules (each
 with its queries, aggregator and auxiliary head) and a task head, and fine-tunes. [`from_backbone`] does the first
@@ -23,10 +24,13 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
     AutoConfig,
+    CLIPForImageClassification,
+    CLIPVisionModel,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTModel,
@@ -38,6 +42,8 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
     SegformerImageProcessorPil,
+    SiglipForImageClassification,
+    SiglipVisionModel,
     ViTForImageClassification,
     ViTImageProcessorPil,
     ViTModel,
@@ -48,6 +54,8 @@ from transformers.image_utils import (
     IMAGENET_DEFAULT_STD,
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     PILImageResampling,
 )
 from transformers.utils import logging
@@ -95,13 +103,22 @@ BACKBONE_FIELDS = (
     "use_gated_mlp",
     "interpolate_antialias",
     "classifier_norm",
+    "patch_embedding_bias",
+    "pre_layernorm",
+    "final_layernorm",
 )
 
 # Why some architectures that look close to a ViT are refused: the converted model would not compute the same thing.
 UNSUPPORTED_REASONS = {
     "swin": "Swin is hierarchical with windowed attention, not a plain token sequence",
     "swinv2": "Swin is hierarchical with windowed attention, not a plain token sequence",
+    "siglip2": (
+        "'siglip2' checkpoints are SigLIP 2 NaFlex models (variable resolution and aspect ratio, patches flattened "
+        "by the processor), which CroprViT's fixed patch grid does not run; the fixed-resolution SigLIP 2 "
+        "checkpoints (google/siglip2-*-patch16-224 and the like) are 'siglip' checkpoints and are supported"
+    ),
 }
+UNSUPPORTED_REASONS["siglip2_vision_model"] = UNSUPPORTED_REASONS["siglip2"]
 
 
 @dataclass(frozen=True)
@@ -112,11 +129,14 @@ class SourceHead:
         model_class: the transformers class with that head.
         pooling: the [`CroprViTConfig`] `pooling` that gives the head's input.
         classifier: the head's linear layer as `(weight, bias)` over that pooled input.
+        fields: other [`CroprViTConfig`] fields the head needs, as `(name, value)` pairs (CLIP's classifier reads the
+            tokens before the post-LayerNorm: `final_layernorm="none"`).
     """
 
     model_class: type[PreTrainedModel]
     pooling: str
     classifier: Callable[[PreTrainedModel], tuple[torch.Tensor, torch.Tensor]]
+    fields: tuple[tuple[str, Any], ...] = ()
 
 
 def _linear_classifier(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +338,104 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
     ),
 }
 
+
+def _vision_tower_fields(config: PreTrainedConfig) -> dict:
+    # CLIP and SigLIP name neither `qkv_bias` nor a hidden dropout: their projections always have biases, and only
+    # attention has dropout.
+    return dict(
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        attention_probs_dropout_prob=config.attention_dropout,
+    )
+
+
+def _clip_fields(config: PreTrainedConfig) -> dict:
+    # CLIPVisionModel: no patch-embedding bias, a LayerNorm before the blocks, the last hidden state as the blocks
+    # leave it, and the post-LayerNorm on the pooled CLS token.
+    return dict(
+        _vision_tower_fields(config),
+        use_cls_token=True,
+        patch_embedding_bias=False,
+        pre_layernorm=True,
+        final_layernorm="pooled",
+        pooling="cls",
+    )
+
+
+def _siglip_fields(config: PreTrainedConfig) -> dict:
+    # No CLS token; SiglipVisionModel pools with its attention-pooling head when it has one.
+    return dict(
+        _vision_tower_fields(config),
+        use_cls_token=False,
+        pooling="map" if getattr(config, "vision_use_head", True) else "avg",
+    )
+
+
+# CLIP and SigLIP vision towers share their block layout (`encoder.layers.N.self_attn` / `layer_norm1` / `mlp`), and
+# store the position embeddings as an `nn.Embedding` (its `(positions, D)` weight is reshaped on conversion).
+_VISION_TOWER_RENAMES = (
+    (r"^embeddings\.patch_embedding\.", "embeddings.projection."),
+    (r"^embeddings\.position_embedding\.weight$", "embeddings.position_embeddings"),
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^pre_layrnorm\.", "pre_layernorm."),
+    (r"^post_layernorm\.", "layernorm."),
+    (r"^head\.", "map_head."),
+    (r"^encoder\.layers\.(\d+)\.", r"layers.\1."),
+    (r"\.self_attn\.out_proj\.", ".attention.o_proj."),
+    (r"\.self_attn\.", ".attention."),
+    (r"\.layer_norm1\.", ".layernorm_before."),
+    (r"\.layer_norm2\.", ".layernorm_after."),
+)
+_CLIP_FAMILY = BackboneFamily(
+    model_type="clip_vision_model",
+    model_class=CLIPVisionModel,
+    config_fields=_clip_fields,
+    renames=_VISION_TOWER_RENAMES,
+    dropped=(),
+    image_mean=tuple(OPENAI_CLIP_MEAN),
+    image_std=tuple(OPENAI_CLIP_STD),
+    resample=PILImageResampling.BICUBIC,
+    always_interpolates=False,
+    # The classifier reads the mean of the patch tokens as the blocks leave them: the post-LayerNorm is not used.
+    heads=(SourceHead(CLIPForImageClassification, "patch_mean", _linear_classifier, (("final_layernorm", "none"),)),),
+)
+_SIGLIP_FAMILY = BackboneFamily(
+    model_type="siglip_vision_model",
+    model_class=SiglipVisionModel,
+    config_fields=_siglip_fields,
+    renames=_VISION_TOWER_RENAMES,
+    dropped=(),
+    image_mean=tuple(IMAGENET_STANDARD_MEAN),
+    image_std=tuple(IMAGENET_STANDARD_STD),
+    resample=PILImageResampling.BICUBIC,
+    always_interpolates=False,
+    # The classifier reads the mean of the post-LayerNorm tokens, not the attention pooling.
+    heads=(SourceHead(SiglipForImageClassification, "avg", _linear_classifier),),
+    positioned_prefix_tokens=0,
+)
+# A full CLIP / SigLIP checkpoint ('clip', 'siglip': image and text towers, or an image classifier) converts through its
+# vision tower ('clip_vision_model', 'siglip_vision_model'), whose config is its `vision_config`.
+BACKBONE_FAMILIES.update(
+    clip=_CLIP_FAMILY,
+    clip_vision_model=_CLIP_FAMILY,
+    siglip=_SIGLIP_FAMILY,
+    siglip_vision_model=_SIGLIP_FAMILY,
+)
+
 SUPPORTED_MODEL_TYPES = tuple(BACKBONE_FAMILIES)
+
+
+def vision_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The config of the vision tower: the `vision_config` of a composite CLIP / SigLIP config, else `config`."""
+    sub_config = getattr(config, "vision_config", None)
+    return sub_config if sub_config is not None else config
 
 
 def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
@@ -331,8 +448,9 @@ def backbone_family(config: PreTrainedConfig) -> BackboneFamily:
             f"Cannot convert a {model_type!r} checkpoint to CroprViT"
             + (f": {reason}" if reason else "")
             + f". Supported architectures (`model_type`): {', '.join(repr(name) for name in SUPPORTED_MODEL_TYPES)} "
-            "(their base models, image classifiers and backbones)."
+            "(their base models, image classifiers and backbones; the vision towers of CLIP and SigLIP)."
         )
+    config = vision_config(config)
     head_dim = getattr(config, "head_dim", None)
     if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
         raise ValueError(
@@ -353,8 +471,9 @@ def convert_backbone_state_dict(
 
     Both the transformers 5 names (`layers.N.attention.q_proj`, DINOv2 `encoder.layer.N.norm1`) and those of older
     checkpoints (`encoder.layer.N.attention.attention.query`, `attention.output.dense`, ViT `intermediate.dense` /
-    `output.dense`) are accepted. The mask token and pooler are dropped. When both grids are given and differ, the
-    absolute position embeddings are resized with [`resize_position_embeddings`], as the source would resize them.
+    `output.dense`) are accepted, and those of the CLIP / SigLIP vision towers. The mask token and pooler are
+    dropped. When both grids are given and differ, the absolute position embeddings are resized with
+    [`resize_position_embeddings`], as the source would resize them.
     """
     family = BACKBONE_FAMILIES.get(model_type)
     if family is None:
@@ -367,6 +486,10 @@ def convert_backbone_state_dict(
             name = re.sub(pattern, replacement, name)
         converted[name] = tensor
     key = "embeddings.position_embeddings"
+    for name in (key, "embeddings.cls_token"):
+        if name in converted and converted[name].dim() != 3:
+            # CLIP and SigLIP keep them as (positions, D) and (D,); CroprViT as (1, positions, D).
+            converted[name] = converted[name].reshape(1, -1, converted[name].shape[-1])
     if source_grid is not None and target_grid is not None and key in converted:
         converted[key] = resize_position_embeddings(
             converted[key], source_grid, target_grid, family.positioned_prefix_tokens, antialias=family.antialias
@@ -412,12 +535,12 @@ def cropr_config_from_backbone(
 ) -> CroprViTConfig:
     """The [`CroprViTConfig`] of a CroprViT built on the backbone described by `source_config`.
 
-    Backbone fields come from the source; `image_size` defaults to the source's; `interpolate_pos_encoding` defaults
-    to `True` for DINOv2 and DINOv3 (whose models take any size) and `False` for ViT and DeiT. Segmentation sets one
-    query per patch and Last Layer Fusion. With `source_head` (the source's classifier is kept) the labels come from
-    the source and the pooling and classifier follow that head. An explicit `pruning_rate` that no module would use
-    (the selector is "none", a `pruning_schedule` is given, or the backbone is too shallow for a per-block module)
-    raises a `ValueError`. See [`from_backbone`] for the arguments.
+    Backbone fields come from the source (the vision tower's config for CLIP and SigLIP); `image_size` defaults to
+    the source's; `interpolate_pos_encoding` defaults to `True` for DINOv2 and DINOv3 (whose models take any size)
+    and `False` for the others. Segmentation sets one query per patch and Last Layer Fusion. With `source_head` (the
+    source's classifier is kept) the labels come from the source and the pooling and classifier follow that head. An
+    explicit `pruning_rate` that no module would use (the selector is "none", a `pruning_schedule` is given, or the
+    backbone is too shallow for a per-block module) raises a `ValueError`. See [`from_backbone`] for the arguments.
     """
     family = backbone_family(source_config)
     if task not in CONVERSION_TASKS:
@@ -428,6 +551,9 @@ def cropr_config_from_backbone(
             f"{fixed} cannot be overridden: backbone fields come from the source checkpoint; pass `image_size` and "
             "`num_labels` / `id2label` as their own arguments."
         )
+    labels_config, source_config = source_config, vision_config(source_config)
+    if image_size is None:
+        _check_source_size_fits_patches(source_config)
     kwargs = dict(
         family.config_fields(source_config),
         image_size=list(as_pair(image_size if image_size is not None else source_config.image_size)),
@@ -443,19 +569,39 @@ def cropr_config_from_backbone(
                 f"The kept {source_head.model_class.__name__} head reads `pooling={source_head.pooling!r}`, not "
                 f"{pooling!r}; pass `keep_head=False` for a new head on another pooling."
             )
-        kwargs.update(pooling=source_head.pooling, classifier_norm=False)
-        id2label = source_config.id2label
+        kwargs.update(pooling=source_head.pooling, classifier_norm=False, **dict(source_head.fields))
+        id2label = labels_config.id2label
     kwargs.update(_label_kwargs(task, num_labels, id2label))
     if task == "semantic-segmentation":
         (height, width), (patch_h, patch_w) = as_pair(kwargs["image_size"]), as_pair(kwargs["patch_size"])
         # Explicit conflicting values are left in so that the segmentation head's own check explains the problem.
         kwargs.update(num_queries=(height // patch_h) * (width // patch_w), last_layer_fusion=True)
+        # The segmentation head reads the tokens: an attention-pooling head, or a LayerNorm of the pooled output only
+        # (CLIP's), would run for nothing, untrained.
+        if kwargs.get("pooling") == "map":
+            kwargs["pooling"] = "avg"
+        if kwargs.get("final_layernorm") == "pooled":
+            kwargs["final_layernorm"] = "none"
     kwargs.update(cropr_config_overrides)
     config = CroprViTConfig(**kwargs)
     if "pruning_rate" in cropr_config_overrides:
         # An explicit rate that removes nothing is a mistake, not a request for an unpruned model.
         config.check_pruning_rate_is_used()
     return config
+
+
+def _check_source_size_fits_patches(source_config: PreTrainedConfig) -> None:
+    """Refuse to default to a source size that is no multiple of the patch size (SigLIP so400m/14 at 384 px): the
+    source's patch embedding drops the remainder, CroprViT needs whole patches, so the size must be chosen."""
+    (height, width), (patch_h, patch_w) = as_pair(source_config.image_size), as_pair(source_config.patch_size)
+    if height % patch_h or width % patch_w:
+        fitted_h, fitted_w = height - height % patch_h, width - width % patch_w
+        raise ValueError(
+            f"The source's image size {height}x{width} is not a multiple of its patch size {patch_h}x{patch_w}: its "
+            f"patch embedding reads the top-left {fitted_h}x{fitted_w} pixels only. Pass `image_size=({fitted_h}, "
+            f"{fitted_w})`: the converted model then reads the same {fitted_h // patch_h}x{fitted_w // patch_w} "
+            "patches, on images resized to that size."
+        )
 
 
 def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str, str] | None) -> dict:
@@ -491,20 +637,43 @@ def _load_source(
     if not load_head or config.num_labels < 1:
         head = None
     # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a head
-    # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model.
-    model_class = family.model_class if head is None else head.model_class
+    # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model, or the other
+    # towers of a CLIP / SigLIP checkpoint when it is loaded into the vision tower (whose config is `vision_config`).
+    model_class, model_config = (
+        (family.model_class, vision_config(config)) if head is None else (head.model_class, config)
+    )
     extra = {"add_pooling_layer": False} if model_class in (ViTModel, DeiTModel) else {}
     # Weights are read from safetensors only: transformers would otherwise fall back to unpickling a .bin file.
     from_pretrained_kwargs.setdefault("use_safetensors", True)
-    model = model_class.from_pretrained(source, config=config, **extra, **from_pretrained_kwargs)
+    model = model_class.from_pretrained(source, config=model_config, **extra, **from_pretrained_kwargs)
     return model, head
 
 
 def _base_model(model: PreTrainedModel) -> PreTrainedModel:
-    """The source's backbone: transformers' `base_model`, unless that names an inner module (DINOv3 models keep their
-    encoder under `model`, which is also their base-model prefix)."""
+    """The source's backbone: the `vision_model` of a CLIP / SigLIP model, else transformers' `base_model`, unless
+    that names an inner module (DINOv3 models keep their encoder under `model`, which is also their base-model
+    prefix)."""
+    tower = getattr(model, "vision_model", None)
+    if tower is not None:
+        return tower
     base = model.base_model
     return base if hasattr(base, "embeddings") else model
+
+
+def _without_unused_modules(state_dict: dict[str, torch.Tensor], config: CroprViTConfig) -> dict[str, torch.Tensor]:
+    """The converted weights without the source modules that `config` does not compute: SigLIP's attention-pooling
+    head under another pooling, CLIP's post-LayerNorm when its classifier, which does not read it, is kept."""
+    unused = []
+    if config.pooling != "map":
+        unused.append("map_head.")
+    elif not any(name.startswith("map_head.") for name in state_dict):
+        raise ValueError(
+            '`pooling="map"` needs a source with an attention-pooling head (a SigLIP vision tower with '
+            "`vision_use_head=True`); choose another pooling."
+        )
+    if config.final_layernorm == "none":
+        unused.append("layernorm.")
+    return {name: tensor for name, tensor in state_dict.items() if not name.startswith(tuple(unused))}
 
 
 def _head_to_keep(
@@ -596,8 +765,10 @@ def from_backbone(
             written by `save_pretrained`, or a model object of the model types in [`SUPPORTED_MODEL_TYPES`]: "vit"
             (which includes the non-distilled facebook/deit-* checkpoints), "deit" (distilled DeiT, with its
             distillation token), "dinov2", "dinov2_with_registers" and "dinov3_vit" (registers, rotary position
-            embeddings, SwiGLU); their base models, `*ForImageClassification` and backbones. Any other architecture
-            raises a `ValueError`.
+            embeddings, SwiGLU); their base models, `*ForImageClassification` and backbones; and the vision tower of
+            "clip" / "clip_vision_model" (`CLIPModel`, `CLIPVisionModel(WithProjection)`, `CLIPForImageClassification`)
+            and "siglip" / "siglip_vision_model" (`SiglipModel`, `SiglipVisionModel`, `SiglipForImageClassification`;
+            also the fixed-resolution SigLIP 2 checkpoints). Any other architecture raises a `ValueError`.
         task (`str`, defaults to `"image-classification"`):
             One of [`CONVERSION_TASKS`]: "image-classification", "multi-label-classification",
             "semantic-segmentation", or "feature-extraction" (the bare `CroprViTModel`). Segmentation gets one Cropr
@@ -617,8 +788,9 @@ def from_backbone(
         keep_head (`bool`, *optional*):
             For "image-classification": whether to keep the source's classifier (`ViTForImageClassification`,
             `DeiTForImageClassification`, `DeiTForImageClassificationWithTeacher`, `Dinov2ForImageClassification`,
-            `Dinov2WithRegistersForImageClassification`) with its `id2label`, as a linear layer without LayerNorm on
-            the pooling it reads (`pooling` "cls", "cls_distillation" or "cls_patch_mean"). By default it is kept when
+            `Dinov2WithRegistersForImageClassification`, `CLIPForImageClassification`, `SiglipForImageClassification`)
+            with its `id2label`, as a linear layer without LayerNorm on the pooling it reads (`pooling` "cls",
+            "cls_distillation", "cls_patch_mean", "patch_mean" or "avg"). By default it is kept when
             the source has one and `num_labels` / `id2label` are not given or equal the source's; `False` always
             builds a new head, `True` raises a `ValueError` when it cannot be kept.
         **cropr_config_overrides:
@@ -631,8 +803,8 @@ def from_backbone(
         backbone weights (and a kept classifier) copied and the Cropr modules and a new head freshly initialised,
         and a `ViTImageProcessorPil` (`SegformerImageProcessorPil` with `do_reduce_labels=False` for segmentation)
         resizing to `image_size` with the source processor's mean, std and resampling filter (the family's
-        defaults, with a warning, when the source has no processor config: mean/std 0.5 for ViT, ImageNet's for the
-        others).
+        defaults, with a warning, when the source has no processor config: mean/std 0.5 for ViT and SigLIP, OpenAI's
+        for CLIP, ImageNet's for the others).
     """
     from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
     load_head = task == "image-classification" and keep_head is not False
@@ -651,7 +823,8 @@ def from_backbone(
     )
     model = CONVERSION_TASKS[task](config)
 
-    (source_h, source_w), (patch_h, patch_w) = as_pair(source_config.image_size), as_pair(source_config.patch_size)
+    tower_config = vision_config(source_config)
+    (source_h, source_w), (patch_h, patch_w) = as_pair(tower_config.image_size), as_pair(tower_config.patch_size)
     source_grid = (source_h // patch_h, source_w // patch_w)
     state_dict = convert_backbone_state_dict(
         _base_model(source_model).state_dict(),
@@ -659,6 +832,7 @@ def from_backbone(
         source_grid=source_grid,
         target_grid=config.patch_grid,
     )
+    state_dict = _without_unused_modules(state_dict, config)
     state_dict = zero_absent_biases(state_dict, model.base_model.state_dict())
     load_backbone_weights(model.base_model, state_dict, f"the {family.model_type!r} source")
     if head is not None:
@@ -688,6 +862,7 @@ __all__ = [
     "from_backbone",
     "load_backbone_weights",
     "resize_position_embeddings",
+    "vision_config",
     "SourceHead",
     "zero_absent_biases",
 ]

@@ -38,6 +38,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         position_embedding_type="rope",
         pruning_rate=16,
     ),
+    # A SigLIP-B/16-shaped tower at 224 px: no CLS token (196 patches), attention pooling (MAP head), tanh GELU;
+    # R=16 per block + LLF keeps 36 of 196 patches after block 10.
+    "siglip-b16": dict(
+        image_size=224,
+        patch_size=16,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="gelu_pytorch_tanh",
+        use_cls_token=False,
+        pooling="map",
+    ),
     # A ViT-Tiny-shaped model on 112 px with 8 px patches (196 patches, like ViT-B/16 at 224); R=28 per block + LLF
     # keeps 27 of 196 patches by block 5.
     "vit-ti8-112": dict(

@@ -15,6 +15,7 @@ from cropr.tools.benchmark import (
     build_inference_models,
     check_device,
     check_outputs,
+    counted_macs,
     main,
     parse_args,
     run_benchmark,
@@ -97,6 +98,25 @@ def test_dinov2_weights_copy_into_croprvit():
     checks = check_outputs(inference.models, inference.config, inputs)
     assert checks["none"]["max_abs_diff_vs_hf"] < 1e-4
     assert checks["cropr"]["shape"] == [2, 17, 32]
+
+
+def test_siglip_weights_copy_into_croprvit():
+    """The SigLIP-shaped preset: no CLS token, the attention-pooling head copied, its cost in the analytic FLOPs."""
+    overrides = dict(
+        image_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, pruning_rate=3
+    )
+    inference = build_inference_models(BenchmarkOptions(preset="siglip-b16", overrides=overrides))
+    config = inference.config
+    assert not config.use_cls_token and config.pooling == "map" and config.token_counts() == [16, 13, 10, 16]
+    inputs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    checks = check_outputs(inference.models, config, inputs)
+    assert checks["none"]["max_abs_diff_vs_hf"] < 1e-4 and checks["cropr"]["shape"] == [2, 16, 32]
+    with torch.no_grad():
+        pooled = [inference.models[name](inputs).pooler_output for name in ("hf", "none")]
+    assert (pooled[0] - pooled[1]).abs().max() < 1e-4
+    assert counted_macs(inference.models["none"], inputs) == config.flops(pruned=False)
+    with pytest.raises(ValueError, match="no CLS token"):
+        build_inference_models(BenchmarkOptions(preset="siglip-b16", overrides={**overrides, "use_cls_token": True}))
 
 
 def test_parse_args_defaults_and_overrides():

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from conftest import REPO_ROOT, TINY_RUN
 
-from cropr import CroprViTConfig, CroprViTPreTrainedModel
+from cropr import SUPPORTED_MODEL_TYPES, CroprViTConfig, CroprViTPreTrainedModel
 from cropr.training.run import main, run
 from cropr.training.tasks import TASKS, resolve_aux_ignored_labels
 
@@ -174,9 +174,19 @@ def save_tiny_vit(folder) -> None:
                        image_size=32, patch_size=8)).save_pretrained(folder)  # fmt: skip
 
 
-def test_backbone_runs_get_the_papers_pruning_regime(tmp_path):
-    backbone = tmp_path / "vit"
-    save_tiny_vit(backbone)
+def save_tiny_siglip(folder) -> None:
+    """A SigLIP image-text checkpoint: the run converts its vision tower, whose config is nested."""
+    from transformers import SiglipConfig, SiglipModel
+
+    shape = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+    SiglipModel(SiglipConfig(vision_config=dict(image_size=32, patch_size=8, **shape),
+                             text_config=dict(vocab_size=99, **shape))).save_pretrained(folder)  # fmt: skip
+
+
+@pytest.mark.parametrize("save_backbone", [save_tiny_vit, save_tiny_siglip], ids=["vit", "siglip"])
+def test_backbone_runs_get_the_papers_pruning_regime(tmp_path, save_backbone):
+    backbone = tmp_path / "backbone"
+    save_backbone(backbone)
     argv = [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")]
     run("image-classification", argv + ["--output_dir", str(tmp_path / "out"), "--backbone", str(backbone)])
     config = CroprViTConfig.from_pretrained(tmp_path / "out")
@@ -191,7 +201,7 @@ def test_a_plain_vit_checkpoint_is_pointed_to_backbone_in_one_line(tmp_path):
         main("image-classification", [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")] + argv)
     assert exit_.value.code.endswith(
         f"error: --model_name_or_path {tmp_path / 'vit'} is a 'vit' checkpoint, not a CroprViT one: to start from "
-        "vit / dinov2 weights, pass it as --backbone, which converts it to CroprViT"
+        f"{' / '.join(SUPPORTED_MODEL_TYPES)} weights, pass it as --backbone, which converts it to CroprViT"
     )
     assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
 

@@ -1,10 +1,11 @@
-"""Throughput, latency, FLOPs and training-step benchmark of CroprViT against transformers' own ViT / DINOv2.
+"""Throughput, latency, FLOPs and training-step benchmark of CroprViT against transformers' own ViT / DINOv2 /
+DINOv3 / SigLIP.
 
 Every variant is measured in one process, interleaved: after a warm-up, each repeat runs every variant once (in a
 rotated order), and the median over repeats is reported. Variants:
 
-- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`), `Dinov2Model` or `DINOv3ViTModel` of the same shape,
-  SDPA attention;
+- `hf`: transformers' `ViTModel` (`add_pooling_layer=False`), `Dinov2Model`, `DINOv3ViTModel` or `SiglipVisionModel`
+  of the same shape, SDPA attention;
 - `none`: `CroprViTModel` without pruning, holding the same weights as `hf` (its output is checked to be equal);
 - `random`: the same weights with the random selector and the schedule of the preset;
 - `cropr`: the same weights with Cropr routers (eval, stripped with `strip_training_modules()`);
@@ -67,7 +68,7 @@ SANITY_RTOL = 1e-4
 class Preset:
     """A benchmark model: the transformers family to compare with and the CroprViT config (pruning schedule)."""
 
-    family: str  # "vit", "dinov2" or "dinov3_vit"
+    family: str  # "vit", "dinov2", "dinov3_vit" or "siglip"
     config: dict[str, Any]
     description: str
 
@@ -89,6 +90,12 @@ PRESETS: dict[str, Preset] = {
         config={**MODEL_PRESETS["dinov3-s16"], "num_labels": 1000},
         description="DINOv3-S/16 at 224 px (196 patches + CLS + 4 registers), rotary position embeddings, layer scale, "
         "R=16 after every block + LLF (201 -> 184 -> ... -> 40 tokens)",
+    ),
+    "siglip-b16": Preset(
+        family="siglip",
+        config={**MODEL_PRESETS["siglip-b16"], "num_labels": 1000},
+        description="SigLIP-B/16-shaped tower at 224 px: no CLS token, attention-pooling (MAP) head, R=16 after every "
+        "block + LLF (196 -> 180 -> ... -> 36 tokens)",
     ),
     "vit-l16": Preset(
         family="vit",
@@ -150,10 +157,11 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None, **fields:
 
 
 def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
-    """transformers' `ViTModel` / `Dinov2Model` / `DINOv3ViTModel` with the backbone shape of `config` and SDPA
-    attention."""
-    if not config.use_cls_token:
-        raise ValueError("The transformers baselines always have a CLS token: keep `use_cls_token=True`.")
+    """transformers' `ViTModel` / `Dinov2Model` / `DINOv3ViTModel` / `SiglipVisionModel` with the backbone shape of
+    `config` and SDPA attention."""
+    if config.use_cls_token == (family == "siglip"):
+        fix = "has no CLS token: set `use_cls_token=False`" if family == "siglip" else "has a CLS token: keep it"
+        raise ValueError(f"transformers' {family} baseline {fix}.")
     if config.image_size_hw[0] != config.image_size_hw[1] or config.patch_size_hw[0] != config.patch_size_hw[1]:
         raise ValueError("The transformers baselines need square images and patches.")
     common = dict(
@@ -203,7 +211,17 @@ def build_hf_model(family: str, config: CroprViTConfig) -> nn.Module:
                 **{name: value for name, value in common.items() if "dropout" not in name and name != "qkv_bias"},
             )
         )
-    raise ValueError(f"Unknown model family {family!r}: 'vit', 'dinov2' or 'dinov3_vit'.")
+    if family == "siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        return SiglipVisionModel(
+            SiglipVisionConfig(
+                intermediate_size=config.intermediate_size,
+                vision_use_head=config.pooling == "map",
+                **{name: common[name] for name in common if name not in ("hidden_dropout_prob", "qkv_bias")},
+            )
+        )
+    raise ValueError(f"Unknown model family {family!r}: 'vit', 'dinov2', 'dinov3_vit' or 'siglip'.")
 
 
 class IdealRouting(nn.Module):
@@ -774,8 +792,8 @@ def _name_list(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser = argparse.ArgumentParser(
         prog="cropr-benchmark",
-        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT, DINOv2 or "
-        "DINOv3.",
+        description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT, DINOv2, "
+        "DINOv3 or SigLIP.",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")

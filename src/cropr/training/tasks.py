@@ -231,7 +231,9 @@ def resolve_aux_ignored_labels(spec: str | None, labels: dict[int, str]) -> list
 
 def backbone_schedule(backbone: str, image_size: int, overrides: dict[str, Any]) -> list[int]:
     """The paper's regime for any backbone and resolution: a per-block schedule setting aside 80% of the patches."""
-    source = AutoConfig.from_pretrained(backbone)
+    from ..conversion import vision_config
+
+    source = vision_config(AutoConfig.from_pretrained(backbone))
     patch_size = source.patch_size if isinstance(source.patch_size, int) else source.patch_size[0]
     num_patches = (image_size // patch_size) ** 2
     return per_block_schedule(

@@ -13,10 +13,11 @@ from transformers.activations import ACT2FN
 
 TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
 LEARNED_SELECTORS = ("cropr", "non_salient")
-POOLING_MODES = ("avg", "cls", "cls_patch_mean", "cls_distillation")
+POOLING_MODES = ("avg", "cls", "cls_patch_mean", "cls_distillation", "patch_mean", "map")
 POSITION_EMBEDDING_TYPES = ("absolute", "rope")
 # Poolings that concatenate two tokens: the pooled output, and the input of the classification head, is 2 x hidden_size.
 CONCATENATING_POOLINGS = ("cls_patch_mean", "cls_distillation")
+FINAL_LAYERNORM_MODES = ("tokens", "pooled", "none")
 
 # Fields the modules of a CroprViT model are built from: shapes, which modules exist, dropout and drop-path rates, the
 # selector with its schedule and pooling, the label count of the heads. Changed on the config of a built model, the
@@ -51,6 +52,9 @@ STRUCTURAL_FIELDS = (
     "pooling",
     "inference_only",
     "num_labels",
+    "patch_embedding_bias",
+    "pre_layernorm",
+    "final_layernorm",
 )
 
 # Keys that transformers itself passes to, or writes into, every config besides its fields and properties (names
@@ -179,9 +183,11 @@ class CroprViTConfig(PreTrainedConfig):
             Residual LayerNorm + MLP on the aggregated tokens (training only).
         pooling (`str`, *optional*, defaults to `"avg"`):
             "avg" (mean over all output tokens, prefix tokens included), "cls", "cls_patch_mean" (the CLS token
-            concatenated with the mean of the patch tokens, as `Dinov2ForImageClassification`) or "cls_distillation"
-            (the CLS token concatenated with the distillation token, DeiT's two heads as one linear layer). The two
-            concatenations give a pooled output of width `2 * hidden_size`.
+            concatenated with the mean of the patch tokens, as `Dinov2ForImageClassification`), "cls_distillation"
+            (the CLS token concatenated with the distillation token, DeiT's two heads as one linear layer),
+            "patch_mean" (the mean of the patch tokens, as `CLIPForImageClassification`) or "map" (SigLIP's multihead
+            attention pooling: a learned probe attends to the output tokens, then a residual LayerNorm + MLP; its
+            weights are part of the backbone). The two concatenations give a pooled output of width `2 * hidden_size`.
         inference_only (`bool`, *optional*, defaults to `False`):
             Set by `strip_training_modules()`: the checkpoint has no queries, aggregators or auxiliary heads, only
             each module's aggregated query.
@@ -204,13 +210,21 @@ class CroprViTConfig(PreTrainedConfig):
             Resize the absolute position embeddings for other input sizes with antialiasing, as DINOv2 with registers.
         classifier_norm (`bool`, *optional*, defaults to `True`):
             Whether the classification head has a LayerNorm before its linear layer; `False` for a head converted from
-            a source model, whose classifier is a linear layer on the final LayerNorm's output.
+            a source model, whose classifier is a linear layer on the pooled output.
         aux_ignored_labels (`list[int]`, *optional*):
             Segmentation only: class ids that the Cropr modules' per-patch auxiliary loss ignores too (the main loss
             still learns them). Meant for a dominant background class: trained on it, the per-patch queries learn to
             look at background, and their summed scores keep background patches and drop the objects
             (`docs/results.md`). ADE20k, the paper's benchmark, has no such class: its "other" label is the ignore
             index for both losses.
+        patch_embedding_bias (`bool`, *optional*, defaults to `True`):
+            Whether the patch embedding has a bias (CLIP's has none).
+        pre_layernorm (`bool`, *optional*, defaults to `False`):
+            A LayerNorm on the embeddings before the first block (CLIP's `pre_layrnorm`).
+        final_layernorm (`str`, *optional*, defaults to `"tokens"`):
+            Where the final LayerNorm applies: "tokens" (every output token, as ViT, DINOv2 and SigLIP), "pooled"
+            (`pooler_output` only, `last_hidden_state` is the last block's output: CLIP's `post_layernorm`) or "none"
+            (no final LayerNorm: a CLIP classifier, whose head reads the last block's output).
 
     Example:
 
@@ -272,6 +286,11 @@ class CroprViTConfig(PreTrainedConfig):
     use_gated_mlp: bool = False
     interpolate_antialias: bool = False
     classifier_norm: bool = True
+
+    # Vision-tower variants (CLIP, SigLIP); the defaults are the ViT layout.
+    patch_embedding_bias: bool = True
+    pre_layernorm: bool = False
+    final_layernorm: str = "tokens"
 
     def __post_init__(self, **kwargs):
         warn_unknown_config_keys(kwargs, "it is stored on the config, but nothing reads it")
@@ -405,7 +424,9 @@ class CroprViTConfig(PreTrainedConfig):
         """Analytic multiply-adds of the backbone for one image at `image_size`.
 
         Per block with n tokens: 4nD^2 (q, k, v, o projections) + 2n^2D (scores and weighted sum) + 2nDI (MLP, 3nDI
-        gated); plus the patch embedding and, when pruned, one n x D routing product per module.
+        gated); plus the patch embedding, the attention-pooling head (`pooling="map"`: key and value projections of
+        the n output tokens 2nD^2, one query's scores and sum 2nD, its q and o projections 2D^2 and its MLP) and, when
+        pruned, one n x D routing product per module.
         """
         width = self.hidden_size
         mlp_per_token = (3 if self.use_gated_mlp else 2) * width * self.intermediate_size
@@ -416,6 +437,10 @@ class CroprViTConfig(PreTrainedConfig):
         if pruned:
             counts = self.token_counts(pruned)
             total += sum(counts[block] * width for block in self.pruning_blocks)
+        if self.pooling == "map":
+            # Nothing is pruned after the last block: the head reads the tokens that block sees.
+            tokens = self.token_counts(pruned)[-1]
+            total += 2 * tokens * width**2 + 2 * tokens * width + 2 * width**2 + mlp_per_token
         return total
 
     def flop_ceiling(self) -> float:
@@ -472,6 +497,8 @@ class CroprViTConfig(PreTrainedConfig):
         if self.pooling in ("cls", "cls_patch_mean") and not self.use_cls_token:
             raise ValueError(f'`pooling="{self.pooling}"` needs `use_cls_token=True`.')
         self._check_backbone_variants()
+        if self.final_layernorm not in FINAL_LAYERNORM_MODES:
+            raise ValueError(f"`final_layernorm` must be one of {FINAL_LAYERNORM_MODES}, got {self.final_layernorm!r}.")
         if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
             raise ValueError(f"`aux_loss_weight` must be >= 0 and finite, got {self.aux_loss_weight}.")
         if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
@@ -575,6 +602,7 @@ class CroprViTConfig(PreTrainedConfig):
 
 __all__ = [
     "CroprViTConfig",
+    "FINAL_LAYERNORM_MODES",
     "LEARNED_SELECTORS",
     "POOLING_MODES",
     "POSITION_EMBEDDING_TYPES",

@@ -44,12 +44,15 @@ from .routing_cropr_vit import (
 class CroprViTModelOutput(ModelOutput):
     """
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
-        Final-LayerNorm tokens. With Last Layer Fusion (or no pruning): every token, in raster order (CLS first).
+        Final-LayerNorm tokens (the last block's output when `config.final_layernorm` is "pooled" or "none"). With
+        Last Layer Fusion (or no pruning): every token, in raster order (CLS first).
         Without it: only the tokens kept by the last module, CLS first, then by descending score.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, or `2 * hidden_size` wide):
         Mean of `last_hidden_state` over tokens (`pooling="avg"`, prefix tokens included), its CLS token
-        (`pooling="cls"`), or the CLS token concatenated with the mean of the patch tokens (`"cls_patch_mean"`) or
-        with the distillation token (`"cls_distillation"`), which are `2 * hidden_size` wide.
+        (`pooling="cls"`), the mean of its patch tokens (`"patch_mean"`), its attention pooling (`"map"`), or the CLS
+        token concatenated with the mean of the patch tokens (`"cls_patch_mean"`) or with the distillation token
+        (`"cls_distillation"`), which are `2 * hidden_size` wide; then the final LayerNorm when
+        `config.final_layernorm="pooled"`.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Embeddings and each block's output; lengths shrink where tokens were pruned.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -152,7 +155,11 @@ class CroprViTEmbeddings(nn.Module):
             else None
         )
         self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            bias=config.patch_embedding_bias,
         )
         # Registers carry no position: they are inserted after the position embeddings are added.
         self.num_positioned_prefix_tokens = config.num_positioned_prefix_tokens
@@ -349,6 +356,24 @@ class CroprViTDropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
+
+
+class CroprViTAttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling (`pooling="map"`): a learned probe attends to the tokens, then a residual
+    LayerNorm + MLP. Built as `SiglipMultiheadAttentionPoolingHead`, so that converted weights compute the same."""
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CroprViTMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.repeat(hidden_states.shape[0], 1, 1)
+        pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
 
 
 class CroprViTLayer(GradientCheckpointingLayer):
@@ -553,6 +578,10 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                     init.trunc_normal_(parameter, mean=0.0, std=std)
         elif isinstance(module, CroprViTLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, CroprViTAttentionPoolingHead):
+            init.trunc_normal_(module.probe, mean=0.0, std=std)
+            init.trunc_normal_(module.attention.in_proj_weight, mean=0.0, std=std)
+            init.zeros_(module.attention.in_proj_bias)
         elif isinstance(module, CroprRouter):
             if module.queries is not None:
                 init.trunc_normal_(module.queries, mean=0.0, std=self.config.hidden_size**-0.5)
@@ -735,6 +764,9 @@ class CroprViTModel(CroprViTPreTrainedModel):
     def __init__(self, config: CroprViTConfig):
         super().__init__(config)
         self.embeddings = CroprViTEmbeddings(config)
+        self.pre_layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
+        )
         drop_path_rates = [
             config.drop_path_rate * block / max(config.num_hidden_layers - 1, 1)
             for block in range(config.num_hidden_layers)
@@ -742,7 +774,10 @@ class CroprViTModel(CroprViTPreTrainedModel):
         if config.last_layer_fusion:
             drop_path_rates[-1] = 0.0
         self.layers = nn.ModuleList([CroprViTLayer(config, rate) for rate in drop_path_rates])
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.final_layernorm != "none" else None
+        )
+        self.map_head = CroprViTAttentionPoolingHead(config) if config.pooling == "map" else None
         self.token_selector = TokenSelector(config)
         self.pruning_blocks = frozenset(config.pruning_blocks)
         self.num_prefix_tokens = config.num_prefix_tokens
@@ -778,6 +813,8 @@ class CroprViTModel(CroprViTPreTrainedModel):
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
         routing = self._start_routing(pixel_values, hidden_states, output_kept_indices)
         last_block = len(self.layers) - 1
         for block, layer in enumerate(self.layers):
@@ -790,10 +827,14 @@ class CroprViTModel(CroprViTPreTrainedModel):
             if prunes_here:
                 hidden_states = self._prune(block, hidden_states, attention_probs, routing)
 
-        sequence_output = self.layernorm(hidden_states)
+        final_layernorm = self.config.final_layernorm
+        sequence_output = self.layernorm(hidden_states) if final_layernorm == "tokens" else hidden_states
+        pooled_output = self._pool(sequence_output)
+        if final_layernorm == "pooled":
+            pooled_output = self.layernorm(pooled_output)
         return CroprViTModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=self._pool(sequence_output),
+            pooler_output=pooled_output,
             kept_indices=tuple(routing.kept_indices) if routing.kept_indices is not None else None,
             aux_logits=tuple(routing.aux_logits) if routing.aux_logits else None,
         )
@@ -803,6 +844,10 @@ class CroprViTModel(CroprViTPreTrainedModel):
         pooling = self.config.pooling
         if pooling == "avg":
             return sequence_output.mean(dim=1)
+        if pooling == "patch_mean":
+            return sequence_output[:, self.num_prefix_tokens :].mean(dim=1)
+        if pooling == "map":
+            return self.map_head(sequence_output)
         cls_token = sequence_output[:, 0]
         if pooling == "cls":
             return cls_token
