@@ -12,8 +12,8 @@ from transformers.models.conditional_detr.image_processing_pil_conditional_detr 
 )
 
 from cropr.data import load_builtin_task
-from cropr.training.arguments import RunError
-from cropr.training.detection import coco_box_metrics, find_cropr_backbone, run
+from cropr.training.arguments import ModelArguments, PruningArguments, RunError
+from cropr.training.detection import DetectionArguments, build_detector, coco_box_metrics, find_cropr_backbone, run
 
 # The classification runs' tiny settings, minus the multi-label/segmentation-only ones, on 16 + 8 scenes.
 DETECTION_RUN = [
@@ -86,3 +86,19 @@ def test_options_of_other_tasks_are_refused(tmp_path):
         run([*DETECTION_RUN, "--output_dir", str(tmp_path), "--curriculum_ramp", "0.5"])
     with pytest.raises(RunError, match="built-in task is 'detection'"):
         run([*DETECTION_RUN, "--output_dir", str(tmp_path), "--builtin_task", "segmentation"])
+
+
+def test_frozen_backbone_blocks_keep_the_cropr_modules_training():
+    labels = dict(enumerate("abc"))
+    model, _ = build_detector(
+        ModelArguments(preset="tiny"), PruningArguments(), DetectionArguments(frozen_backbone_blocks=2), labels, 32
+    )
+    backbone = find_cropr_backbone(model)
+    assert not any(parameter.requires_grad for parameter in backbone.embeddings.parameters())
+    assert not any(parameter.requires_grad for parameter in backbone.layers[:2].parameters())
+    assert all(parameter.requires_grad for parameter in backbone.layers[2:].parameters())
+    assert all(parameter.requires_grad for parameter in backbone.token_selector.parameters())
+    with pytest.raises(RunError, match=r"frozen_backbone_blocks must be in \[0, 4\]"):
+        build_detector(
+            ModelArguments(preset="tiny"), PruningArguments(), DetectionArguments(frozen_backbone_blocks=5), labels, 32
+        )

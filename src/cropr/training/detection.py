@@ -74,6 +74,13 @@ class DetectionArguments:
     detector_width: int = field(default=128, metadata={"help": "Width (d_model) of the detector's transformer."})
     encoder_layers: int = field(default=1, metadata={"help": "Encoder layers of the detector."})
     decoder_layers: int = field(default=3, metadata={"help": "Decoder layers of the detector."})
+    frozen_backbone_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "Freeze the backbone's patch embedding and its first N blocks (the Cropr modules still train): "
+            "fewer gradients to compute on a small budget."
+        },
+    )
 
 
 def find_cropr_backbone(model: torch.nn.Module) -> CroprViTBackbone:
@@ -300,8 +307,15 @@ def build_detector(
         **label_kwargs,
     )
     model = model_class(config)
+    backbone = find_cropr_backbone(model)
     if backbone_weights is not None:
-        find_cropr_backbone(model).load_state_dict(backbone_weights)
+        backbone.load_state_dict(backbone_weights)
+    frozen = detection_args.frozen_backbone_blocks
+    if not 0 <= frozen <= len(backbone.layers):
+        raise RunError(f"--frozen_backbone_blocks must be in [0, {len(backbone.layers)}] (the blocks), got {frozen}")
+    if frozen:
+        backbone.embeddings.requires_grad_(False)
+        backbone.layers[:frozen].requires_grad_(False)
     processor = processor_class(size={"height": image_size, "width": image_size}, **normalization)
     return model, processor
 
