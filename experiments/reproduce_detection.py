@@ -11,6 +11,8 @@ in a JSON file, so the comparison can be extended seed by seed; the report is a 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import shlex
 import statistics
@@ -190,21 +192,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    results_path = Path(args.results)
+@contextlib.contextmanager
+def locked(results_path: Path):
+    """An exclusive lock beside the results file: runs of several processes (one per selector) share it."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{results_path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load_results(results_path: Path, args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """The stored runs of this recipe (none when the recipe changed), with this invocation's seeds and command."""
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results.get("recipe") != recipe(args):
         results = {"recipe": recipe(args), "runs": []}
-    results["command"] = shlex.join(["python", "scripts/reproduce_detection.py", *(argv or [])])
+    results["command"] = shlex.join(["python", "scripts/reproduce_detection.py", *argv])
     results["seeds"] = sorted(set(results.get("seeds", [])) | set(args.seeds))
     results["environment"] = machine_environment()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(argv or [])
+    args = build_parser().parse_args(argv)
+    results_path, docs_path = Path(args.results), Path(args.docs)
     for seed in args.seeds:
         for selector in args.selectors:
+            with locked(results_path):
+                results = load_results(results_path, args, argv)
             if any(run["selector"] == selector and run["seed"] == seed for run in results["runs"]):
                 continue
-            results["runs"].append(run_one(args, selector, seed))
-            results_path.write_text(json.dumps(results, indent=1) + "\n")
-            splice_section(Path(args.docs), results)
-    splice_section(Path(args.docs), results)
+            finished = run_one(args, selector, seed)
+            with locked(results_path):
+                results = load_results(results_path, args, argv)
+                results["runs"].append(finished)
+                results_path.write_text(json.dumps(results, indent=1) + "\n")
+                splice_section(docs_path, results)
     return 0
