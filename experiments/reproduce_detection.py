@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default="docs/results_detection.json")
     parser.add_argument("--docs", default="docs/results.md")
     parser.add_argument("--work-dir", default="outputs/reproduce-detection")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report with these planned seeds, train nothing"
+    )
     return parser
 
 
@@ -219,6 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv or [])
     args = build_parser().parse_args(argv)
     results_path, docs_path = Path(args.results), Path(args.docs)
+    if args.report_only:
+        with locked(results_path):
+            results = load_results(results_path, args, argv)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            splice_section(docs_path, results)
+        return 0
     for seed in args.seeds:
         for selector in args.selectors:
             with locked(results_path):
