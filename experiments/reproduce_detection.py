@@ -212,7 +212,8 @@ def load_results(results_path: Path, args: argparse.Namespace, argv: Sequence[st
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results.get("recipe") != recipe(args):
         results = {"recipe": recipe(args), "runs": []}
-    results["command"] = shlex.join(["python", "scripts/reproduce_detection.py", *argv])
+    if "--report-only" not in argv or "command" not in results:
+        results["command"] = shlex.join(["python", "scripts/reproduce_detection.py", *argv])
     results["seeds"] = sorted(set(results.get("seeds", [])) | set(args.seeds))
     results["environment"] = machine_environment()
     return results
