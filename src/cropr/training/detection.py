@@ -103,7 +103,14 @@ def with_backbone_selector(model: PreTrainedModel, token_selector: str) -> PreTr
 
 
 class DetectionTrainer(Trainer):
-    """`Trainer` that adds the Cropr modules' auxiliary loss to the detector's, and reports COCO box mAP."""
+    """`Trainer` that adds the Cropr modules' auxiliary loss to the detector's, and reports COCO box mAP.
+
+    `coco_eval_split` is the evaluation split before the transform (images and COCO `objects`), which the mAP reads.
+    """
+
+    def __init__(self, *args, coco_eval_split, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coco_eval_split = coco_eval_split
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         backbone = find_cropr_backbone(model)
@@ -120,10 +127,15 @@ class DetectionTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """The eval loss (Trainer's loop) and the COCO box metrics of the raw evaluation split."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        raw_split = self.raw_eval_split if eval_dataset is None else eval_dataset
-        coco = coco_box_metrics(self.model, self.processing_class, raw_split, self.args.per_device_eval_batch_size)
+        """The eval loss (Trainer's loop) and the COCO box metrics of `coco_eval_split`."""
+        if eval_dataset is not None:
+            raise ValueError(
+                "DetectionTrainer evaluates the split it was built with (`eval_dataset` and `coco_eval_split`); build "
+                "another trainer to evaluate another split."
+            )
+        metrics = super().evaluate(None, ignore_keys, metric_key_prefix)
+        batch_size = self.args.per_device_eval_batch_size
+        coco = coco_box_metrics(self.model, self.processing_class, self.coco_eval_split, batch_size)
         coco = {f"{metric_key_prefix}_{name}": value for name, value in coco.items()}
         self.log(coco)
         return {**metrics, **coco}
@@ -394,8 +406,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_dataset=dataset["validation"].with_transform(transform),
         data_collator=collate_detection,
         processing_class=processor,
+        coco_eval_split=dataset["validation"],
     )
-    trainer.raw_eval_split = dataset["validation"]
     train_metrics = trainer.train().metrics
     trainer.log_metrics("train", train_metrics)
     eval_metrics = trainer.evaluate()
