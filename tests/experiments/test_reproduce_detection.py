@@ -47,7 +47,13 @@ def results() -> dict:
         run("cropr", 1, 0.21, 1.6),
         run("random", 0, 0.1, 1.5),
     ]
-    return {"recipe": RECIPE, "runs": runs, "seeds": [0, 1], "command": "python x", "environment": ENVIRONMENT}
+    return {
+        "recipe": RECIPE,
+        "runs": runs,
+        "seeds": [0, 1],
+        "command": "python x --backbone /data/models/dinov2-small",
+        "environment": ENVIRONMENT,
+    }
 
 
 def test_section_reports_medians_speedups_and_missing_seeds():
@@ -56,6 +62,7 @@ def test_section_reports_medians_speedups_and_missing_seeds():
     assert "| none | 1 | 30.0 [30.0, 30.0] |" in section
     assert "Not run within the budget: none: seeds [1]; random: seeds [1]." in section
     assert "FLOP ceiling of the pruned schedule: 1.58x" in section
+    assert "`python x --backbone dinov2-small`" in section and "/data/models" not in section
 
 
 def test_section_replaces_its_earlier_version_and_keeps_the_rest(tmp_path):
