@@ -33,7 +33,8 @@ SELECTORS = ("none", "cropr", "random")
 def recipe(args: argparse.Namespace) -> dict[str, Any]:
     """What every run shares (a stored run with another recipe is not reused)."""
     return {
-        "backbone": args.backbone,
+        # By folder name: the report does not name where this machine keeps it.
+        "backbone": Path(args.backbone).name,
         "canvas_size": args.canvas_size,
         "num_train": args.num_train,
         "num_eval": args.num_eval,
