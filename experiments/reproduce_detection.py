@@ -128,7 +128,7 @@ def render_section(results: dict[str, Any]) -> str:
         f"{config['learning_rate']}, patch embedding and first {config['frozen_backbone_blocks']} of 12 blocks "
         f"frozen, throughput batch {config['throughput_batch_size']}.",
         f"- Machine: {environment['cpu_model']}, {environment['cpu_cores_available']} cores shared with other jobs "
-        f"(load average {environment['load_average'][0]:.1f} at the last run's start; absolute images/s are noisy, "
+        f"(load average {environment['load_average'][0]:.1f} when recorded; absolute images/s are noisy, "
         f"ratios less so); torch {environment['torch']}, transformers {environment['transformers']}.",
         "",
         "| selector | seeds | box mAP (%) median [min, max] | mAP@50 (%) | per seed mAP (%) | detector images/s "
@@ -165,6 +165,7 @@ def render_section(results: dict[str, Any]) -> str:
         if ceilings
         else "- No pruned run yet.",
         f"- Not run within the budget: {'; '.join(missing)}." if missing else "- Every planned seed ran.",
+        *(f"- {note}" for note in results.get("notes", [])),
         "",
         END,
     ]
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the report with these planned seeds, train nothing"
     )
+    parser.add_argument("--note", action="append", help="a finding to state under the table (with --report-only)")
     return parser
 
 
@@ -225,7 +227,8 @@ def load_results(results_path: Path, args: argparse.Namespace, argv: Sequence[st
     if "--report-only" not in argv or "command" not in results:
         results["command"] = shlex.join(["python", "scripts/reproduce_detection.py", *argv])
     results["seeds"] = sorted(set(results.get("seeds", [])) | set(args.seeds))
-    results["environment"] = machine_environment()
+    if "--report-only" not in argv or "environment" not in results:
+        results["environment"] = machine_environment()
     return results
 
 
@@ -236,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         with locked(results_path):
             results = load_results(results_path, args, argv)
+            if args.note:
+                results["notes"] = args.note
             results_path.write_text(json.dumps(results, indent=1) + "\n")
             splice_section(docs_path, results)
         return 0

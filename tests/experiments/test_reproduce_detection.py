@@ -53,6 +53,7 @@ def results() -> dict:
         "seeds": [0, 1],
         "command": "python x --backbone /data/models/dinov2-small",
         "environment": ENVIRONMENT,
+        "notes": ["Too few steps."],
     }
 
 
@@ -63,6 +64,8 @@ def test_section_reports_medians_speedups_and_missing_seeds():
     assert "Not run within the budget: none: seeds [1]; random: seeds [1]." in section
     assert "FLOP ceiling of the pruned schedule: 1.58x" in section
     assert "`python x --backbone dinov2-small`" in section and "/data/models" not in section
+    assert "- Too few steps.\n" in section
+    assert "- Too few steps.\n" in section
 
 
 def test_section_replaces_its_earlier_version_and_keeps_the_rest(tmp_path):
