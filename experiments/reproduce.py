@@ -716,6 +716,12 @@ def render_docs(results: dict[str, Any], out_dir: str | Path, notes: str | None 
         plot_tradeoff(run, out_dir / further_plot_name(index))
     path = out_dir / "results.md"
     path.write_text(render_markdown(results, notes if notes is not None else results.get("notes")))
+    # The object detection section comes from its own runs (scripts/reproduce_detection.py): kept.
+    detection = out_dir / "results_detection.json"
+    if detection.is_file():
+        from experiments.reproduce_detection import splice_section
+
+        splice_section(path, json.loads(detection.read_text()))
     return path
 
 

@@ -126,7 +126,7 @@ def test_splits_use_their_own_original_images(task, blank_split, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(task="detection"), "task"),
+        (dict(task="keypoints"), "task"),
         (dict(num_train=0), "num_train"),
         (dict(num_eval=0), "num_eval"),
         (dict(num_train=2.5), "num_train"),
@@ -134,6 +134,7 @@ def test_splits_use_their_own_original_images(task, blank_split, tmp_path):
         (dict(image_size=27), "image_size"),
         (dict(task="multi-label", image_size=55), "image_size"),
         (dict(task="segmentation", image_size=40), "image_size"),
+        (dict(task="detection", image_size=40), "image_size"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -147,3 +148,24 @@ def test_smallest_canvases():
     assert classification["train"][0]["image"].size == (28, 28)
     segmentation = load_builtin_task("segmentation", 2, 1, image_size=56, source="subset")
     assert segmentation["train"][0]["label"].size == (56, 56)
+
+
+def test_detection_boxes_and_instance_masks_describe_the_segmentation_scenes():
+    detection = load_builtin_task("detection", num_train=6, num_eval=2, image_size=64, seed=2, source="subset")
+    segmentation = load_builtin_task("segmentation", num_train=6, num_eval=2, image_size=64, seed=2, source="subset")
+    assert detection["train"].features == task_features("detection")
+    assert image_bytes(detection["train"]) == image_bytes(segmentation["train"])
+    object_ids = []
+    for index, (scene, segmented) in enumerate(zip(detection["train"], segmentation["train"], strict=True)):
+        assert scene["image_id"] == index and (scene["width"], scene["height"]) == (64, 64)
+        instances, classes = np.asarray(scene["instance_mask"]), np.asarray(segmented["label"])
+        assert 2 <= len(scene["objects"]) <= 4 and instances.max() == len(scene["objects"])
+        for number, annotation in enumerate(scene["objects"], start=1):
+            rows, columns = np.nonzero(instances == number)
+            # COCO [x, y, width, height]: the tight box around the instance's mask pixels, whose class it carries.
+            assert annotation["bbox"] == [columns.min(), rows.min(), np.ptp(columns) + 1, np.ptp(rows) + 1]
+            assert annotation["area"] == len(rows)
+            assert set(classes[rows, columns].tolist()) == {annotation["category"] + 1}
+            object_ids.append(annotation["id"])
+        assert ((instances > 0) == (classes > 0)).all()
+    assert len(set(object_ids)) == len(object_ids)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, build_tiny
 from PIL import Image
+from test_reproduce_detection import results as detection_results
 
 from experiments.reproduce import (
     SELECTORS,
@@ -20,6 +21,7 @@ from experiments.reproduce import (
     recipe_differences,
     resolve_backbone,
 )
+from experiments.reproduce_detection import END as DETECTION_END
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -84,9 +86,12 @@ def test_quick_run_writes_results_report_and_figures(quick_run, tmp_path):
     older_run = json.loads((tmp_path / "results.json").read_text())
     del older_run["config"]["aux_ignore_background"]  # a run from before the option: background was trained
     other.write_text(json.dumps(older_run))
+    # The object detection section, from its own JSON beside, survives the rewrite.
+    (tmp_path / "results_detection.json").write_text(json.dumps(detection_results()))
     argv = ["--render-only", "--output-dir", str(tmp_path), "--notes", str(notes), "--attach", str(other)]
     assert main(argv) == 0
     report = (tmp_path / "results.md").read_text()
+    assert report.count("## Object detection: Conditional DETR") == 1 and report.rstrip().endswith(DETECTION_END)
     assert "## Discussion\n\nWhat was tried." in report
     assert f"## Further run: `{results['command']}`" in report
     assert "except for the options of this command, and `aux_ignore_background` = False (main run: True)" in report

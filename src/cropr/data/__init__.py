@@ -14,6 +14,7 @@ from .fashion_mnist import (
 from .scenes import (
     TASKS,
     build_cluttered_classification,
+    build_detection,
     build_multi_label,
     build_segmentation,
     id2label,
@@ -29,6 +30,7 @@ __all__ = [
     "FashionMNIST",
     "IDXFormatError",
     "build_cluttered_classification",
+    "build_detection",
     "build_multi_label",
     "build_segmentation",
     "find_fashion_mnist_dir",

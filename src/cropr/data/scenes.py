@@ -9,6 +9,11 @@ Three tasks, each deterministic given its seed, returned as `datasets` objects w
 - `"segmentation"`: the same scenes as `"multi-label"` (for the same seed and split), with `label` a per-pixel
   class map (a mode "L" image): 0 for background, `class_id + 1` where a garment pixel is brighter than
   [`MASK_THRESHOLD`]; 11 classes in all.
+- `"detection"`: the same scenes again, in the COCO-style layout of transformers' object-detection examples:
+  `image`, `image_id`, `width`, `height` and `objects` (`id`, `area`, `bbox` as COCO `[x, y, width, height]` in
+  pixels, the garment's tight box over its mask pixels, `category` a `ClassLabel` of the 10 classes), plus
+  `instance_mask` (mode "L": 0 for background, `k + 1` on the mask pixels of the k-th object); `area` is the mask's
+  pixel count, as in COCO.
 
 Every canvas has faint uniform noise (at most [`NOISE_MAX`], below `MASK_THRESHOLD`) and each garment a random tint
 whose brightest channel is full, so a pixel labelled as garment is brighter than any noise in at least one channel.
@@ -33,14 +38,14 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Sequence, Split, Value
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, List, Sequence, Split, Value
 from PIL import Image as PILImage
 
 from .fashion_mnist import FASHION_MNIST_CLASSES, IMAGE_SIZE, NUM_CLASSES, load_fashion_mnist
 
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("cluttered-classification", "multi-label", "segmentation")
+TASKS: tuple[str, ...] = ("cluttered-classification", "multi-label", "segmentation", "detection")
 """Names accepted by [`load_builtin_task`]."""
 
 BACKGROUND = "background"
@@ -88,6 +93,23 @@ def task_features(task: str) -> Features:
         return Features({"image": Image(), "label": ClassLabel(names=list(FASHION_MNIST_CLASSES))})
     if task == "multi-label":
         return Features({"image": Image(), "labels": Sequence(Value("float32"), length=NUM_CLASSES)})
+    if task == "detection":
+        objects = {
+            "id": Value("int64"),
+            "area": Value("float32"),
+            "bbox": List(Value("float32"), length=4),
+            "category": ClassLabel(names=list(FASHION_MNIST_CLASSES)),
+        }
+        return Features(
+            {
+                "image": Image(),
+                "image_id": Value("int64"),
+                "width": Value("int32"),
+                "height": Value("int32"),
+                "objects": List(objects),
+                "instance_mask": Image(),
+            }
+        )
     return Features({"image": Image(), "label": Image()})
 
 
@@ -209,15 +231,17 @@ def _render_cluttered(
 
 def _render_multi_object(
     rng: np.random.Generator, images: np.ndarray, by_class: list[np.ndarray], image_size: int
-) -> tuple[dict[str, bytes | None], np.ndarray, np.ndarray]:
-    """2 to 4 garments of distinct classes in distinct cells of a 2x2 grid; returns image, class ids and label map."""
+) -> tuple[dict[str, bytes | None], np.ndarray, np.ndarray, np.ndarray]:
+    """2 to 4 garments of distinct classes in distinct cells of a 2x2 grid; returns the image, the class ids in
+    drawing order, the label map (`class_id + 1` per garment pixel) and the instance map (`k + 1` for the k-th)."""
     num_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     class_ids = rng.choice(NUM_CLASSES, size=num_objects, replace=False)
     cells = rng.choice(_GRID * _GRID, size=num_objects, replace=False)
     cell_size = image_size // _GRID
     canvas = _blank_canvas(rng, image_size)
     label_map = np.zeros((image_size, image_size), dtype=np.uint8)
-    for class_id, cell in zip(class_ids, cells, strict=True):
+    instance_map = np.zeros((image_size, image_size), dtype=np.uint8)
+    for instance, (class_id, cell) in enumerate(zip(class_ids, cells, strict=True)):
         garment = images[rng.choice(by_class[class_id])]
         size = int(rng.integers(MIN_GARMENT_SIZE, cell_size + 1))
         offset_top, offset_left = rng.integers(0, cell_size - size + 1, size=2)
@@ -225,7 +249,8 @@ def _render_multi_object(
         garment = _resize(garment, size)
         _paste(canvas, garment, top, left, _tint(rng))
         label_map[top : top + size, left : left + size][garment > MASK_THRESHOLD] = class_id + 1
-    return _encode_canvas(canvas), np.sort(class_ids), label_map
+        instance_map[top : top + size, left : left + size][garment > MASK_THRESHOLD] = instance + 1
+    return _encode_canvas(canvas), class_ids, label_map, instance_map
 
 
 def _build(
@@ -303,7 +328,7 @@ def build_multi_label(
     by_class = _check_pool(images, labels)
 
     def render(rng: np.random.Generator) -> dict:
-        image, class_ids, _ = _render_multi_object(rng, images, by_class, image_size)
+        image, class_ids, _, _ = _render_multi_object(rng, images, by_class, image_size)
         multi_hot = np.zeros(NUM_CLASSES, dtype=np.float32)
         multi_hot[class_ids] = 1.0
         return {"image": image, "labels": multi_hot.tolist()}
@@ -334,17 +359,69 @@ def build_segmentation(
     by_class = _check_pool(images, labels)
 
     def render(rng: np.random.Generator) -> dict:
-        image, _, label_map = _render_multi_object(rng, images, by_class, image_size)
+        image, _, label_map, _ = _render_multi_object(rng, images, by_class, image_size)
         return {"image": image, "label": _encode(label_map, "PNG")}
 
     description = f"cropr Fashion-MNIST segmentation scenes, {image_size}x{image_size}, seed {seed}"
     return _build("segmentation", render, num_examples, seed, stream, split, description)
 
 
+def _objects(class_ids: np.ndarray, instance_map: np.ndarray, image_id: int) -> list[dict]:
+    """COCO-style annotations of the garments of one scene (a garment without mask pixels has none)."""
+    objects = []
+    for instance, class_id in enumerate(class_ids):
+        rows, columns = np.nonzero(instance_map == instance + 1)
+        if len(rows) == 0:
+            continue
+        left, top = int(columns.min()), int(rows.min())
+        bbox = [left, top, int(columns.max()) + 1 - left, int(rows.max()) + 1 - top]
+        objects.append(
+            {"id": image_id * MAX_OBJECTS + instance, "area": float(len(rows)), "bbox": bbox, "category": int(class_id)}
+        )
+    return objects
+
+
+def build_detection(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_examples: int,
+    image_size: int = 112,
+    seed: int = 0,
+    *,
+    stream: int = 0,
+    split: str | None = None,
+) -> Dataset:
+    """The scenes of [`build_multi_label`] (same arguments give the same images), with each garment's box, class and
+    instance mask in the COCO-style layout of transformers' object-detection examples (see the module docstring).
+
+    Arguments as for [`build_cluttered_classification`]; `image_size` must be at least 56. Image ids count the scenes
+    of the split from 0; object ids are unique within the split.
+    """
+    _check_args("detection", num_examples, image_size, seed)
+    by_class = _check_pool(images, labels)
+    scene_ids = iter(range(num_examples))
+
+    def render(rng: np.random.Generator) -> dict:
+        image, class_ids, _, instance_map = _render_multi_object(rng, images, by_class, image_size)
+        image_id = next(scene_ids)
+        return {
+            "image": image,
+            "image_id": image_id,
+            "width": image_size,
+            "height": image_size,
+            "objects": _objects(class_ids, instance_map, image_id),
+            "instance_mask": _encode(instance_map, "PNG"),
+        }
+
+    description = f"cropr Fashion-MNIST detection scenes, {image_size}x{image_size}, seed {seed}"
+    return _build("detection", render, num_examples, seed, stream, split, description)
+
+
 _BUILDERS: dict[str, Callable[..., Dataset]] = {
     "cluttered-classification": build_cluttered_classification,
     "multi-label": build_multi_label,
     "segmentation": build_segmentation,
+    "detection": build_detection,
 }
 
 
@@ -360,7 +437,7 @@ def load_builtin_task(
     the original test images.
 
     Args:
-        task: one of `"cluttered-classification"`, `"multi-label"`, `"segmentation"`.
+        task: one of `"cluttered-classification"`, `"multi-label"`, `"segmentation"`, `"detection"`.
         num_train: number of training scenes (at least 1).
         num_eval: number of validation scenes (at least 1).
         image_size: side of the square canvas: at least 28 for classification, 56 for the other tasks.

@@ -9,20 +9,23 @@ Cropr module and segmentation one per patch, and segmentation needs Last Layer F
 - `CroprViTPrunedModelTest`: a Cropr module after the first of two blocks, without Last Layer Fusion (the output
   keeps only the kept tokens), for the backbone and the image-level heads;
 - `CroprViTPrunedSegmentationModelTest`: a Cropr module after the first of three blocks with Last Layer Fusion, for
-  the segmentation head.
+  the segmentation head;
+- `CroprViTBackboneTest`: transformers' `BackboneTesterMixin` on `CroprViTBackbone`, pruning as the segmentation one.
 
 PipelineTesterMixin is not used: it runs transformers' pipeline tests on tiny checkpoints downloaded from the Hub;
 the pipelines are tested on local CroprViT checkpoints in tests/test_pipelines.py.
 """
 
+import importlib
 import unittest
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers_common_tests import import_common_tests
+from transformers_common_tests import PACKAGE, import_common_tests
 
 from cropr import (
+    CroprViTBackbone,
     CroprViTConfig,
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
@@ -35,6 +38,7 @@ ConfigTester = test_configuration_common.ConfigTester
 ModelTesterMixin = test_modeling_common.ModelTesterMixin
 floats_tensor = test_modeling_common.floats_tensor
 ids_tensor = test_modeling_common.ids_tensor
+BackboneTesterMixin = importlib.import_module(f"{PACKAGE}.test_backbone_common").BackboneTesterMixin
 
 
 class CroprViTModelTester:
@@ -250,3 +254,15 @@ class CroprViTPrunedSegmentationModelTest(CroprViTCommonTests, unittest.TestCase
     def test_for_semantic_segmentation(self):
         config_and_inputs = self.model_tester.prepare_config_and_inputs()
         self.model_tester.create_and_check_for_semantic_segmentation(*config_and_inputs)
+
+
+class CroprViTBackboneTest(BackboneTesterMixin, unittest.TestCase):
+    """transformers' backbone tests (as for `Dinov2Backbone`), a Cropr module after the first of three blocks."""
+
+    all_model_classes = (CroprViTBackbone,)
+    config_class = CroprViTConfig
+
+    def setUp(self):
+        self.model_tester = CroprViTModelTester(
+            self, num_hidden_layers=3, token_selector="cropr", pruning_rate=5, out_indices=[1, 2, 3]
+        )

@@ -382,6 +382,7 @@ def test_save_and_load_round_trip(tmp_path, head):
         "AutoModel",
         "AutoModelForImageClassification",
         "AutoModelForSemanticSegmentation",
+        "AutoBackbone",
     }
     assert (tmp_path / "model.safetensors").exists()
     assert (tmp_path / "modeling_cropr_vit.py").exists() and (tmp_path / "routing_cropr_vit.py").exists()

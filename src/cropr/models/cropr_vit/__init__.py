@@ -10,6 +10,8 @@ only each other (relatively), transformers and torch.
 
 from .configuration_cropr_vit import CroprViTConfig
 from .modeling_cropr_vit import (
+    CroprViTBackbone,
+    CroprViTBackboneOutput,
     CroprViTForImageClassification,
     CroprViTForMultiLabelClassification,
     CroprViTForSemanticSegmentation,
@@ -21,6 +23,8 @@ from .modeling_cropr_vit import (
 )
 
 __all__ = [
+    "CroprViTBackbone",
+    "CroprViTBackboneOutput",
     "CroprViTConfig",
     "CroprViTForImageClassification",
     "CroprViTForMultiLabelClassification",

@@ -10,6 +10,7 @@ from typing import ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneConfigMixin
 
 TOKEN_SELECTORS = ("cropr", "random", "variance", "attention", "non_salient", "none")
 LEARNED_SELECTORS = ("cropr", "non_salient")
@@ -64,6 +65,8 @@ _TRANSFORMERS_CONFIG_KEYS = frozenset(
     | {"attn_implementation", "experts_implementation", "per_layer_config", "auto_map"}
     # `Trainer` writes `use_cache` onto the config of every model it trains, so saved checkpoints carry it.
     | {"use_cache"}
+    # The backbone keys (`BackboneConfigMixin`): saved as `out_features` / `out_indices`, `stage_names` derived.
+    | {"out_features", "out_indices", "stage_names"}
 )
 
 
@@ -116,7 +119,7 @@ def warn_unknown_config_keys(keys: Iterable[str], consequence: str, only_likely_
 
 
 @strict
-class CroprViTConfig(PreTrainedConfig):
+class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`CroprViTModel`]: a pre-norm Vision Transformer whose token count shrinks after chosen blocks
     (Token Cropr, CVPR 2025). Defaults describe a ViT-B/16 at 224 px pruning 16 tokens after every block with Last
@@ -225,6 +228,15 @@ class CroprViTConfig(PreTrainedConfig):
             Where the final LayerNorm applies: "tokens" (every output token, as ViT, DINOv2 and SigLIP), "pooled"
             (`pooler_output` only, `last_hidden_state` is the last block's output: CLIP's `post_layernorm`) or "none"
             (no final LayerNorm: a CLIP classifier, whose head reads the last block's output).
+        out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*):
+            [`CroprViTBackbone`] only: the stages whose feature maps it returns, by name (`"stem"` = the embeddings,
+            `"stage1"` ... `"stageL"` = the blocks' outputs, `config.stage_names`) or index; defaults to the last
+            stage. As transformers' backbones (`Dinov2Config`).
+        apply_layernorm (`bool`, *optional*, defaults to `True`):
+            [`CroprViTBackbone`] only: apply the final LayerNorm to every returned feature map.
+        reshape_hidden_states (`bool`, *optional*, defaults to `True`):
+            [`CroprViTBackbone`] only: return feature maps as `(batch_size, hidden_size, height, width)` patch grids;
+            `False` gives `(batch_size, num_tokens, hidden_size)` with the CLS token first.
 
     Example:
 
@@ -276,6 +288,10 @@ class CroprViTConfig(PreTrainedConfig):
     inference_only: bool = False
     semantic_loss_ignore_index: int = 255
     aux_ignored_labels: list[int] | None = None
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
 
     # Backbone variants of the pretrained families (DINOv2 with registers, DINOv3, distilled DeiT); the defaults are
     # the plain ViT above, so checkpoints saved without these fields compute as before.
@@ -293,6 +309,12 @@ class CroprViTConfig(PreTrainedConfig):
     final_layernorm: str = "tokens"
 
     def __post_init__(self, **kwargs):
+        # Derived from the depth (saved configs carry it too).
+        kwargs.pop("stage_names", None)
+        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         warn_unknown_config_keys(kwargs, "it is stored on the config, but nothing reads it")
         if self.intermediate_size is None:
             self.intermediate_size = int(self.hidden_size * self.mlp_ratio)

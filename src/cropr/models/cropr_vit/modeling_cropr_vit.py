@@ -17,8 +17,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
@@ -34,6 +35,7 @@ from .routing_cropr_vit import (
     patch_pixel_variance,
     restore_raster_order,
     split_tokens,
+    write_tokens,
 )
 
 
@@ -98,6 +100,20 @@ class CroprViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 
     aux_loss: torch.FloatTensor | None = None
     kept_indices: tuple[torch.LongTensor, ...] | None = None
+    aux_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CroprViTBackboneOutput(BackboneOutput):
+    """
+    feature_maps (`tuple(torch.FloatTensor)`): one full patch grid per stage of `config.out_features` (see
+        [`CroprViTBackbone`]).
+    hidden_states, attentions: the blocks' own outputs, as [`CroprViTModelOutput`] (lengths shrink where tokens were
+        pruned).
+    aux_logits (`tuple(torch.FloatTensor)`, *optional*, training only): each Cropr module's auxiliary logits, for
+        [`CroprViTBackbone.auxiliary_loss`].
+    """
+
     aux_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -471,7 +487,7 @@ def family_auto_map() -> dict[str, str]:
     transformers writes the entry of the saved class only; with every entry a checkpoint of any head also loads, with
     `trust_remote_code=True`, as the backbone (`AutoModel`) or another head.
     """
-    classes = (CroprViTModel, CroprViTForImageClassification, CroprViTForSemanticSegmentation)
+    classes = (CroprViTModel, CroprViTForImageClassification, CroprViTForSemanticSegmentation, CroprViTBackbone)
     return {
         cls._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in classes if cls._auto_class
     }
@@ -1225,7 +1241,122 @@ class CroprViTForSemanticSegmentation(CroprViTPreTrainedModel):
         return patch_labels
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbone for transformers' detection, segmentation and depth heads
+# ----------------------------------------------------------------------------------------------------------------------
+class CroprViTBackbone(BackboneMixin, CroprViTModel):
+    """CroprViT as a transformers backbone (`AutoBackbone`), for heads built with `backbone_config=CroprViTConfig(...)`
+    (DETR, Mask2Former, UperNet, DPT / Depth Anything), as `Dinov2Backbone`.
+
+    Returns one feature map per stage of `config.out_features` (`"stem"`, `"stage1"` ... `"stageL"`). A stage after a
+    pruning block is still a full grid: every position holds its token's latest features, the current ones for kept
+    tokens, and for set-aside tokens the ones they had when they were set aside (what Last Layer Fusion restores
+    before the last block). With `token_selector="none"` the maps equal `Dinov2Backbone`'s for converted weights.
+
+    The Cropr modules learn from their auxiliary heads only (their inputs are detached), whose logits the output
+    carries in training (`aux_logits`); the heads of transformers drop them, so a training loop adds
+    `aux_loss_weight * backbone.auxiliary_loss(outputs.aux_logits, class_labels)` to the head's loss: the auxiliary
+    target is the multi-hot set of the classes of the objects in each image (the backbone config's `num_labels` is
+    the number of object classes).
+    """
+
+    def __init__(self, config: CroprViTConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CroprViTBackboneOutput:
+        r"""
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `config.interpolate_pos_encoding`):
+            Accept images of another size than `config.image_size` (detection processors resize to varying sizes).
+        """
+        # `BackboneMixin.forward` comes first in the MRO and only raises.
+        outputs = CroprViTModel.forward(
+            self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, output_kept_indices=True, **kwargs
+        )
+        wanted = {self.stage_names.index(stage) for stage in self.out_features}
+        grids = self._full_grids(outputs.hidden_states, outputs.kept_indices, wanted)
+        patch_h, patch_w = self.config.patch_size_hw
+        grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
+        feature_maps = ()
+        for stage in sorted(wanted):
+            feature_map = grids[stage]
+            if self.config.apply_layernorm:
+                feature_map = self.layernorm(feature_map)
+            if self.config.reshape_hidden_states:
+                feature_map = feature_map[:, self.num_prefix_tokens :].reshape(feature_map.shape[0], grid_h, grid_w, -1)
+                feature_map = feature_map.permute(0, 3, 1, 2).contiguous()
+            feature_maps += (feature_map,)
+        return CroprViTBackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_logits=outputs.aux_logits,
+        )
+
+    def _full_grids(
+        self, hidden_states: tuple[torch.Tensor, ...], kept_indices: tuple[torch.Tensor, ...], stages: set[int]
+    ) -> dict[int, torch.Tensor]:
+        """The full token map in raster order of each of `stages` (0 = the embeddings, k = block k's output).
+
+        The map is rewritten with the current tokens at every pruning block (whose output still holds the tokens it is
+        about to set aside) and at every stage asked for, so set-aside positions keep the features they last had.
+        """
+        grid = hidden_states[0]
+        grids = {0: grid}
+        positions = None
+        module_positions = iter(kept_indices)
+        for block in range(max(stages)):
+            tokens = hidden_states[block + 1]
+            if positions is None or tokens.shape[1] == grid.shape[1]:
+                # Nothing pruned yet, or Last Layer Fusion's last block, which restores raster order itself.
+                grid = tokens
+            elif block in self.pruning_blocks or block + 1 in stages:
+                grid = write_tokens(grid, tokens, positions)
+            grids[block + 1] = grid
+            if block in self.pruning_blocks:
+                positions = next(module_positions)
+        return {stage: grids[stage] for stage in stages}
+
+    def auxiliary_loss(
+        self, aux_logits: tuple[torch.Tensor, ...] | None, class_labels: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Sum over the Cropr modules of the sigmoid BCE between every query's auxiliary logits and the multi-hot
+        classes of the objects in its image (`class_labels`: one tensor of class ids per image, as the
+        `class_labels` of DETR's or Mask2Former's labels); `None` outside training (no auxiliary logits)."""
+        if not aux_logits:
+            return None
+        if len(class_labels) != aux_logits[0].shape[0]:
+            raise ValueError(
+                f"`class_labels` has {len(class_labels)} entries but the batch has {aux_logits[0].shape[0]} images."
+            )
+        num_labels = self.config.num_labels
+        targets = torch.zeros(len(class_labels), num_labels, device=aux_logits[0].device)
+        for image, labels in enumerate(class_labels):
+            labels = torch.as_tensor(labels, device=targets.device).long()
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+                raise ValueError(
+                    f"`class_labels` must be class ids in [0, {num_labels - 1}] (the backbone config's `num_labels`), "
+                    f"got {sorted(set(labels.tolist()))} for image {image}."
+                )
+            targets[image, labels] = 1.0
+        return sum_aux_losses(
+            aux_logits,
+            lambda logits: F.binary_cross_entropy_with_logits(
+                logits.float(), targets.unsqueeze(1).expand(-1, logits.shape[1], -1)
+            ),
+        )
+
+
 __all__ = [
+    "CroprViTBackbone",
+    "CroprViTBackboneOutput",
     "CroprViTForImageClassification",
     "CroprViTForMultiLabelClassification",
     "CroprViTForSemanticSegmentation",

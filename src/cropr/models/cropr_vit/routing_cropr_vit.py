@@ -280,6 +280,15 @@ def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -
     return rows.view(batch_size, num_tokens, width)
 
 
+def write_tokens(grid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A copy of the full token map `grid` (B, N, D) with `tokens` (B, M, D) written at `positions` (B, M), out of
+    place so that gradients reach both (a backbone's feature map after a pruning block)."""
+    batch_size, num_tokens, width = grid.shape
+    rows = grid.reshape(batch_size * num_tokens, width)
+    rows = rows.index_copy(0, _flat_row_index(positions, num_tokens), tokens.reshape(-1, width))
+    return rows.view(batch_size, num_tokens, width)
+
+
 __all__ = [
     "CroprAggregator",
     "CroprClassificationHead",
@@ -291,4 +300,5 @@ __all__ = [
     "received_attention",
     "restore_raster_order",
     "split_tokens",
+    "write_tokens",
 ]

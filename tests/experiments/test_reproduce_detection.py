@@ -1,0 +1,78 @@
+"""The object detection comparison's report: rendered from its JSON, spliced into results.md, kept on regeneration."""
+
+from experiments.reproduce_detection import BEGIN, END, render_section, splice_section
+
+ENVIRONMENT = {
+    "cpu_model": "test CPU",
+    "cpu_cores_available": 2,
+    "load_average": [1.0, 1.0, 1.0],
+    "torch": "2",
+    "transformers": "5",
+}
+RECIPE = {
+    "backbone": "dinov2",
+    "canvas_size": 112,
+    "num_train": 8,
+    "num_eval": 4,
+    "max_steps": 2,
+    "batch_size": 4,
+    "learning_rate": 1e-4,
+    "frozen_backbone_blocks": 10,
+    "throughput_batch_size": 4,
+}
+
+
+def run(selector: str, seed: int, box_map: float, speed: float) -> dict:
+    return {
+        "selector": selector,
+        "seed": seed,
+        "map": box_map,
+        "map_50": 2 * box_map,
+        "map_75": box_map,
+        "mar_100": box_map,
+        "map_pruning_off": box_map,
+        "model_images_per_second": 10.0 * speed,
+        "model_images_per_second_pruning_off": 10.0,
+        "encoder_images_per_second": 20.0 * speed,
+        "encoder_images_per_second_pruning_off": 20.0,
+        "flop_ceiling": 1.58,
+        "seconds": 3.0,
+    }
+
+
+def results() -> dict:
+    runs = [
+        run("none", 0, 0.30, 1.0),
+        run("cropr", 0, 0.25, 1.5),
+        run("cropr", 1, 0.21, 1.6),
+        run("random", 0, 0.1, 1.5),
+    ]
+    return {
+        "recipe": RECIPE,
+        "runs": runs,
+        "seeds": [0, 1],
+        "command": "python x --backbone /data/models/dinov2-small",
+        "environment": ENVIRONMENT,
+        "notes": ["Too few steps."],
+    }
+
+
+def test_section_reports_medians_speedups_and_missing_seeds():
+    section = render_section(results())
+    assert "| cropr | 2 | 23.0 [21.0, 25.0] | 46.0 | 25.0, 21.0 | 15.5 | 1.55x | 31.0 | 1.55x | 3 |" in section
+    assert "| none | 1 | 30.0 [30.0, 30.0] |" in section
+    assert "Not run within the budget: none: seeds [1]; random: seeds [1]." in section
+    assert "FLOP ceiling of the pruned schedule: 1.58x" in section
+    assert "`python x --backbone dinov2-small`" in section and "/data/models" not in section
+    assert "- Too few steps.\n" in section
+    assert "- Too few steps.\n" in section
+
+
+def test_section_replaces_its_earlier_version_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("# Results\n\nclassification tables\n")
+    splice_section(path, results())
+    splice_section(path, results())
+    text = path.read_text()
+    assert text.startswith("# Results\n\nclassification tables\n\n" + BEGIN)
+    assert text.count(BEGIN) == 1 and text.rstrip().endswith(END)
