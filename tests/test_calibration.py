@@ -160,10 +160,12 @@ def test_an_interrupted_calibration_resumes_where_it_stopped(image_folder, tmp_p
     assert resumed.losses == uninterrupted.losses
     for key, value in uninterrupted.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+    monkeypatch.setattr(calibration, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings)
+    monkeypatch.setattr(calibration, "_step", step)
     with pytest.raises(ValueError, match="other settings"):
-        (tmp_path / "resumed" / STATE_FILE).write_bytes((tmp_path / "full" / "config.json").read_bytes())
-        torch.save({"settings": {}}, tmp_path / "resumed" / STATE_FILE)
-        calibrate(tiny("classification"), image_folder, tmp_path / "resumed", progress=False, **settings)
+        calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **{**settings, "seed": 1})
 
 
 def tiny_vit_backbone(path):

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.image_processing_base import ImageProcessingMixin
 
@@ -48,7 +50,7 @@ from .models.cropr_vit.modeling_cropr_vit import (
 )
 from .tools.argtypes import bounded_int, output_dir, parse_image_size, parse_schedule
 
-STATE_FILE = "calibration_state.pt"
+STATE_FILE = "calibration_state.safetensors"
 """Written into the output folder every `save_steps` steps, and removed once the calibrated checkpoint is saved."""
 SUMMARY_FILE = "calibration.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -374,15 +376,7 @@ def calibrate(
     state_path = Path(output_dir) / STATE_FILE if output_dir is not None else None
     start, losses = 0, []
     if resume and state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        if state["settings"] != settings:
-            raise ValueError(
-                f"{state_path} holds an interrupted calibration with other settings ({state['settings']}, now "
-                f"{settings}): pass resume=False (--no-resume) to start over"
-            )
-        routers.load_state_dict(state["routers"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = state["step"], state["losses"]
+        start, losses = _load_state(state_path, settings, routers, optimizer)
 
     started = time.perf_counter()
     bar = _progress_bar(total_steps, start, progress)
@@ -392,9 +386,7 @@ def calibrate(
             bar.update(1)
             bar.set_postfix(aux_loss=f"{losses[-1]:.4f}")
             if state_path is not None and (step + 1) % save_steps == 0 and step + 1 < total_steps:
-                state_path.parent.mkdir(parents=True, exist_ok=True)
-                state = {"settings": settings, "routers": routers.state_dict(), "optimizer": optimizer.state_dict()}
-                torch.save({**state, "step": step + 1, "losses": losses}, state_path)
+                _save_state(state_path, settings, routers, optimizer, step + 1, losses)
     bar.close()
     seconds = time.perf_counter() - started
 
@@ -423,6 +415,43 @@ def calibrate(
         if state_path.is_file():
             state_path.unlink()
     return result
+
+
+def _save_state(
+    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list
+) -> None:
+    """The Cropr modules and the optimizer after `step` steps, in a safetensors file, written atomically."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"routers.{key}": value.contiguous() for key, value in routers.state_dict().items()}
+    for index, values in optimizer_state["state"].items():
+        tensors.update({f"optimizer.{index}.{name}": value.contiguous() for name, value in values.items()})
+    metadata = {"settings": settings, "step": step, "losses": losses, "param_groups": optimizer_state["param_groups"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, partial, metadata={"calibration": json.dumps(metadata)})
+    partial.replace(path)
+
+
+def _load_state(
+    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[float]]:
+    """Restore what [`_save_state`] wrote; returns the step to continue from and the losses so far."""
+    with safe_open(path, framework="pt") as state:
+        metadata = json.loads(state.metadata()["calibration"])
+        tensors = {key: state.get_tensor(key) for key in state.keys()}
+    if metadata["settings"] != settings:
+        raise ValueError(
+            f"{path} holds an interrupted calibration with other settings ({metadata['settings']}, now {settings}): "
+            "pass resume=False (--no-resume) to start over"
+        )
+    routers.load_state_dict({key[len("routers.") :]: value for key, value in tensors.items() if key[:8] == "routers."})
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": metadata["param_groups"]})
+    return metadata["step"], metadata["losses"]
 
 
 def _step(
