@@ -216,6 +216,7 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against measured images/s (left) and against the rate R (right, free of timing noise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,10 +225,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     table = summary(results)
     throughput = next(iter(results["seeds"].values()))["throughput"]
     styles = {"cropr": ("*-", 11), "random": ("o--", 6), "variance": ("^--", 6), "attention": ("D--", 6)}
-    figure, axis = plt.subplots(figsize=(7.0, 4.4))
+    figure, (by_speed, by_rate) = plt.subplots(1, 2, figsize=(11.0, 4.4))
     for selector, rows in table.items():
         rates = list(rows)
-        x = [throughput[selector][rate] for rate in rates]
         y = [100 * rows[rate]["median"] for rate in rates]
         errors = [
             [100 * (rows[r]["median"] - rows[r]["min"]) for r in rates],
@@ -235,15 +235,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ]
         fmt, size = styles.get(selector, ("o-", 6))
         label = "Cropr, calibrated without labels" if selector == "cropr" else selector
-        axis.errorbar(x, y, yerr=errors, fmt=fmt, markersize=size, capsize=3, label=label)
-        for rate, xi, yi in zip(rates, x, y, strict=True):
-            if selector == "cropr":
-                axis.annotate(f"R={rate}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=7)
-    axis.set_xlabel(f"eval images/s (batch {results['settings']['throughput_batch_size']}, CPU)")
-    axis.set_ylabel("top-1 accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower left")
-    axis.set_title("One frozen DINOv2-S/14, every pruning rate (median, bars: min-max over seeds)", fontsize=10)
+        x = [throughput[selector][rate] for rate in rates]
+        by_speed.errorbar(x, y, yerr=errors, fmt=fmt, markersize=size, capsize=3, label=label)
+        by_rate.errorbar([int(r) for r in rates], y, yerr=errors, fmt=fmt, markersize=size, capsize=3, label=label)
+        if selector == "cropr":
+            for rate, xi, yi in zip(rates, x, y, strict=True):
+                by_speed.annotate(f"R={rate}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    by_speed.set_xlabel(f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)")
+    by_rate.set_xlabel("pruning rate R (tokens removed after each of the 10 modules)")
+    for axis in (by_speed, by_rate):
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="lower left")
+    figure.suptitle("One frozen DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
