@@ -6,6 +6,7 @@ cropr info path/to/checkpoint --json    # ... of a saved checkpoint (or a config
 cropr visualize path/to/checkpoint cat.jpg dog.jpg --output-dir heatmaps
 cropr card path/to/checkpoint measurements.json
 cropr benchmark --help                  # delegates to cropr.tools.benchmark
+cropr calibrate path/to/checkpoint --images photos/ --output-dir calibrated   # label-free router training
 cropr convert facebook/dinov2-small --task image-classification --num-labels 10 --output-dir dinov2-cropr
 cropr demo path/to/checkpoint           # interactive page on http://127.0.0.1:7860 (needs `pip install "cropr[demo]"`)
 ```
@@ -47,6 +48,11 @@ DELEGATED = {
         "cropr.tools.benchmark",
         "main",
         "throughput of pruned vs unpruned models (see `cropr benchmark --help`)",
+    ),
+    "calibrate": (
+        "cropr.calibration",
+        "main",
+        "train only the Cropr modules of a frozen model on its own predictions, without labels",
     ),
 }
 

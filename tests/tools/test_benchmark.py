@@ -236,3 +236,39 @@ def test_ideal_routing_output_depends_on_every_block():
             layer.mlp.fc2.bias.add_(1.0)
             assert not torch.equal(ideal(pixel_values).last_hidden_state, before)
             layer.mlp.fc2.bias.sub_(1.0)
+
+
+QUICK_RATES = ["--device", "cpu", "--dtypes", "fp32", "--batch-sizes", "2", "--repeats", "2", "--warmup", "1"]
+QUICK_RATES += ["--min-time", "0", "--threads", "1", "--quiet"]
+
+
+def test_a_checkpoint_is_timed_at_each_pruning_rate(tmp_path, capsys):
+    from conftest import build_tiny
+
+    build_tiny("classification", pruning_schedule=[3, 2, 0, 0]).save_pretrained(tmp_path / "checkpoint")
+    output = tmp_path / "rates.json"
+    argv = [str(tmp_path / "checkpoint"), "--pruning-rates", "5,0,2", *QUICK_RATES, "--output", str(output)]
+    assert main(argv) == 0
+    report = json.loads(output.read_text())
+    assert list(report["rates"]) == ["R=0", "R=2", "R=5"]
+    assert report["rates"]["R=5"]["token_counts"] == [17, 11, 6, 17]
+    assert report["rates"]["R=0"]["flop_ceiling"] == 1.0
+    (entry,) = report["inference"]
+    assert entry["variants"]["R=0"]["speedup"] == 1.0 and entry["variants"]["R=5"]["throughput"] > 0
+    assert "R=5" in capsys.readouterr().out
+    assert parse_args([str(tmp_path / "checkpoint"), "--device", "cpu"]).pruning_rates == [0, 3]
+
+
+def test_a_rate_the_checkpoint_cannot_run_fails_in_one_line(tmp_path, capsys):
+    from conftest import build_tiny
+
+    build_tiny("classification", pruning_schedule=[3, 0, 0, 0]).save_pretrained(tmp_path / "checkpoint")
+    assert main([str(tmp_path / "checkpoint"), "--pruning-rates", "0,2", *QUICK_RATES]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("cropr benchmark: error: --pruning-rates 2:") and "modules after blocks [0]" in error
+    with pytest.raises(SystemExit):
+        main(["--pruning-rates", "0,2", *QUICK_RATES])
+    assert "--pruning-rates times a checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing"), *QUICK_RATES])
+    assert "does not exist" in capsys.readouterr().err

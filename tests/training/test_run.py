@@ -221,3 +221,19 @@ def test_a_diverged_run_fails_and_keeps_the_previous_output(tmp_path, task):
     assert (tmp_path / "model.safetensors").read_bytes() == b"earlier weights"
     assert (tmp_path / "preprocessor_config.json").read_text() == "{}"
     assert not (tmp_path / "config.json").exists()
+
+
+def test_elastic_training_draws_fractions_and_reports_the_metric_at_several_rates(tmp_path, monkeypatch):
+    fractions = record_calls(monkeypatch, CroprViTPreTrainedModel, "set_pruning_fraction")
+    results = run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path), "--elastic_pruning", "0.5"])
+    drawn = fractions[:-1]  # the last call puts the target schedule back at the end of training
+    assert len(drawn) == 4 and all(0.5 <= fraction < 1.0 for fraction in drawn) and fractions[-1] == 1.0
+    # The tiny preset prunes 4 (R=3, +1 for CLS) and 3 tokens; evaluated at half and three quarters of that.
+    assert [entry["fraction"] for entry in results["elastic"]] == [0.5, 0.75]
+    assert [entry["pruning_schedule"] for entry in results["elastic"]] == [[2, 2, 0, 0], [3, 2, 0, 0]]
+    assert all(0.0 <= entry["metric"] <= 1.0 and entry["throughput"] > 0 for entry in results["elastic"])
+    with pytest.raises(ValueError, match=r"--elastic_pruning is the lowest pruning fraction drawn, in \[0, 1\)"):
+        run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path / "bad"), "--elastic_pruning", "1"])
+    with pytest.raises(ValueError, match="--elastic_pruning would be ignored"):
+        argv = ["--output_dir", str(tmp_path / "bad"), "--token_selector", "none", "--elastic_pruning", "0.5"]
+        run("image-classification", TINY_RUN + argv)

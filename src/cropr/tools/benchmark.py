@@ -18,6 +18,9 @@ the auxiliary heads cost in training. `ideal` splits the gap between the measure
 speedup over `none` is what the blocks allow on this machine (short sequences use the hardware less well than their
 FLOP count says), and `time(cropr) / time(ideal) - 1` is what routing costs.
 
+Given a checkpoint (`cropr benchmark CHECKPOINT --pruning-rates 0,4,8,16`), it times that model instead, once per
+pruning rate (`set_pruning_rate`, the same weights), interleaved in the same way.
+
 Run `python scripts/benchmark.py --help`; the numbers of the project's README come from
 `python scripts/benchmark.py --preset vit-b16 --output results.json` on a quiet machine.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -117,6 +121,8 @@ class BenchmarkOptions:
 
     preset: str = "vit-b16"
     overrides: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    pruning_rates: list[int] = field(default_factory=list)
     device: str = "cpu"
     dtypes: list[str] = field(default_factory=lambda: ["fp32"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -697,6 +703,103 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
     return report
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# One checkpoint at several pruning rates
+# ----------------------------------------------------------------------------------------------------------------------
+def rate_variants(checkpoint: str, rates: Sequence[int]) -> dict[int, nn.Module]:
+    """The checkpoint's model (eval mode) once per pruning rate, each a copy run at that rate.
+
+    Raises:
+        ValueError: for a rate the checkpoint cannot run (a schedule that removes every patch, or that needs a Cropr
+            module the checkpoint lacks), naming it.
+    """
+    from ..cli import load_checkpoint
+
+    model = load_checkpoint(checkpoint)
+    variants = {}
+    for rate in rates:
+        try:
+            variants[rate] = copy.deepcopy(model).set_pruning_rate(rate).eval()
+        except ValueError as error:
+            raise ValueError(f"--pruning-rates {rate}: {error}") from None
+    return variants
+
+
+def benchmark_pruning_rates(options: BenchmarkOptions) -> dict[str, Any]:
+    """Throughput of `options.checkpoint` at each of `options.pruning_rates`, timed interleaved per dtype and batch
+    size, with each rate's token counts, analytic FLOP ceiling and speedup over the lowest rate."""
+    device = torch.device(options.device)
+    if device.type == "cpu":
+        torch.set_num_threads(options.threads or available_cores())
+    elif options.threads:
+        torch.set_num_threads(options.threads)
+    rates = sorted(set(options.pruning_rates))
+    variants = rate_variants(options.checkpoint, rates)
+    configs = {rate: model.config for rate, model in variants.items()}
+    config = configs[rates[0]]
+    for model in variants.values():
+        model.to(device)
+    height, width = config.image_size_hw
+    steps_by_name = {f"R={rate}": model for rate, model in variants.items()}
+    entries = []
+    for dtype_name in options.dtypes:
+        for batch_size in options.batch_sizes:
+
+            def progress(message: str, dtype_name=dtype_name, batch_size=batch_size) -> None:
+                log(f"{dtype_name} batch {batch_size}: {message}", options.quiet)
+
+            generator = torch.Generator().manual_seed(options.seed + batch_size)
+            pixel_values = torch.randn(batch_size, config.num_channels, height, width, generator=generator).to(device)
+            steps = {
+                name: _inference_step(model, pixel_values, device, dtype_name) for name, model in steps_by_name.items()
+            }
+            samples = interleaved_timings(
+                steps, device, options.warmup, options.repeats, options.min_time, progress=progress
+            )
+            results = {name: timing_summary(samples[name], batch_size) for name in steps}
+            slowest = results[f"R={rates[0]}"]["throughput"]
+            for result in results.values():
+                result["speedup"] = result["throughput"] / slowest
+            entries.append({"dtype": dtype_name, "batch_size": batch_size, "variants": results})
+    return {
+        "checkpoint": str(options.checkpoint),
+        "description": f"{options.checkpoint} at pruning rates {rates}",
+        "rates": {
+            f"R={rate}": {
+                "pruning_rate": rate,
+                "token_counts": rate_config.token_counts(),
+                "flop_ceiling": rate_config.flop_ceiling(),
+            }
+            for rate, rate_config in configs.items()
+        },
+        "options": asdict(options),
+        "environment": environment(options, device),
+        "inference": entries,
+    }
+
+
+def format_rates_report(report: dict[str, Any]) -> str:
+    """The human-readable table of a [`benchmark_pruning_rates`] report."""
+    env = report["environment"]
+    lines = [
+        f"CroprViT benchmark — {report['description']}",
+        f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_model']}, "
+        f"{env['torch_threads']} thread(s), device {env['device']}",
+        "",
+    ]
+    for name, rate in report["rates"].items():
+        lines.append(f"{name:>6}: tokens per block {rate['token_counts']}, FLOP ceiling {rate['flop_ceiling']:.3f}x")
+    lines += ["", f"{'dtype':<5} {'batch':>5} {'rate':>6} {'img/s':>10} {'speedup':>8} {'x ceil':>7}"]
+    for entry in report["inference"]:
+        for name, result in entry["variants"].items():
+            ceiling = report["rates"][name]["flop_ceiling"]
+            lines.append(
+                f"{entry['dtype']:<5} {entry['batch_size']:>5} {name:>6} {result['throughput']:>10.2f} "
+                f"{result['speedup']:>7.3f}x {result['speedup'] / ceiling:>7.3f}"
+            )
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable table of a report."""
     env = report["environment"]
@@ -793,7 +896,15 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser = argparse.ArgumentParser(
         prog="cropr-benchmark",
         description="Throughput / latency / FLOPs of CroprViT (none, random, cropr) vs transformers' ViT, DINOv2, "
-        "DINOv3 or SigLIP.",
+        "DINOv3 or SigLIP; or, given a checkpoint, its throughput at each of --pruning-rates.",
+    )
+    parser.add_argument(
+        "checkpoint", nargs="?", help="a saved CroprViT checkpoint folder to time at each of --pruning-rates"
+    )
+    parser.add_argument(
+        "--pruning-rates",
+        type=int_list(0),
+        help="with CHECKPOINT: comma list of pruning rates to time it at (default: 0 and its own rate)",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -867,9 +978,16 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     ):
         if value is not None:
             overrides[key] = value
+    if args.pruning_rates is not None and args.checkpoint is None:
+        parser.error(
+            "--pruning-rates times a checkpoint: give its folder, e.g. `cropr benchmark CHECKPOINT "
+            "--pruning-rates 0,4,8`"
+        )
     options = BenchmarkOptions(
         preset=args.preset,
         overrides=overrides,
+        checkpoint=args.checkpoint,
+        pruning_rates=args.pruning_rates or [],
         device=device,
         dtypes=args.dtypes or (["fp32", "bf16", "fp16"] if gpu else ["fp32", "bf16"]),
         batch_sizes=args.batch_sizes or ([1, 8, 32, 64] if gpu else [1, 8, 32]),
@@ -892,10 +1010,35 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         markdown=None if args.markdown is None else str(args.markdown),
     )
     try:
-        check_options(options)
+        if options.checkpoint is None:
+            check_options(options)
+        else:
+            check_checkpoint_options(options)
     except (ValueError, StrictDataclassError) as error:
         parser.error(" ".join(str(error).split()))
     return options
+
+
+def check_checkpoint_options(options: BenchmarkOptions) -> None:
+    """Check a checkpoint timing request before any model loads, and fill in the default rates (0 and the
+    checkpoint's own).
+
+    Raises:
+        ValueError: for a missing checkpoint, a dtype or device this machine cannot run.
+    """
+    from ..cli import CliError, load_checkpoint_config
+
+    try:
+        config = load_checkpoint_config(options.checkpoint)
+    except CliError as error:
+        raise ValueError(str(error)) from None
+    unknown = [name for name in options.dtypes if name not in DTYPES]
+    if unknown:
+        raise ValueError(f"Unknown dtypes {unknown}; choose from {sorted(DTYPES)}.")
+    if check_device(options.device).type == "cpu" and "fp16" in options.dtypes:
+        raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU.")
+    if not options.pruning_rates:
+        options.pruning_rates = sorted({0, config.pruning_rate})
 
 
 def format_markdown(report: dict[str, Any], command: str) -> str:
@@ -913,7 +1056,7 @@ def format_markdown(report: dict[str, Any], command: str) -> str:
             + f" on {os.cpu_count()} cores.",
             "",
             "```",
-            format_report(report),
+            format_rates_report(report) if "rates" in report else format_report(report),
             "```",
             "",
         ]
@@ -925,8 +1068,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     section to `--markdown`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     options = parse_args(argv)
-    report = run_benchmark(options)
-    print(format_report(report))
+    if options.checkpoint is not None:
+        try:
+            report = benchmark_pruning_rates(options)
+        except ValueError as error:
+            print(f"cropr benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 1
+        print(format_rates_report(report))
+    else:
+        report = run_benchmark(options)
+        print(format_report(report))
     if options.output:
         with open(options.output, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)

@@ -89,6 +89,14 @@ class PruningArguments:
         metadata={"help": "Share of training over which R rises from 0 (0 = off; default 0.5 for segmentation)."},
     )
     curriculum_per_epoch: bool = field(default=False, metadata={"help": "Step the curriculum once per epoch."})
+    elastic_pruning: float | None = field(
+        default=None,
+        metadata={
+            "help": "Elastic training: after the curriculum, each step prunes a fraction of the schedule drawn "
+            "uniformly from [this value, 1] (reproducible from --seed), so one checkpoint serves that range of "
+            "rates (`set_pruning_rate`); the final report gives the metric at several of them. In [0, 1)."
+        },
+    )
 
     def config_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {
@@ -229,6 +237,15 @@ def check_argument_conflicts(
         raise RunError(f"--curriculum_ramp is a share of training, from 0 (no curriculum) to 1; got {ramp}")
     if pruning_args.curriculum_per_epoch and ramp == 0:
         raise RunError("--curriculum_per_epoch steps a curriculum, but --curriculum_ramp is 0 (no curriculum)")
+    if pruning_args.elastic_pruning is not None:
+        if not 0.0 <= pruning_args.elastic_pruning < 1.0:
+            raise RunError(
+                f"--elastic_pruning is the lowest pruning fraction drawn, in [0, 1); got {pruning_args.elastic_pruning}"
+            )
+        if pruning_args.token_selector == "none":
+            raise RunError("--token_selector none prunes nothing, so --elastic_pruning would be ignored")
+        if not do_train:
+            raise RunError("--elastic_pruning varies the pruning while training, but this run does not train")
     if not do_train and resume_from_checkpoint:
         raise RunError("--resume_from_checkpoint continues training, but this run does not train (--do_train)")
     if overwrite_output_dir and resume_from_checkpoint:

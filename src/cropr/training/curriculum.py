@@ -1,9 +1,11 @@
-"""The pruning curriculum as a `TrainerCallback`: the tokens removed (R) grow linearly from none to the target."""
+"""The pruning curriculum as a `TrainerCallback`: the tokens removed (R) grow linearly from none to the target, and
+then, for elastic training, vary from step to step."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
@@ -14,19 +16,45 @@ class PruningCurriculumCallback(TrainerCallback):
     `linspace(0, R, epochs / 2)`), so a run resumed from a checkpoint continues exactly where it stopped. Only
     training forwards are affected: evaluation always runs the target schedule.
 
+    Elastic training (`elastic_min_fraction`): once the ramp is over, every step draws its fraction uniformly from
+    `[elastic_min_fraction, 1]`, so that one checkpoint learns to run at every rate in that range (its routers only
+    rank tokens; the backbone and head learn to cope with fewer of them). The draw is a pure function of `seed` and
+    the step, so it is reproducible, identical on every process of a distributed run, and a resumed run draws what
+    an uninterrupted one would.
+
     Args:
         ramp_fraction: share of the training steps over which the pruning rises; 0 disables the curriculum.
         per_epoch: step the fraction once per epoch instead of every optimizer step.
+        elastic_min_fraction: lowest pruning fraction of elastic training, in [0, 1); `None` trains the target only.
+        seed: seed of the elastic draws.
     """
 
-    def __init__(self, ramp_fraction: float = 0.5, per_epoch: bool = False):
+    def __init__(
+        self,
+        ramp_fraction: float = 0.5,
+        per_epoch: bool = False,
+        elastic_min_fraction: float | None = None,
+        seed: int = 0,
+    ):
         if not 0.0 <= ramp_fraction <= 1.0:
             raise ValueError(f"`ramp_fraction` must be in [0, 1], got {ramp_fraction}")
+        if elastic_min_fraction is not None and not 0.0 <= elastic_min_fraction < 1.0:
+            raise ValueError(f"`elastic_min_fraction` must be in [0, 1), got {elastic_min_fraction}")
         self.ramp_fraction = ramp_fraction
         self.per_epoch = per_epoch
+        self.elastic_min_fraction = elastic_min_fraction
+        self.seed = seed
 
     def fraction_at(self, state: TrainerState) -> float:
         """Pruning fraction for the next training step."""
+        fraction = self.curriculum_fraction_at(state)
+        if fraction < 1.0 or self.elastic_min_fraction is None:
+            return fraction
+        draw = np.random.default_rng([self.seed, state.global_step]).random()
+        return self.elastic_min_fraction + (1.0 - self.elastic_min_fraction) * float(draw)
+
+    def curriculum_fraction_at(self, state: TrainerState) -> float:
+        """The ramp's fraction for the next training step (1 once it is over)."""
         if self.ramp_fraction == 0.0:
             return 1.0
         if self.per_epoch:

@@ -12,6 +12,7 @@ with status 1; [`run`] raises it, for use from Python.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, set_seed
 
+from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..tools.timing import measure_throughput
 from . import metrics
 from .arguments import (
@@ -107,8 +109,15 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     ramp = task.default_curriculum if pruning_args.curriculum_ramp is None else pruning_args.curriculum_ramp
     callbacks = [EpochCallback(train_dataset)]
-    if ramp > 0:
-        callbacks.append(PruningCurriculumCallback(ramp, per_epoch=pruning_args.curriculum_per_epoch))
+    if ramp > 0 or pruning_args.elastic_pruning is not None:
+        callbacks.append(
+            PruningCurriculumCallback(
+                ramp,
+                per_epoch=pruning_args.curriculum_per_epoch,
+                elastic_min_fraction=pruning_args.elastic_pruning,
+                seed=training_args.seed,
+            )
+        )
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -130,7 +139,9 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {
         "train": train_metrics,
         "eval": eval_metrics,
-        **final_report(task, trainer, eval_metrics, dataset["validation"], eval_transform, data_args),
+        **final_report(
+            task, trainer, eval_metrics, dataset["validation"], eval_transform, data_args, pruning_args.elastic_pruning
+        ),
     }
 
 
@@ -165,21 +176,33 @@ def final_report(
     eval_split,
     eval_transform: Callable,
     data_args: DataArguments,
+    elastic_min_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Compare with pruning off at the same weights, save the stripped checkpoint, print a table.
 
-    Runs on every process (evaluation and saving are collective under DDP); rank 0 alone times and prints.
+    After elastic training, the metric and throughput are also reported at lighter schedules of the range it
+    trained (`elastic_eval_fractions`). Runs on every process (evaluation and saving are collective under DDP); rank
+    0 alone times and prints.
     """
     model = trainer.model.eval()
     unpruned = model.with_token_selector("none")
     metric_key = f"eval_{task.main_metric}"
-    unpruned_metrics = Trainer(
-        model=unpruned,
-        args=trainer.args,
-        eval_dataset=eval_split.with_transform(eval_transform),
-        compute_metrics=trainer.compute_metrics,
-        processing_class=trainer.processing_class,
-    ).evaluate()
+
+    def evaluate(variant: torch.nn.Module) -> dict[str, float]:
+        return Trainer(
+            model=variant,
+            args=trainer.args,
+            eval_dataset=eval_split.with_transform(eval_transform),
+            compute_metrics=trainer.compute_metrics,
+            processing_class=trainer.processing_class,
+        ).evaluate()
+
+    unpruned_metrics = evaluate(unpruned)
+    lighter = {}
+    if elastic_min_fraction is not None:
+        for fraction in elastic_eval_fractions(elastic_min_fraction)[:-1]:
+            variant = copy.deepcopy(model).set_pruning_schedule(schedule_at_fraction(model.config, fraction))
+            lighter[fraction] = (variant, evaluate(variant)[metric_key])
     trainer.model = model.strip_training_modules()
     output_dir = Path(trainer.args.output_dir)
     trainer.save_model(str(output_dir))  # the stripped model, with the image processor beside it
@@ -189,7 +212,12 @@ def final_report(
         return {}
 
     pixel_values = eval_pixel_values(eval_split, eval_transform, data_args.throughput_batch_size).to(model.device)
-    throughputs = measure_throughput({"pruned": model, "unpruned": unpruned}, pixel_values)
+    variants = {
+        "pruned": model,
+        "unpruned": unpruned,
+        **{fraction: variant for fraction, (variant, _) in lighter.items()},
+    }
+    throughputs = measure_throughput(variants, pixel_values)
 
     speedup = throughputs["pruned"] / throughputs["unpruned"]
     rows = [
@@ -197,6 +225,19 @@ def final_report(
         ("pruned (CroprViT)", f"{eval_metrics[metric_key]:.4f}", f"{throughputs['pruned']:.1f}"),
         ("pruning off", f"{unpruned_metrics[metric_key]:.4f}", f"{throughputs['unpruned']:.1f}"),
         ("speedup", "", f"{speedup:.2f}x (FLOP ceiling {model.config.flop_ceiling():.2f}x)"),
+    ]
+    elastic = [
+        {
+            "fraction": fraction,
+            "pruning_schedule": variant.config.effective_pruning_schedule,
+            "metric": metric,
+            "throughput": throughputs[fraction],
+        }
+        for fraction, (variant, metric) in lighter.items()
+    ]
+    rows += [
+        (f"pruned at {entry['fraction']:.2f} of the schedule", f"{entry['metric']:.4f}", f"{entry['throughput']:.1f}")
+        for entry in elastic
     ]
     print("\n" + report_table(rows))
     print(f"\nStripped inference checkpoint and image processor saved to {output_dir.resolve()}")
@@ -206,8 +247,20 @@ def final_report(
         "unpruned_metric": unpruned_metrics[metric_key],
         "throughput": throughputs,
         "speedup": speedup,
+        "elastic": elastic,
         "output_dir": str(output_dir),
     }
+
+
+def elastic_eval_fractions(min_fraction: float) -> list[float]:
+    """The fractions of the schedule that an elastic run is evaluated at: its lowest, the middle and the full one."""
+    return sorted({min_fraction, (min_fraction + 1.0) / 2, 1.0})
+
+
+def schedule_at_fraction(config: CroprViTConfig, fraction: float) -> list[int]:
+    """The schedule that removes `fraction` of each module's tokens: what training at that fraction ran, at the
+    configured image size (`CroprViTConfig.patch_keep_counts`)."""
+    return [round(count * fraction) for count in config.effective_pruning_schedule]
 
 
 def main(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """CroprViT model configuration: a ViT backbone plus a Token Cropr pruning schedule."""
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -46,6 +47,7 @@ STRUCTURAL_FIELDS = (
     "classifier_norm",
     "pruning_rate",
     "pruning_schedule",
+    "router_blocks",
     "last_layer_fusion",
     "token_selector",
     "num_queries",
@@ -174,6 +176,11 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
             Explicit tokens removed after each block (one entry per block, 0 = no module there); overrides
             `pruning_rate`. A stage schedule such as "50 after blocks 6, 12, 18" of a 24-block model is
             `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
+        router_blocks (`list[int]`, *optional*):
+            Blocks followed by a Cropr module (learned selectors); `None` means the blocks the schedule prunes after.
+            Set when a model runs a lighter schedule than its modules serve (`set_pruning_rate(0)`, or
+            `from_pretrained(path, pruning_rate=0)`), so that the unused modules are kept, saved and available to a
+            heavier schedule again. Every block the schedule prunes after must have one.
         last_layer_fusion (`bool`, *optional*, defaults to `True`):
             Restore every set-aside token before the last block, so the output is the full token map in raster order.
         token_selector (`str`, *optional*, defaults to `"cropr"`):
@@ -279,6 +286,7 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
 
     pruning_rate: int = 16
     pruning_schedule: list[int] | None = None
+    router_blocks: list[int] | None = None
     last_layer_fusion: bool = True
     token_selector: str = "cropr"
     num_queries: int = 1
@@ -340,6 +348,7 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        config._keep_routers_for_lighter_schedule(config_dict, kwargs)
         config.check_values()
         if return_unused_kwargs:
             # The caller (a model's `from_pretrained`) takes the other keys as its own options.
@@ -347,6 +356,22 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
             return config, unused
         warn_unknown_config_keys(unused, "the override is ignored")
         return config
+
+    def _keep_routers_for_lighter_schedule(self, saved: dict, overrides: dict) -> None:
+        """Set `router_blocks` to the saved config's Cropr modules when `overrides` choose a schedule that prunes
+        after fewer of their blocks (the speed dial: `from_pretrained(path, pruning_rate=0)`), so the model keeps
+        them. A schedule needing a module the saved config lacks builds the new schedule's modules, as before."""
+        changed = [name for name in ("pruning_rate", "pruning_schedule", "last_layer_fusion") if name in overrides]
+        if not changed or "router_blocks" in overrides:
+            return
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        saved_config = copy.deepcopy(self)
+        for name in changed:
+            setattr(saved_config, name, saved.get(name, defaults[name]))
+        saved_blocks = saved_config.blocks_with_routers
+        self.router_blocks = None
+        if set(self.pruning_blocks) <= set(saved_blocks) and self.pruning_blocks != saved_blocks:
+            self.router_blocks = saved_blocks
 
     # ----------------------------------------------------------------------------------------------------------
     # Geometry and schedule
@@ -410,6 +435,14 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
     def pruning_blocks(self) -> list[int]:
         """Indices of the blocks followed by a pruning module."""
         return [block for block, count in enumerate(self.effective_pruning_schedule) if count > 0]
+
+    @property
+    def blocks_with_routers(self) -> list[int]:
+        """Blocks followed by a Cropr module: `router_blocks`, else the pruning blocks; none for the selectors that
+        have no parameters."""
+        if self.token_selector not in LEARNED_SELECTORS:
+            return []
+        return sorted(self.router_blocks) if self.router_blocks is not None else self.pruning_blocks
 
     def patch_keep_counts(self, num_patches: int | None = None, fraction: float = 1.0) -> list[int]:
         """Patch tokens left after each block's module (CLS not counted).
@@ -529,6 +562,7 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"`pruning_rate` must be >= 0, got {self.pruning_rate}.")
         self._check_aux_ignored_labels()
         self._check_schedule()
+        self._check_router_blocks()
 
     def check_pruning_rate_is_used(self) -> None:
         """Raise a `ValueError` when a positive `pruning_rate` removes no token.
@@ -588,6 +622,27 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"`aux_ignored_labels` {list(self.aux_ignored_labels)} ignores all {self.num_labels} classes: the "
                 "Cropr modules would learn nothing."
+            )
+
+    def _check_router_blocks(self) -> None:
+        if self.router_blocks is None:
+            return
+        depth = self.num_hidden_layers
+        outside = [block for block in self.router_blocks if not 0 <= block < depth - 1]
+        if outside or len(set(self.router_blocks)) != len(self.router_blocks):
+            raise ValueError(
+                f"`router_blocks` must be distinct block indices in [0, {depth - 2}] (no module follows the last "
+                f"block), got {list(self.router_blocks)}."
+            )
+        if self.token_selector not in LEARNED_SELECTORS:
+            return
+        lacking = sorted(set(self.pruning_blocks) - set(self.router_blocks))
+        if lacking:
+            raise ValueError(
+                f"The pruning schedule {self.effective_pruning_schedule} prunes after blocks {lacking}, which have "
+                f"no Cropr module: this model has modules after blocks {sorted(self.router_blocks)} only. Choose a "
+                "schedule that prunes only there, or train modules for those blocks (load the checkpoint with "
+                "`router_blocks=None` and the new schedule, then fine-tune)."
             )
 
     def _check_schedule(self) -> None:

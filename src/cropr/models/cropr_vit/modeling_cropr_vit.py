@@ -459,10 +459,11 @@ def structural_change_hint(name: str) -> str:
         return "`model.with_token_selector(...)` gives the same weights with another selector"
     if name == "inference_only":
         return "`model.strip_training_modules()` removes the training modules"
-    if name in ("pruning_rate", "pruning_schedule"):
+    if name in ("pruning_rate", "pruning_schedule", "router_blocks"):
         return (
-            "`model.set_pruning_fraction(...)` scales every module's removal while training; another schedule needs "
-            f"a model built for it, e.g. `from_pretrained(path, {name}=...)`"
+            "`model.set_pruning_rate(...)` or `model.set_pruning_schedule(...)` run the model at another schedule "
+            "that its Cropr modules serve; a schedule needing new modules needs a model built for it, e.g. "
+            "`from_pretrained(path, pruning_schedule=...)`"
         )
     return f"build a model for it: `from_pretrained(path, {name}=...)`, or the model class on a new config"
 
@@ -506,7 +507,7 @@ def untrained_router_error(
     untrained = sorted(router_blocks(missing_keys))
     if not untrained:
         return None
-    available = sorted((set(model.config.pruning_blocks) - set(untrained)) | router_blocks(unexpected_keys))
+    available = sorted((set(model.config.blocks_with_routers) - set(untrained)) | router_blocks(unexpected_keys))
     alternative = (
         f"or a schedule that prunes only after blocks {available}, which have one"
         if available
@@ -616,6 +617,41 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"pruning fraction must be in [0, 1], got {fraction}")
         self.base_model.pruning_fraction = float(fraction)
+
+    def set_pruning_rate(self, pruning_rate: int) -> "CroprViTPreTrainedModel":
+        """Run the per-block schedule that removes `pruning_rate` tokens after each module (0 = no pruning), with the
+        modules this model has: the speed dial of a trained checkpoint. See [`set_pruning_schedule`]."""
+        return self._set_schedule(pruning_rate=pruning_rate, pruning_schedule=None)
+
+    def set_pruning_schedule(self, pruning_schedule: list[int]) -> "CroprViTPreTrainedModel":
+        """Run another schedule (tokens removed after each block, one entry per block) with the same weights.
+
+        Cropr modules only rank tokens, so one trained module serves any count. The new schedule may prune after
+        the blocks that have a module (`config.blocks_with_routers`), or fewer of them: unused modules are kept
+        (`config.router_blocks`) and saved, so a heavier schedule can be set again later. A schedule pruning after a
+        block without a module raises a `ValueError` naming the blocks that have one. The config records the new
+        schedule, so `save_pretrained` writes a checkpoint that runs at it.
+        """
+        return self._set_schedule(pruning_rate=self.config.pruning_rate, pruning_schedule=list(pruning_schedule))
+
+    def _set_schedule(self, pruning_rate: int, pruning_schedule: list[int] | None) -> "CroprViTPreTrainedModel":
+        self.check_config()
+        selector = self.base_model.token_selector
+        module_blocks = sorted(int(block) for block in selector.routers) if selector.routers is not None else None
+        candidate = copy.deepcopy(self.config)
+        candidate.pruning_rate = pruning_rate
+        candidate.pruning_schedule = pruning_schedule
+        if module_blocks is not None:
+            candidate.router_blocks = module_blocks
+            if candidate.pruning_blocks == module_blocks:
+                candidate.router_blocks = None
+        candidate.check_values()
+        self._check_task_config(candidate)
+        for name in ("pruning_rate", "pruning_schedule", "router_blocks"):
+            setattr(self.config, name, getattr(candidate, name))
+        self.base_model.pruning_blocks = frozenset(self.config.pruning_blocks)
+        self._record_config()
+        return self
 
     def strip_training_modules(self) -> "CroprViTPreTrainedModel":
         """Remove every training-only parameter (queries, aggregators, auxiliary heads) for an inference checkpoint.

@@ -138,7 +138,7 @@ class TokenSelector(nn.Module):
         self.pool_from_cls = config.pooling == "cls"
         self.generator: torch.Generator | None = None
         if self.selector in LEARNED_SELECTORS:
-            self.routers = nn.ModuleDict({str(block): CroprRouter(config) for block in config.pruning_blocks})
+            self.routers = nn.ModuleDict({str(block): CroprRouter(config) for block in config.blocks_with_routers})
         else:
             self.routers = None
 

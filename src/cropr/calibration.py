@@ -1,0 +1,570 @@
+"""Label-free calibration: train only the Cropr modules of a frozen model, on its own unpruned predictions.
+
+The routers of a CroprViT never change the backbone (they read its tokens through a stop-gradient), so they can be
+trained after the fact on a frozen model: each image runs once through the model with pruning off, under
+`torch.no_grad()`, and every Cropr module learns, through its auxiliary head, to predict from the tokens of its block
+what the whole model predicts (soft class probabilities for classification and multi-label, each patch's class
+probabilities for segmentation, the pooled embedding for a bare backbone), or the labels when the data has them. No
+backward pass enters the backbone or the head; their weights stay bit-identical. The result is saved as a stripped
+inference checkpoint.
+
+```python
+>>> from cropr.calibration import calibrate
+>>> result = calibrate("path/to/croprvit-checkpoint", "path/to/images", "calibrated", epochs=2)
+>>> result.model.set_pruning_rate(8)  # any rate its modules serve
+```
+
+`cropr calibrate SOURCE --images DIR_OR_DATASET --output-dir DIR` runs it from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoImageProcessor
+from transformers.image_processing_base import ImageProcessingMixin
+
+from .data.formats import IMAGE_COLUMNS
+from .data.images import to_rgb
+from .models.cropr_vit.configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
+from .models.cropr_vit.modeling_cropr_vit import (
+    CroprViTForSemanticSegmentation,
+    CroprViTModel,
+    CroprViTPreTrainedModel,
+)
+from .tools.argtypes import bounded_int, output_dir, parse_image_size, parse_schedule
+
+STATE_FILE = "calibration_state.safetensors"
+"""Written into the output folder every `save_steps` steps, and removed once the calibrated checkpoint is saved."""
+SUMMARY_FILE = "calibration.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Configuration fields that a calibration may change on a CroprViT source (which modules exist and where).
+SCHEDULE_FIELDS = ("pruning_rate", "pruning_schedule")
+
+
+@dataclass
+class CalibrationResult:
+    """What [`calibrate`] produced: the calibrated model (stripped, eval mode) and its image processor, what the
+    run did, and the mean auxiliary loss of its first and last tenth of steps."""
+
+    model: CroprViTPreTrainedModel
+    image_processor: ImageProcessingMixin
+    steps: int
+    num_images: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+    output_dir: str | None
+    losses: list[float] = field(default_factory=list, repr=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------------
+class CalibrationImages:
+    """Images (and optional labels) to calibrate on: a folder of image files (searched recursively), a `datasets`
+    `Dataset`, or the name of a dataset (Hub id or local folder of parquet / CSV / JSON files; its train split)."""
+
+    def __init__(self, images: str | os.PathLike | Any, label_column: str | None = None):
+        self.label_column = label_column
+        self.files: list[Path] | None = None
+        self.dataset = None
+        if isinstance(images, (str, os.PathLike)) and Path(images).is_dir() and _image_files(Path(images)):
+            if label_column is not None:
+                raise ValueError(f"{images} is a folder of image files, which has no label column {label_column!r}")
+            self.files = _image_files(Path(images))
+            return
+        if isinstance(images, (str, os.PathLike)):
+            from datasets import load_dataset
+
+            dataset = load_dataset(str(images))
+            if "train" not in dataset:
+                raise ValueError(f"the dataset {images} has no train split (splits: {list(dataset)})")
+            images = dataset["train"]
+        columns = list(getattr(images, "column_names", []))
+        image_column = next((name for name in IMAGE_COLUMNS if name in columns), None)
+        if image_column is None:
+            raise ValueError(f"found no images: the dataset has no column {IMAGE_COLUMNS} (columns: {columns})")
+        if label_column is not None and label_column not in columns:
+            raise ValueError(f"the dataset has no label column {label_column!r} (columns: {columns})")
+        self.dataset, self.image_column = images, image_column
+        if len(images) == 0:
+            raise ValueError("the dataset holds no images")
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.dataset)
+
+    def batch(self, indices: Sequence[int]) -> tuple[list[Image.Image], list | None]:
+        """The RGB images at `indices`, and their labels when a label column was given."""
+        if self.files is not None:
+            images = []
+            for index in indices:
+                with Image.open(self.files[index]) as image:
+                    images.append(to_rgb(image))
+            return images, None
+        rows = self.dataset[list(indices)]
+        images = [
+            to_rgb(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+            for image in rows[self.image_column]
+        ]
+        return images, (rows[self.label_column] if self.label_column else None)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model to calibrate
+# ----------------------------------------------------------------------------------------------------------------------
+def load_for_calibration(
+    source: str | os.PathLike | CroprViTPreTrainedModel,
+    task: str | None = None,
+    image_processor: ImageProcessingMixin | str | None = None,
+    **overrides: Any,
+) -> tuple[CroprViTPreTrainedModel, ImageProcessingMixin, dict[str, Any]]:
+    """The model whose Cropr modules [`calibrate`] trains, its image processor, and the schedule overrides left to
+    apply to it ([`with_training_modules`]).
+
+    `source` is a CroprViT model or checkpoint (its head is kept), or a ViT / DINOv2 backbone that `from_backbone`
+    converts (`task` must then be "feature-extraction": a converted backbone has no trained head whose predictions
+    could serve as targets). `overrides` are `pruning_rate` / `pruning_schedule`, and for a backbone any other
+    `from_backbone` option.
+    """
+    if isinstance(source, CroprViTPreTrainedModel):
+        model = source
+    elif AutoConfig.from_pretrained(source).model_type == CroprViTConfig.model_type:
+        from .cli import _model_class
+
+        model = _model_class(CroprViTConfig.from_pretrained(source)).from_pretrained(source)
+        image_processor = image_processor if image_processor is not None else source
+    else:
+        from .conversion import from_backbone
+
+        task = task or "feature-extraction"
+        if task != "feature-extraction":
+            raise ValueError(
+                f"{source} is a backbone: converted, its {task} head would be untrained, so its predictions cannot "
+                "teach the Cropr modules. Calibrate it as feature-extraction (targets: its pooled embedding), or "
+                "train a head first and calibrate that CroprViT checkpoint."
+            )
+        model, converted_processor = from_backbone(source, task, **overrides)
+        image_processor = image_processor if image_processor is not None else converted_processor
+        overrides = {}
+    if task is not None:
+        from .conversion import CONVERSION_TASKS
+
+        if not isinstance(model, CONVERSION_TASKS[task]):
+            raise ValueError(f"the source is a {type(model).__name__}, not a {task} model")
+    unknown = sorted(set(overrides) - set(SCHEDULE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{unknown} apply to a backbone being converted; a CroprViT source takes only {SCHEDULE_FIELDS}"
+        )
+    if model.config.token_selector not in LEARNED_SELECTORS:
+        raise ValueError(
+            f"the model's token selector {model.config.token_selector!r} has no Cropr modules to calibrate; convert "
+            'or load it with token_selector="cropr"'
+        )
+    if image_processor is None:
+        raise ValueError("pass the model's `image_processor` (a model object carries none)")
+    if isinstance(image_processor, (str, os.PathLike)):
+        image_processor = AutoImageProcessor.from_pretrained(image_processor)
+    return model, image_processor, overrides
+
+
+def with_training_modules(
+    model: CroprViTPreTrainedModel, overrides: dict[str, Any] | None = None
+) -> CroprViTPreTrainedModel:
+    """A copy of `model` with full Cropr modules, its own where it has them and fresh ones elsewhere (a stripped
+    model has only their aggregated queries), and the schedule `overrides`. A bare backbone's auxiliary heads
+    predict the pooled embedding, so they get one output per feature."""
+    overrides = overrides or {}
+    config_dict = {**model.config.to_dict(), **overrides, "inference_only": False}
+    if overrides:
+        config_dict["router_blocks"] = None
+    if isinstance(model, CroprViTModel):
+        config_dict.pop("id2label", None)
+        config_dict.pop("label2id", None)
+        config_dict["num_labels"] = model.config.hidden_size
+    variant = type(model)(CroprViTConfig.from_dict(config_dict))
+    own = variant.state_dict()
+    fitting = {key: value for key, value in model.state_dict().items() if key in own and own[key].shape == value.shape}
+    variant.load_state_dict(fitting, strict=False)
+    variant.refresh_routers()
+    return variant.to(device=model.device, dtype=model.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Targets and losses
+# ----------------------------------------------------------------------------------------------------------------------
+def problem_type(model: CroprViTPreTrainedModel) -> str:
+    """What a task head predicts, as transformers names it; "embedding" for a bare backbone."""
+    if isinstance(model, CroprViTModel):
+        return "embedding"
+    if isinstance(model, CroprViTForSemanticSegmentation):
+        return "segmentation"
+    if model.config.problem_type is not None:
+        return model.config.problem_type
+    return "regression" if model.config.num_labels == 1 else "single_label_classification"
+
+
+@torch.no_grad()
+def calibration_targets(
+    model: CroprViTPreTrainedModel, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None]:
+    """One forward pass of `model` with pruning off: (each block's output, the targets, the mask of targets to learn).
+
+    Targets are the model's own predictions (softmax or sigmoid probabilities of a classifier, per-patch class
+    probabilities of a segmenter, the pooled embedding of a bare backbone), or `labels` when given (class ids,
+    multi-hot rows, or segmentation maps). The mask, for segmentation, drops the patches whose target class is in
+    `aux_ignored_labels` (or whose label is the ignore index); `None` elsewhere.
+    """
+    with unpruned(model):
+        output = model(pixel_values, output_hidden_states=True)
+    config, kind = model.config, problem_type(model)
+    if kind == "embedding":
+        return output.hidden_states, output.pooler_output, None
+    if kind == "segmentation":
+        probabilities = output.logits.float().softmax(dim=1).flatten(2).transpose(1, 2)  # (B, patches, C)
+        if labels is None:
+            targets = probabilities
+            ignored = torch.tensor(config.aux_ignored_labels or [], device=targets.device)
+            mask = ~torch.isin(probabilities.argmax(-1), ignored)
+        else:
+            ignore_index = config.semantic_loss_ignore_index
+            patch_labels = model._patch_labels(labels, output.logits.shape[-2:], probabilities.shape[1], pixel_values)
+            patch_labels = patch_labels.view(probabilities.shape[:2])
+            mask = patch_labels != ignore_index
+            targets = F.one_hot(patch_labels.masked_fill(~mask, 0), config.num_labels).float()
+        return output.hidden_states, targets, mask
+    if kind == "regression":
+        return output.hidden_states, (output.logits if labels is None else labels.float()), None
+    if kind == "multi_label_classification":
+        return output.hidden_states, (output.logits.sigmoid() if labels is None else labels.float()), None
+    if labels is None:
+        return output.hidden_states, output.logits.float().softmax(dim=-1), None
+    return output.hidden_states, F.one_hot(labels.long(), config.num_labels).float(), None
+
+
+def auxiliary_loss(
+    model: CroprViTPreTrainedModel, aux_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """How far one Cropr module's auxiliary head `(B, num_queries, outputs)` is from the targets: the KL divergence
+    from the target class distribution (per patch for segmentation, over the unmasked patches; the cross-entropy for
+    labels), binary cross-entropy for multi-label, mean squared error for embeddings and regression. The divergence,
+    unlike the soft cross-entropy, is 0 for a head that matches the model, whatever the targets' own entropy."""
+    aux_logits, kind = aux_logits.float(), problem_type(model)
+    if kind == "segmentation":
+        per_patch = F.kl_div(aux_logits.log_softmax(dim=-1), targets, reduction="none").sum(dim=-1)
+        return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+    targets = targets.unsqueeze(1).expand_as(aux_logits)
+    if kind in ("embedding", "regression"):
+        return F.mse_loss(aux_logits, targets)
+    if kind == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(aux_logits, targets)
+    return F.kl_div(aux_logits.log_softmax(dim=-1), targets, reduction="none").sum(dim=-1).mean()
+
+
+@contextlib.contextmanager
+def unpruned(model: CroprViTPreTrainedModel) -> Iterator[CroprViTPreTrainedModel]:
+    """`model` with pruning off (its Cropr modules kept) inside the block, at its own schedule again after it."""
+    rate, schedule = model.config.pruning_rate, model.config.pruning_schedule
+    if not model.config.pruning_blocks:
+        yield model
+        return
+    model.set_pruning_rate(0)
+    try:
+        yield model
+    finally:
+        if schedule is None:
+            model.set_pruning_rate(rate)
+        else:
+            model.set_pruning_schedule(schedule)
+
+
+def _label_tensor(model: CroprViTPreTrainedModel, labels: list, image_processor, images) -> torch.Tensor:
+    if isinstance(model, CroprViTForSemanticSegmentation):
+        maps = [np.asarray(label) for label in labels]
+        return image_processor(images, segmentation_maps=maps, return_tensors="pt")["labels"].long()
+    return torch.tensor(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------------
+def calibrate(
+    source: str | os.PathLike | CroprViTPreTrainedModel,
+    images: str | os.PathLike | Any,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    task: str | None = None,
+    image_processor: ImageProcessingMixin | str | None = None,
+    label_column: str | None = None,
+    epochs: float = 1.0,
+    max_steps: int | None = None,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    save_steps: int = 50,
+    resume: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> CalibrationResult:
+    """Train the Cropr modules (queries, aggregators, auxiliary heads) of a frozen model on `images`.
+
+    Args:
+        source: a CroprViT model or checkpoint (folder or Hub id), or a ViT / DINOv2 backbone that `from_backbone`
+            converts (see [`load_for_calibration`]).
+        images: a folder of image files, a `datasets.Dataset`, or a dataset name / folder (its train split).
+        output_dir: where the stripped checkpoint, its image processor and `calibration.json` are saved (and the
+            state to resume from while it runs); `None` saves nothing.
+        task: for a backbone source, "feature-extraction" (the default); checked against a CroprViT source's head.
+        image_processor: the model's image processor, when `source` is a model object.
+        label_column: learn from this column's labels (class ids, multi-hot rows or segmentation maps) instead of
+            the model's own predictions.
+        epochs, max_steps: passes over the images (fractions allowed), or a number of steps that overrides them.
+        batch_size, learning_rate, seed: AdamW steps of `batch_size` images; the order of the images in each epoch
+            follows `seed` and the epoch.
+        save_steps: steps between saves of the state to resume from.
+        resume: continue from the state in `output_dir` when one is there (written by an interrupted run with the
+            same settings); `False` starts over.
+        progress: show a progress bar with the time left.
+        **overrides: `pruning_rate` / `pruning_schedule` of the calibrated model, and for a backbone any other
+            `from_backbone` option (`image_size`, ...).
+
+    Returns:
+        A [`CalibrationResult`]; its model is stripped, in eval mode, backbone and head as they were.
+    """
+    if batch_size < 1 or save_steps < 1:
+        raise ValueError(f"`batch_size` and `save_steps` must be >= 1, got {batch_size} and {save_steps}")
+    if max_steps is None and not epochs > 0:
+        raise ValueError(f"`epochs` must be > 0, got {epochs}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
+    data = CalibrationImages(images, label_column)
+    source_model, image_processor, overrides = load_for_calibration(source, task, image_processor, **overrides)
+    model = with_training_modules(source_model, overrides)
+    source_num_labels = source_model.config.num_labels
+    del source_model
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total_steps = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
+
+    model.eval().requires_grad_(False)
+    routers = model.base_model.token_selector.routers
+    trainable = [parameter for router in routers.values() for parameter in router.parameters()]
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    settings = {"num_images": len(data), "batch_size": batch_size, "total_steps": total_steps, "seed": seed}
+    state_path = Path(output_dir) / STATE_FILE if output_dir is not None else None
+    start, losses = 0, []
+    if resume and state_path is not None and state_path.is_file():
+        start, losses = _load_state(state_path, settings, routers, optimizer)
+
+    started = time.perf_counter()
+    bar = _progress_bar(total_steps, start, progress)
+    with unpruned(model):  # once for the run, rather than at every step's `calibration_targets`
+        for step in range(start, total_steps):
+            losses.append(_step(model, data, image_processor, optimizer, step, steps_per_epoch, batch_size, seed))
+            bar.update(1)
+            bar.set_postfix(aux_loss=f"{losses[-1]:.4f}")
+            if state_path is not None and (step + 1) % save_steps == 0 and step + 1 < total_steps:
+                _save_state(state_path, settings, routers, optimizer, step + 1, losses)
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    model.eval().strip_training_modules().requires_grad_(True)
+    if isinstance(model, CroprViTModel):  # the auxiliary heads that needed one output per feature are gone
+        model.config.num_labels = source_num_labels
+        model._record_config()
+    tenth = max(1, len(losses) // 10)
+    result = CalibrationResult(
+        model=model,
+        image_processor=image_processor,
+        steps=total_steps,
+        num_images=len(data),
+        seconds=seconds,
+        first_loss=float(np.mean(losses[:tenth])),
+        last_loss=float(np.mean(losses[-tenth:])),
+        output_dir=None if output_dir is None else str(output_dir),
+        losses=losses,
+    )
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        image_processor.save_pretrained(output_dir)
+        summary = {key: getattr(result, key) for key in ("steps", "num_images", "seconds", "first_loss", "last_loss")}
+        summary.update(batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_column=label_column)
+        (Path(output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if state_path.is_file():
+            state_path.unlink()
+    return result
+
+
+def _save_state(
+    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list
+) -> None:
+    """The Cropr modules and the optimizer after `step` steps, in a safetensors file, written atomically."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"routers.{key}": value.contiguous() for key, value in routers.state_dict().items()}
+    for index, values in optimizer_state["state"].items():
+        tensors.update({f"optimizer.{index}.{name}": value.contiguous() for name, value in values.items()})
+    metadata = {"settings": settings, "step": step, "losses": losses, "param_groups": optimizer_state["param_groups"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, partial, metadata={"calibration": json.dumps(metadata)})
+    partial.replace(path)
+
+
+def _load_state(
+    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[float]]:
+    """Restore what [`_save_state`] wrote; returns the step to continue from and the losses so far."""
+    with safe_open(path, framework="pt") as state:
+        metadata = json.loads(state.metadata()["calibration"])
+        tensors = {key: state.get_tensor(key) for key in state.keys()}
+    if metadata["settings"] != settings:
+        raise ValueError(
+            f"{path} holds an interrupted calibration with other settings ({metadata['settings']}, now {settings}): "
+            "pass resume=False (--no-resume) to start over"
+        )
+    routers.load_state_dict({key[len("routers.") :]: value for key, value in tensors.items() if key[:8] == "routers."})
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": metadata["param_groups"]})
+    return metadata["step"], metadata["losses"]
+
+
+def _step(
+    model: CroprViTPreTrainedModel,
+    data: CalibrationImages,
+    image_processor: ImageProcessingMixin,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    seed: int,
+) -> float:
+    """One optimizer step of the Cropr modules on the step's batch (its images follow the seed and the epoch)."""
+    epoch, position = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(data))
+    indices = order[position * batch_size : (position + 1) * batch_size].tolist()
+    batch_images, batch_labels = data.batch(indices)
+    pixel_values = image_processor(batch_images, return_tensors="pt")["pixel_values"].to(model.device)
+    labels = None
+    if batch_labels is not None:
+        labels = _label_tensor(model, batch_labels, image_processor, batch_images).to(model.device)
+    hidden_states, targets, mask = calibration_targets(model, pixel_values, labels)
+    loss = torch.zeros((), device=model.device)
+    for block, router in model.base_model.token_selector.routers.items():
+        router.train()
+        _, aux_logits = router(hidden_states[int(block) + 1])
+        loss = loss + auxiliary_loss(model, aux_logits, targets, mask)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="calibrating", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cropr calibrate",
+        description="Train only the Cropr modules of a frozen model on its own unpruned predictions (no labels "
+        "needed), and save the stripped checkpoint. Resumes an interrupted run in --output-dir.",
+    )
+    parser.add_argument("source", help="CroprViT checkpoint (folder or Hub id), or a ViT / DINOv2 backbone")
+    parser.add_argument(
+        "--images", required=True, help="folder of images, or a dataset (Hub id or folder; its train split)"
+    )
+    parser.add_argument("--output-dir", type=output_dir, required=True)
+    parser.add_argument(
+        "--task",
+        choices=["feature-extraction", "image-classification", "multi-label-classification", "semantic-segmentation"],
+        help="checked against the source",
+    )
+    parser.add_argument("--label-column", help="learn from this column's labels instead of the model's predictions")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=bounded_int(1), help="number of steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=bounded_int(1), default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-steps", type=bounded_int(1), default=50)
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over, ignoring saved state")
+    parser.add_argument("--pruning-rate", type=bounded_int(0))
+    parser.add_argument("--pruning-schedule", type=parse_schedule)
+    parser.add_argument("--image-size", type=parse_image_size, help="backbone sources: the converted model's size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cropr calibrate`: prints where the calibrated checkpoint went and the auxiliary loss before and after."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = {
+        name: getattr(args, name)
+        for name in ("pruning_rate", "pruning_schedule", "image_size")
+        if getattr(args, name) is not None
+    }
+    result = calibrate(
+        args.source,
+        args.images,
+        args.output_dir,
+        task=args.task,
+        label_column=args.label_column,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        save_steps=args.save_steps,
+        resume=args.resume,
+        progress=not args.quiet,
+        **overrides,
+    )
+    print(
+        f"Calibrated {result.steps} steps on {result.num_images} images in {result.seconds:.0f} s: auxiliary loss "
+        f"{result.first_loss:.4f} -> {result.last_loss:.4f}. Stripped checkpoint and image processor saved to "
+        f"{result.output_dir}"
+    )
+    return 0
+
+
+__all__ = [
+    "CalibrationImages",
+    "CalibrationResult",
+    "auxiliary_loss",
+    "calibrate",
+    "calibration_targets",
+    "load_for_calibration",
+    "problem_type",
+    "unpruned",
+    "with_training_modules",
+]

@@ -1,0 +1,124 @@
+"""One checkpoint, many speeds: `set_pruning_rate` / `set_pruning_schedule`, `from_pretrained(path, pruning_rate=R)`
+and `pipeline(..., model_kwargs={"pruning_rate": R})` run a trained model at another schedule with the same weights."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny
+from PIL import Image
+from transformers import ViTImageProcessorPil, pipeline
+
+from cropr import CroprViTConfig, CroprViTForImageClassification
+from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
+
+
+def pixels(batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def trained_tiny(head: str = "classification", **overrides) -> CroprViTPreTrainedModel:
+    """A tiny model whose queries moved away from their initialisation (so a stale or fresh router would show)."""
+    model = build_tiny(head, **overrides)
+    with torch.no_grad():
+        for router in model.base_model.token_selector.routers.values():
+            router.queries.normal_(generator=torch.Generator().manual_seed(len(router.queries)))
+    return model.eval()
+
+
+def fresh_model_at(model: CroprViTPreTrainedModel, **schedule) -> CroprViTPreTrainedModel:
+    """A model built for the schedule, holding the weights of `model` (those its modules have)."""
+    config = CroprViTConfig(**{**model.config.to_dict(), "router_blocks": None, **schedule})
+    fresh = type(model)(config).eval()
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    return fresh.eval()
+
+
+@pytest.mark.parametrize("stripped", [False, True])
+@pytest.mark.parametrize("rate", [0, 1, 2, 5])
+def test_a_set_rate_computes_what_a_model_built_for_it_computes(rate, stripped):
+    model = trained_tiny()
+    if stripped:
+        model.strip_training_modules()
+    expected = fresh_model_at(model, pruning_rate=rate)
+    model.set_pruning_rate(rate)
+    x = pixels()
+    output = model(x, output_kept_indices=True)
+    reference = expected(x, output_kept_indices=True)
+    assert torch.equal(output.logits, reference.logits)
+    # 16 patches; the first module also removes one token for the CLS token.
+    expected_kept = [16 - rate - 1, 16 - 2 * rate - 1] if rate else []
+    assert [indices.shape[1] - 1 for indices in output.kept_indices] == expected_kept
+    for indices, expected_indices in zip(output.kept_indices, reference.kept_indices, strict=True):
+        assert torch.equal(indices, expected_indices)
+
+
+def test_the_dial_turns_both_ways_and_an_unpruned_setting_keeps_the_modules(tmp_path):
+    model = trained_tiny()
+    x = pixels()
+    expected = model(x).logits
+    model.set_pruning_rate(0)
+    assert model.config.router_blocks == [0, 1] and not model.config.pruning_blocks
+    assert torch.equal(model(x).logits, model.with_token_selector("none")(x).logits)
+    model.save_pretrained(tmp_path / "unpruned")
+    reloaded = CroprViTForImageClassification.from_pretrained(tmp_path / "unpruned").eval()
+    for turned_back in (model, reloaded):
+        assert torch.equal(turned_back.set_pruning_rate(3)(x).logits, expected)
+        assert turned_back.config.router_blocks is None
+    # The schedule is a structural field: the model now describes, and saves, the new schedule.
+    model.set_pruning_schedule([4, 1, 0, 0])
+    model.save_pretrained(tmp_path / "heavier")
+    assert CroprViTForImageClassification.from_pretrained(tmp_path / "heavier").config.pruning_schedule == [4, 1, 0, 0]
+
+
+def test_a_schedule_needing_a_module_the_model_lacks_fails_naming_the_blocks_that_have_one():
+    model = trained_tiny(pruning_schedule=[3, 0, 0, 0])
+    x = pixels()
+    expected = model(x).logits
+    with pytest.raises(
+        ValueError,
+        match=r"prunes after blocks \[1\], which have no Cropr module: this model has "
+        r"modules after blocks \[0\] only",
+    ):
+        model.set_pruning_rate(2)
+    # The failed call changed nothing.
+    assert model.config.pruning_schedule == [3, 0, 0, 0] and model.config.router_blocks is None
+    assert torch.equal(model(x).logits, expected)
+    model.set_pruning_schedule([5, 0, 0, 0])
+    assert model(x, output_kept_indices=True).kept_indices[0].shape[1] == 1 + 16 - 5
+
+
+def test_selectors_without_modules_take_any_schedule():
+    model = build_tiny("classification", token_selector="variance", pruning_schedule=[3, 0, 0, 0]).eval()
+    model.set_pruning_rate(2)
+    assert [indices.shape[1] for indices in model(pixels(), output_kept_indices=True).kept_indices] == [14, 12]
+
+
+def test_other_structural_changes_still_fail():
+    model = trained_tiny()
+    with pytest.raises(ValueError, match=r"set_pruning_rate\(\.\.\.\)"):
+        model.config.pruning_rate = 2
+        model(pixels())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_from_pretrained_and_pipeline_take_the_rate(tmp_path):
+    model = trained_tiny()
+    model.save_pretrained(tmp_path)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    processor = ViTImageProcessorPil.from_pretrained(tmp_path)
+    x = processor(image, return_tensors="pt")["pixel_values"]
+    for rate in (0, 1, 5):
+        expected = fresh_model_at(model, pruning_rate=rate)(x).logits
+        loaded = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=rate)
+        assert loaded.config.pruning_rate == rate and torch.equal(loaded(x).logits, expected)
+        classifier = pipeline("image-classification", model=str(tmp_path), model_kwargs={"pruning_rate": rate})
+        assert classifier.model.config.pruning_rate == rate
+        scores = {entry["label"]: entry["score"] for entry in classifier(image, top_k=5)}
+        probabilities = expected.softmax(-1)[0]
+        for index, probability in enumerate(probabilities.tolist()):
+            assert scores[model.config.id2label[index]] == pytest.approx(probability, abs=1e-6)
+    # Loaded unpruned, the model still holds its modules and can be dialled up again.
+    unpruned = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=0)
+    assert sorted(unpruned.cropr_vit.token_selector.routers) == ["0", "1"]
+    assert torch.equal(unpruned.set_pruning_rate(3)(x).logits, model(x).logits)

@@ -1,0 +1,193 @@
+"""Label-free calibration: only the Cropr modules learn, from the unpruned model's own predictions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny
+from PIL import Image
+from transformers import SegformerImageProcessorPil, ViTImageProcessorPil, pipeline
+
+import cropr.calibration as calibration
+from cropr import CroprViTForImageClassification
+from cropr.calibration import STATE_FILE, calibrate, calibration_targets
+from cropr.cli import main as cli_main
+from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTLayer
+
+HEADS = ("base", "classification", "multi_label", "segmentation")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """24 random 40x40 RGB images (the processors resize them to the tiny models' 32x32)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{index:02d}.png")
+    return folder
+
+
+def processor_for(head: str):
+    size = {"height": 32, "width": 32}
+    if head == "segmentation":
+        return SegformerImageProcessorPil(size=size, do_reduce_labels=False)
+    return ViTImageProcessorPil(size=size)
+
+
+def tiny(head: str):
+    torch.manual_seed(0)
+    model = build_tiny(head).eval()
+    if head != "base":  # a confident head, so that its predictions are worth learning
+        head_module = model.decode_head if head == "segmentation" else model.classifier
+        with torch.no_grad():
+            head_module.linear.weight.mul_(20)
+    return model
+
+
+def pixels(batch_size: int = 4) -> torch.Tensor:
+    return torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_backbone_and_head_stay_bit_identical_and_no_backward_pass_enters_them(head, image_folder, monkeypatch):
+    source = tiny(head)
+    backward_calls = []
+    prepare = calibration.with_training_modules
+
+    def with_hooks(model, overrides=None):
+        variant = prepare(model, overrides)
+        for module in variant.modules():
+            if isinstance(module, CroprViTLayer) or module in (getattr(variant, "classifier", None),):
+                module.register_full_backward_hook(lambda *args: backward_calls.append(args))
+        return variant
+
+    monkeypatch.setattr(calibration, "with_training_modules", with_hooks)
+    result = calibrate(
+        source, image_folder, image_processor=processor_for(head), max_steps=3, batch_size=8, progress=False
+    )
+    assert backward_calls == []
+    calibrated = result.model.state_dict()
+    outside_routers = {key: value for key, value in source.state_dict().items() if "token_selector." not in key}
+    assert outside_routers and all(torch.equal(calibrated[key], value) for key, value in outside_routers.items())
+    # The Cropr modules did learn.
+    routers = [key for key in calibrated if key.endswith("aggregated_query")]
+    assert any(not torch.equal(calibrated[key], source.state_dict()[key]) for key in routers)
+    assert result.model.config.num_labels == source.config.num_labels
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_targets_come_from_the_unpruned_model(head):
+    model = tiny(head)
+    x = pixels()
+    schedule = (model.config.pruning_rate, model.config.pruning_schedule)
+    hidden_states, targets, mask = calibration_targets(model, x)
+    assert (model.config.pruning_rate, model.config.pruning_schedule) == schedule  # the model's own schedule again
+    assert all(states.shape[1] == 17 for states in hidden_states)  # every token reached every block
+    unpruned, pruned = model.with_token_selector("none")(x), model(x)
+    if head == "base":
+        expected, other = unpruned.pooler_output, pruned.pooler_output
+    elif head == "segmentation":
+        expected = unpruned.logits.softmax(1).flatten(2).transpose(1, 2)
+        other = pruned.logits.softmax(1).flatten(2).transpose(1, 2)
+        assert mask.all()
+    elif head == "multi_label":
+        expected, other = unpruned.logits.sigmoid(), pruned.logits.sigmoid()
+    else:
+        expected, other = unpruned.logits.softmax(-1), pruned.logits.softmax(-1)
+    assert torch.allclose(targets, expected, atol=1e-6) and not torch.allclose(targets, other, atol=1e-4)
+
+
+def test_labels_replace_the_predictions_when_given():
+    model = tiny("classification")
+    _, targets, _ = calibration_targets(model, pixels(), torch.tensor([0, 3, 1, 4]))
+    assert torch.equal(targets, torch.eye(5)[[0, 3, 1, 4]])
+
+
+def test_twenty_steps_on_tiny_data_lower_the_auxiliary_loss(image_folder):
+    result = calibrate(
+        tiny("classification"),
+        image_folder,
+        image_processor=processor_for("classification"),
+        max_steps=20,
+        batch_size=8,
+        learning_rate=1e-2,
+        progress=False,
+    )
+    assert len(result.losses) == 20
+    assert result.last_loss < 0.5 * result.first_loss
+
+
+def test_the_saved_checkpoint_reloads_and_runs_in_a_pipeline(image_folder, tmp_path):
+    output_dir = tmp_path / "calibrated"
+    result = calibrate(
+        tiny("classification"),
+        image_folder,
+        output_dir,
+        image_processor=processor_for("classification"),
+        max_steps=2,
+        batch_size=8,
+        progress=False,
+    )
+    assert not (output_dir / STATE_FILE).exists()
+    assert json.loads((output_dir / "calibration.json").read_text())["steps"] == 2
+    reloaded = CroprViTForImageClassification.from_pretrained(output_dir)
+    assert reloaded.config.inference_only and reloaded.config.pruning_rate == 3
+    x = pixels()
+    assert torch.equal(reloaded(x).logits, result.model(x).logits)
+    classifier = pipeline("image-classification", model=str(output_dir), model_kwargs={"pruning_rate": 5})
+    image = Image.open(image_folder / "00.png")
+    assert len(classifier(image, top_k=5)) == 5
+
+
+def test_an_interrupted_calibration_resumes_where_it_stopped(image_folder, tmp_path, monkeypatch):
+    settings = dict(image_processor=processor_for("classification"), max_steps=6, batch_size=8, save_steps=2)
+    uninterrupted = calibrate(tiny("classification"), image_folder, tmp_path / "full", progress=False, **settings)
+
+    step = calibration._step
+
+    def interrupted(model, data, processor, optimizer, index, *args):
+        if index == 5:
+            raise KeyboardInterrupt
+        return step(model, data, processor, optimizer, index, *args)
+
+    monkeypatch.setattr(calibration, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny("classification"), image_folder, tmp_path / "resumed", progress=False, **settings)
+    assert (tmp_path / "resumed" / STATE_FILE).is_file()
+    monkeypatch.setattr(calibration, "_step", step)
+    resumed = calibrate(tiny("classification"), image_folder, tmp_path / "resumed", progress=False, **settings)
+    assert resumed.losses == uninterrupted.losses
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    monkeypatch.setattr(calibration, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings)
+    monkeypatch.setattr(calibration, "_step", step)
+    with pytest.raises(ValueError, match="other settings"):
+        calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **{**settings, "seed": 1})
+
+
+def tiny_vit_backbone(path):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(image_folder, tmp_path, capsys):
+    source = tiny_vit_backbone(tmp_path / "vit")
+    output_dir = tmp_path / "calibrated"
+    argv = ["calibrate", str(source), "--images", str(image_folder), "--output-dir", str(output_dir)]
+    assert cli_main([*argv, "--max-steps", "2", "--batch-size", "8", "--pruning-rate", "3", "--quiet"]) == 0
+    assert "Calibrated 2 steps on 24 images" in capsys.readouterr().out
+    extractor = pipeline("image-feature-extraction", model=str(output_dir))
+    features = np.asarray(extractor(Image.open(image_folder / "00.png")))
+    assert features.shape == (1, 17, 32)
+    assert cli_main([*argv, "--task", "image-classification"]) == 1
+    assert "its image-classification head would be untrained" in capsys.readouterr().err
