@@ -190,4 +190,41 @@ def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(
     features = np.asarray(extractor(Image.open(image_folder / "00.png")))
     assert features.shape == (1, 17, 32)
     assert cli_main([*argv, "--task", "image-classification"]) == 1
-    assert "its image-classification head would be untrained" in capsys.readouterr().err
+    assert "Cannot keep the source's classifier" in capsys.readouterr().err
+    assert cli_main([*argv, "--task", "semantic-segmentation"]) == 1
+    assert "its semantic-segmentation head would be untrained" in capsys.readouterr().err
+
+
+def test_a_hub_classifier_keeps_its_head_and_learns_from_it(image_folder, tmp_path):
+    """A source image classifier calibrated without labels: its own head gives the targets and stays as it was."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label={0: "cat", 1: "dog", 2: "fox"},
+    )
+    torch.manual_seed(0)
+    source = ViTForImageClassification(config).eval()
+    source.save_pretrained(tmp_path / "vit-classifier")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit-classifier")
+    result = calibrate(
+        str(tmp_path / "vit-classifier"),
+        image_folder,
+        tmp_path / "calibrated",
+        task="image-classification",
+        max_steps=2,
+        batch_size=8,
+        pruning_rate=3,
+        progress=False,
+    )
+    calibrated = CroprViTForImageClassification.from_pretrained(tmp_path / "calibrated").eval()
+    assert calibrated.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+    unpruned = calibrated.with_token_selector("none").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unpruned(pixels()).logits, source(pixels()).logits, rtol=0, atol=1e-5)
+    assert result.steps == 2

@@ -142,9 +142,11 @@ def load_for_calibration(
     """The model whose Cropr modules [`calibrate`] trains, its image processor, and the schedule overrides left to
     apply to it ([`with_training_modules`]).
 
-    `source` is a CroprViT model or checkpoint (its head is kept), or a ViT / DINOv2 backbone that `from_backbone`
-    converts (`task` must then be "feature-extraction": a converted backbone has no trained head whose predictions
-    could serve as targets). `overrides` are `pruning_rate` / `pruning_schedule`, and for a backbone any other
+    `source` is a CroprViT model or checkpoint (its head is kept), or a source that `from_backbone` converts: as
+    "feature-extraction" (the default; targets: the pooled embedding), or as "image-classification" when it is an
+    image classifier whose head `from_backbone` keeps (`ViTForImageClassification`, `Dinov2ForImageClassification`,
+    `CLIPForImageClassification`, ...); any other converted head would be untrained, with no predictions to learn.
+    `overrides` are `pruning_rate` / `pruning_schedule`, and for a source to convert any other
     `from_backbone` option.
     """
     if isinstance(source, CroprViTPreTrainedModel):
@@ -158,13 +160,16 @@ def load_for_calibration(
         from .conversion import from_backbone
 
         task = task or "feature-extraction"
-        if task != "feature-extraction":
+        if task not in ("feature-extraction", "image-classification"):
             raise ValueError(
-                f"{source} is a backbone: converted, its {task} head would be untrained, so its predictions cannot "
-                "teach the Cropr modules. Calibrate it as feature-extraction (targets: its pooled embedding), or "
-                "train a head first and calibrate that CroprViT checkpoint."
+                f"{source} is not a CroprViT checkpoint: converted, its {task} head would be untrained, so its "
+                "predictions cannot teach the Cropr modules. Calibrate it as feature-extraction (targets: its pooled "
+                "embedding) or, for an image classifier, as image-classification (its own head is kept); or train a "
+                "head first and calibrate that CroprViT checkpoint."
             )
-        model, converted_processor = from_backbone(source, task, **overrides)
+        # An image classifier keeps its own head (a source without one cannot be calibrated on predictions).
+        head = {"keep_head": True} if task == "image-classification" else {}
+        model, converted_processor = from_backbone(source, task, **head, **overrides)
         image_processor = image_processor if image_processor is not None else converted_processor
         overrides = {}
     if task is not None:
@@ -330,12 +335,13 @@ def calibrate(
     """Train the Cropr modules (queries, aggregators, auxiliary heads) of a frozen model on `images`.
 
     Args:
-        source: a CroprViT model or checkpoint (folder or Hub id), or a ViT / DINOv2 backbone that `from_backbone`
-            converts (see [`load_for_calibration`]).
+        source: a CroprViT model or checkpoint (folder or Hub id), or a backbone or image classifier that
+            `from_backbone` converts (see [`load_for_calibration`]).
         images: a folder of image files, a `datasets.Dataset`, or a dataset name / folder (its train split).
         output_dir: where the stripped checkpoint, its image processor and `calibration.json` are saved (and the
             state to resume from while it runs); `None` saves nothing.
-        task: for a backbone source, "feature-extraction" (the default); checked against a CroprViT source's head.
+        task: for a source to convert, "feature-extraction" (the default) or "image-classification" (an image
+            classifier, its own head kept); checked against a CroprViT source's head.
         image_processor: the model's image processor, when `source` is a model object.
         label_column: learn from this column's labels (class ids, multi-hot rows or segmentation maps) instead of
             the model's own predictions.
@@ -500,7 +506,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Train only the Cropr modules of a frozen model on its own unpruned predictions (no labels "
         "needed), and save the stripped checkpoint. Resumes an interrupted run in --output-dir.",
     )
-    parser.add_argument("source", help="CroprViT checkpoint (folder or Hub id), or a ViT / DINOv2 backbone")
+    parser.add_argument(
+        "source", help="CroprViT checkpoint (folder or Hub id), or a backbone / image classifier to convert"
+    )
     parser.add_argument(
         "--images", required=True, help="folder of images, or a dataset (Hub id or folder; its train split)"
     )
