@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     CLIPForImageClassification,
     CLIPVisionModel,
     DeiTForImageClassification,
@@ -707,42 +708,85 @@ def _head_to_keep(
     return None
 
 
-def _normalization_settings(
+# Preprocessing steps copied from the source's image processor as they are; the resize and the crop follow the
+# converted model's size (`_resize_and_crop`). `do_resize` is not copied: the model needs one fixed input size.
+_COPIED_PREPROCESSING = (
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+
+
+def _source_processor_settings(
     source: str | os.PathLike | PreTrainedModel,
     image_processor: str | os.PathLike | ImageProcessingMixin | None,
-    family: BackboneFamily,
     **from_pretrained_kwargs,
-) -> dict:
-    """`image_mean`, `image_std` and `resample` of the source's image processor, else the family's defaults."""
+) -> dict | None:
+    """The settings of the source's image processor (`to_dict()`, class defaults included), `None` without one."""
     if isinstance(image_processor, ImageProcessingMixin):
-        settings = image_processor.to_dict()
+        return image_processor.to_dict()
+    location = image_processor
+    if location is None:
+        location = source if not isinstance(source, PreTrainedModel) else (source.name_or_path or None)
+    if location is None:
+        return None
+    try:
+        # Loading the processor (rather than reading its JSON) resolves what the file leaves to its class: the
+        # class defaults and what an integer `size` means (a square for ViT, the shortest edge for CLIP).
+        return AutoImageProcessor.from_pretrained(location, **from_pretrained_kwargs).to_dict()
+    except OSError:
+        if image_processor is not None:
+            raise
+        return None
+
+
+def _resize_and_crop(settings: dict, image_size: tuple[int, int], center_crop: bool) -> dict:
+    """`size` (and the center crop) of the converted processor: the source's resize and crop scaled to `image_size`
+    when the source crops (e.g. shortest edge 256, crop 224 becomes shortest edge 512, crop 448 at 448 px, and stays
+    as it is at 224 px), else a resize of the whole image to `image_size`."""
+    height, width = image_size
+    whole_image = {"size": {"height": height, "width": width}, "do_center_crop": False}
+    crop, resize = settings.get("crop_size") or {}, settings.get("size") or {}
+    if not (center_crop and settings.get("do_center_crop") and crop.get("height") and crop.get("width")):
+        return whole_image
+    scale_h, scale_w = height / crop["height"], width / crop["width"]
+    if resize.get("shortest_edge") and not resize.get("longest_edge"):
+        size = {"shortest_edge": round(resize["shortest_edge"] * max(scale_h, scale_w))}
+    elif resize.get("height") and resize.get("width"):
+        size = {"height": round(resize["height"] * scale_h), "width": round(resize["width"] * scale_w)}
     else:
-        location = image_processor
-        if location is None:
-            location = source if not isinstance(source, PreTrainedModel) else (source.name_or_path or None)
-        settings = None
-        if location is not None:
-            try:
-                settings, _ = ImageProcessingMixin.get_image_processor_dict(location, **from_pretrained_kwargs)
-            except OSError:
-                if image_processor is not None:
-                    raise
-    if settings is None or "image_mean" not in settings or "image_std" not in settings:
+        logger.warning(
+            f"The source's image processor resizes to {resize} before its center crop, which the converted processor "
+            f"cannot scale to {height}x{width}: it resizes whole images to {height}x{width} instead."
+        )
+        return whole_image
+    return {"size": size, "do_center_crop": True, "crop_size": {"height": height, "width": width}}
+
+
+def _processor_settings(
+    source_settings: dict | None, family: BackboneFamily, image_size: tuple[int, int], center_crop: bool
+) -> dict:
+    """Keyword arguments of the converted image processor: the source processor's preprocessing at the converted
+    model's size, or without a source processor the family's mean, std and resampling filter on a plain resize."""
+    if source_settings is None or "image_mean" not in source_settings or "image_std" not in source_settings:
         logger.warning(
             f"No image processor config found for the source: using the {family.model_type} defaults "
             f"image_mean={list(family.image_mean)}, image_std={list(family.image_std)}, "
             f"resample={family.resample.name}."
         )
-        return {
+        source_settings = {
             "image_mean": list(family.image_mean),
             "image_std": list(family.image_std),
             "resample": family.resample,
         }
-    return {
-        "image_mean": list(settings["image_mean"]),
-        "image_std": list(settings["image_std"]),
-        "resample": settings.get("resample", family.resample),
-    }
+    settings = {key: source_settings[key] for key in _COPIED_PREPROCESSING if key in source_settings}
+    settings["image_mean"], settings["image_std"] = list(settings["image_mean"]), list(settings["image_std"])
+    settings.setdefault("resample", family.resample)
+    return {**settings, **_resize_and_crop(source_settings, image_size, center_crop)}
 
 
 def from_backbone(
@@ -755,6 +799,7 @@ def from_backbone(
     image_processor: str | os.PathLike | ImageProcessingMixin | None = None,
     from_pretrained_kwargs: Mapping | None = None,
     keep_head: bool | None = None,
+    center_crop: bool | None = None,
     **cropr_config_overrides,
 ) -> tuple[CroprViTPreTrainedModel, ViTImageProcessorPil | SegformerImageProcessorPil]:
     """Build a CroprViT model on a pretrained ViT, DeiT, DINOv2 or DINOv3 backbone, with a matching image processor.
@@ -781,7 +826,7 @@ def from_backbone(
         num_labels (`int`, *optional*), id2label (`dict`, *optional*):
             Labels of a new task head (one of them is required for a new head; `label2id` is derived).
         image_processor (`str`, `os.PathLike` or image processor, *optional*):
-            Where to take the normalisation from, when not the source itself (e.g. a model object whose
+            Where to take the preprocessing from, when not the source itself (e.g. a model object whose
             `name_or_path` has no `preprocessor_config.json`).
         from_pretrained_kwargs (`dict`, *optional*):
             Passed to the `from_pretrained` calls that read the source (`revision`, `cache_dir`, `token`, ...).
@@ -793,6 +838,13 @@ def from_backbone(
             "cls_distillation", "cls_patch_mean", "patch_mean" or "avg"). By default it is kept when
             the source has one and `num_labels` / `id2label` are not given or equal the source's; `False` always
             builds a new head, `True` raises a `ValueError` when it cannot be kept.
+        center_crop (`bool`, *optional*):
+            Whether the image processor center-crops as the source's does (DeiT, DINOv2 and CLIP resize the shortest
+            edge, e.g. to 256, then crop 224; the resize is scaled with `image_size`). By default it does for
+            "image-classification" and "feature-extraction", so that the converted pipeline sees what the source's
+            sees, and not for "multi-label-classification" and "semantic-segmentation", whose labels and masks
+            cover the whole image; `False` resizes whole images to `image_size`; `True` is refused for segmentation.
+            Without a crop in the source's processor, or without a source processor, whole images are resized.
         **cropr_config_overrides:
             Any other [`CroprViTConfig`] field: `token_selector`, `pruning_rate`, `pruning_schedule`,
             `last_layer_fusion`, `pooling`, `aux_loss_weight`, `drop_path_rate`, `interpolate_pos_encoding`, ...
@@ -802,9 +854,10 @@ def from_backbone(
         `(model, image_processor)`: the CroprViT model (float32, train mode as built by its constructor) with the
         backbone weights (and a kept classifier) copied and the Cropr modules and a new head freshly initialised,
         and a `ViTImageProcessorPil` (`SegformerImageProcessorPil` with `do_reduce_labels=False` for segmentation)
-        resizing to `image_size` with the source processor's mean, std and resampling filter (the family's
-        defaults, with a warning, when the source has no processor config: mean/std 0.5 for ViT and SigLIP, OpenAI's
-        for CLIP, ImageNet's for the others).
+        with the source processor's preprocessing (resampling filter, rescaling, mean and std, and its center crop as
+        `center_crop` says) at `image_size`. When the source has no processor config: a resize to `image_size` with
+        the family's defaults and a warning (mean/std 0.5 for ViT and SigLIP, OpenAI's for CLIP, ImageNet's for the
+        others).
     """
     from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
     load_head = task == "image-classification" and keep_head is not False
@@ -841,14 +894,15 @@ def from_backbone(
             model.classifier.linear.weight.copy_(weight)
             model.classifier.linear.bias.copy_(bias)
 
-    normalization = _normalization_settings(source, image_processor, family, **from_pretrained_kwargs)
-    height, width = config.image_size_hw
-    size = {"height": height, "width": width}
+    if center_crop is None:
+        center_crop = task in ("image-classification", "feature-extraction")
+    elif center_crop and task == "semantic-segmentation":
+        raise ValueError("`center_crop=True` is not supported for semantic segmentation: masks cover the whole image.")
+    source_settings = _source_processor_settings(source, image_processor, **from_pretrained_kwargs)
+    settings = _processor_settings(source_settings, family, config.image_size_hw, center_crop)
     if task == "semantic-segmentation":
-        processor = SegformerImageProcessorPil(size=size, do_reduce_labels=False, **normalization)
-    else:
-        processor = ViTImageProcessorPil(size=size, **normalization)
-    return model, processor
+        return model, SegformerImageProcessorPil(do_reduce_labels=False, **settings)
+    return model, ViTImageProcessorPil(**settings)
 
 
 __all__ = [
