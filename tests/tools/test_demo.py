@@ -36,7 +36,7 @@ def save_checkpoint(model, folder, processor_kwargs=None):
     from transformers import ViTImageProcessorPil
 
     model.save_pretrained(folder)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}, **(processor_kwargs or {})).save_pretrained(folder)
+    ViTImageProcessorPil(**{"size": {"height": 32, "width": 32}, **(processor_kwargs or {})}).save_pretrained(folder)
     return str(folder)
 
 
@@ -136,9 +136,6 @@ def test_checkpoints_that_are_not_croprvit_task_models_are_refused(tmp_path):
     build_tiny("classification").save_pretrained(tmp_path / "no-processor")
     with pytest.raises(DemoError, match="no usable image processor"):
         DemoCheckpoint(str(tmp_path / "no-processor"))
-    cropping = save_checkpoint(build_tiny("classification"), tmp_path / "crop", {"do_center_crop": True})
-    with pytest.raises(DemoError, match="center-crops"):
-        DemoCheckpoint(cropping)
     with pytest.raises(DemoError, match="Cannot load 'no/such-model' as a checkpoint"):
         DemoCheckpoint("no/such-model")
 
@@ -225,6 +222,20 @@ def test_compare_classification_matches_the_models_run_directly(classification, 
     assert comparison.image.height == demo.DISPLAY_HEIGHT
     assert comparison.heatmap.height > demo.DISPLAY_HEIGHT and comparison.heatmap.mode == "RGB"
     assert list(tmp_path.iterdir()) == []  # the heat-map file is read back and removed
+
+
+def test_compare_shows_the_center_crop_of_a_cropping_processor(tmp_path, photo):
+    # As a converted DeiT, DINOv2 or CLIP classifier: shortest edge 36, then the middle 32x32.
+    crop = {"size": {"shortest_edge": 36}, "do_center_crop": True, "crop_size": 32}
+    model = build_tiny("classification", id2label=NAMES).strip_training_modules()
+    checkpoint = DemoCheckpoint(save_checkpoint(model, tmp_path / "crop", crop))
+    comparison = compare(checkpoint, photo, None, tmp_path, repeats=1)
+    # The 64x48 photo is shown as the square the model sees, so the heat-map's patches line up with it.
+    assert comparison.image.size == (demo.DISPLAY_HEIGHT, demo.DISPLAY_HEIGHT)
+    pixel_values = checkpoint.image_processor(images=photo, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape[-2:] == (32, 32)
+    with torch.no_grad():
+        assert comparison.off == pytest.approx(top_classes(checkpoint.unpruned(pixel_values).logits[0], model.config))
 
 
 def test_compare_heatmap_changes_with_the_rate(classification, photo, tmp_path):

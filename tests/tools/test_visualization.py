@@ -14,6 +14,7 @@ from cropr.tools.visualization import (
     NEVER_DROPPED,
     drop_block_map,
     legend_ticks,
+    model_view,
     panel_size,
     render_pruning_heatmap,
     visualize_pruning,
@@ -146,14 +147,42 @@ def test_visualize_pruning_matches_for_16_and_8_bit_images(tmp_path):
         np.testing.assert_array_equal(np.asarray(sixteen), np.asarray(eight))
 
 
-def test_visualize_pruning_refuses_center_crop(tmp_path):
+@pytest.mark.parametrize(
+    ("size", "box"),
+    [
+        # Resized to 96x72 (its own size), cropped 64x64: the crop is the middle of the image.
+        ({"height": 72, "width": 96}, (16, 4, 80, 68)),
+        # Shortest edge 36 (a 48x36 image, half size), cropped 32x32 from (8, 2): (16, 4) to (80, 68) in the image.
+        ({"shortest_edge": 36}, (16, 4, 80, 68)),
+    ],
+)
+def test_model_view_is_the_processors_center_crop(size, box):
+    from transformers import ViTImageProcessorPil
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (72, 96, 3), dtype=np.uint8))
+    crop = 64 if "height" in size else 32
+    processor = ViTImageProcessorPil(
+        size=size, do_center_crop=True, crop_size=crop, do_rescale=False, do_normalize=False
+    )
+    view = model_view(processor, image)
+    assert view.size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(view), np.asarray(image)[box[1] : box[3], box[0] : box[2]])
+    if "height" in size:  # no resampling: the processor's pixels are those very pixels
+        pixels = processor(images=image, return_tensors="np")["pixel_values"][0]
+        np.testing.assert_array_equal(pixels.transpose(1, 2, 0), np.asarray(view))
+    # A processor that only resizes sees the whole image.
+    assert model_view(ViTImageProcessorPil(size={"height": 32, "width": 32}), image) is image
+
+
+def test_visualize_pruning_draws_the_center_crop(tmp_path):
     from transformers import ViTImageProcessorPil
 
     model = CroprViTForImageClassification(CroprViTConfig(**tiny_config_kwargs()))
-    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
-    processor.do_center_crop = True
-    with pytest.raises(ValueError, match="center-crops"):
-        visualize_pruning(model, processor, Image.new("RGB", (32, 32)), tmp_path / "x.png")
+    processor = ViTImageProcessorPil(size={"shortest_edge": 36}, do_center_crop=True, crop_size=32)
+    # A wide image: its panel is the square crop the model sees, not the whole image.
+    path = visualize_pruning(model, processor, Image.new("RGB", (96, 48)), tmp_path / "x.png", panel_height=64)
+    with Image.open(path) as png:
+        assert png.size == (64 + 2 * MARGIN, 64 + LEGEND_HEIGHT + 3 * MARGIN)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from ..models.cropr_vit import modeling_cropr_vit
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
 from .timing import interleaved_timings
-from .visualization import drop_block_map, panel_size, render_pruning_heatmap
+from .visualization import drop_block_map, model_view, panel_size, render_pruning_heatmap
 
 DEFAULT_CHECKPOINT = "outputs/main-job"
 """The checkpoint the demo opens when none is given: where the README's first command (`make main`) saves its model."""
@@ -102,10 +102,6 @@ class DemoCheckpoint:
                 f"{source!r} has no usable image processor (save it next to the model with "
                 f"`image_processor.save_pretrained(folder)`): {_one_line(error)}"
             ) from None
-        if getattr(self.image_processor, "do_center_crop", False):
-            raise DemoError(
-                f"The image processor of {source!r} center-crops, so patches would not line up with the image."
-            )
         try:
             self.model = self.model_class.from_pretrained(source).eval()
             self.unpruned = self.model.with_token_selector("none").eval()
@@ -299,7 +295,9 @@ def compare(
     off = checkpoint.unpruned(pixel_values=pixel_values)
     on = pruned(pixel_values=pixel_values, output_kept_indices=True)
 
-    shown = image.resize(panel_size(image.size, DISPLAY_HEIGHT), Image.Resampling.BICUBIC)
+    # The part of the image the model sees (its center crop, for processors that crop): the patches line up with it.
+    shown = model_view(checkpoint.image_processor, image)
+    shown = shown.resize(panel_size(shown.size, DISPLAY_HEIGHT), Image.Resampling.BICUBIC)
     if checkpoint.task == "segmentation":
         predictions = [segmentation_mask(output.logits[0], shown.size) for output in (off, on)]
     else:

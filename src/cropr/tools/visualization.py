@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.image_utils import ChannelDimension
 
 from ..data.images import to_rgb
 
@@ -336,6 +338,40 @@ def render_pruning_heatmap(
     return path
 
 
+def model_view(image_processor, image: Image.Image) -> Image.Image:
+    """The part of `image` that `image_processor` gives the model, in the image's own pixels: the whole image when
+    the processor only resizes, the region its center crop keeps when it crops (after resizing to `size`: a fixed
+    height and width, or the shortest edge). Beyond the image's edges (a crop larger than the resized image) the
+    region is black, as the processor pads.
+
+    Raises:
+        ValueError: for a center-cropping processor whose `size` is neither of those forms.
+    """
+    settings = image_processor.to_dict()
+    if not settings.get("do_center_crop"):
+        return image
+    crop = settings["crop_size"]
+    width, height = image.size
+    resize = settings.get("size") or {}
+    if not settings.get("do_resize"):
+        resized = (height, width)
+    elif resize.get("height") and resize.get("width"):
+        resized = (resize["height"], resize["width"])
+    elif resize.get("shortest_edge") and not resize.get("longest_edge"):
+        # A zero-stride stand-in for the image: only its shape is read.
+        shape_only = np.broadcast_to(np.uint8(0), (height, width, 3))
+        resized = get_resize_output_image_size(
+            shape_only, resize["shortest_edge"], default_to_square=False, input_data_format=ChannelDimension.LAST
+        )
+    else:
+        raise ValueError(f"Cannot locate the center crop of an image processor resizing to {resize}.")
+    # The crop's corner in the resized image, as transformers' `center_crop` places it, mapped back to the image.
+    top, left = (resized[0] - crop["height"]) // 2, (resized[1] - crop["width"]) // 2
+    scale_y, scale_x = height / resized[0], width / resized[1]
+    box = (left * scale_x, top * scale_y, (left + crop["width"]) * scale_x, (top + crop["height"]) * scale_y)
+    return image.crop(tuple(round(value) for value in box))
+
+
 def visualize_pruning(
     model: torch.nn.Module,
     image_processor,
@@ -346,8 +382,9 @@ def visualize_pruning(
 ) -> Path:
     """Run a CroprViT model on one image and write its pruning heat-map (plus predicted mask for segmentation).
 
-    The patch grid is stretched over the whole image, which is exact for processors that resize without cropping
-    (such as `ViTImageProcessor`); processors set to center-crop are refused.
+    The patch grid is drawn over the part of the image the model sees ([`model_view`]): the whole image for
+    processors that only resize, the center crop for those that crop (as converted DeiT, DINOv2 and CLIP
+    classifiers do).
 
     Args:
         model: a `CroprViTModel` or task model (its outputs carry `kept_indices`).
@@ -359,17 +396,13 @@ def visualize_pruning(
     Returns:
         The path written.
     """
-    if getattr(image_processor, "do_center_crop", False):
-        raise ValueError(
-            "The image processor center-crops, so patches would not line up with the image: "
-            "load it with `do_center_crop=False`."
-        )
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
             image = to_rgb(opened)
     else:
         image = to_rgb(image)
-    shown_size = panel_size(image.size, panel_height)
+    shown = model_view(image_processor, image)
+    shown_size = panel_size(shown.size, panel_height)
     pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
     config = model.config
     parameter = next(model.parameters())
@@ -386,7 +419,7 @@ def visualize_pruning(
     )
     # Everything from here on is at panel size: a mask at the size of a large image would take `num_labels` floats
     # per pixel.
-    shown = image.resize(shown_size, Image.Resampling.BICUBIC)
+    shown = shown.resize(shown_size, Image.Resampling.BICUBIC)
     mask = None
     logits = getattr(outputs, "logits", None)
     if logits is not None and logits.dim() == 4:
@@ -413,6 +446,7 @@ __all__ = [
     "class_colors",
     "drop_block_map",
     "legend_ticks",
+    "model_view",
     "panel_size",
     "render_pruning_heatmap",
     "visualize_pruning",

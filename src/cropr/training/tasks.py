@@ -170,7 +170,11 @@ def build_model(
 
         if "pruning_rate" not in overrides and "pruning_schedule" not in overrides:
             overrides["pruning_schedule"] = backbone_schedule(model_args.backbone, image_size, overrides)
-        return from_backbone(model_args.backbone, task.name, image_size=image_size, id2label=labels, **overrides)
+        # Training sees whole images, as with the other models: the data's labels describe the whole image (the
+        # built-in scenes place objects anywhere), so the source's center crop could cut a labelled object away.
+        return from_backbone(
+            model_args.backbone, task.name, image_size=image_size, id2label=labels, center_crop=False, **overrides
+        )
     if model_args.model_name_or_path:
         auto_class = (
             AutoModelForSemanticSegmentation
