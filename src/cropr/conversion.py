@@ -859,6 +859,10 @@ def from_backbone(
         the family's defaults and a warning (mean/std 0.5 for ViT and SigLIP, OpenAI's for CLIP, ImageNet's for the
         others).
     """
+    if center_crop is None:
+        center_crop = task in ("image-classification", "feature-extraction")
+    elif center_crop and task == "semantic-segmentation":
+        raise ValueError("`center_crop=True` is not supported for semantic segmentation: masks cover the whole image.")
     from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
     load_head = task == "image-classification" and keep_head is not False
     source_model, head = _load_source(source, load_head, **from_pretrained_kwargs)
@@ -894,10 +898,6 @@ def from_backbone(
             model.classifier.linear.weight.copy_(weight)
             model.classifier.linear.bias.copy_(bias)
 
-    if center_crop is None:
-        center_crop = task in ("image-classification", "feature-extraction")
-    elif center_crop and task == "semantic-segmentation":
-        raise ValueError("`center_crop=True` is not supported for semantic segmentation: masks cover the whole image.")
     source_settings = _source_processor_settings(source, image_processor, **from_pretrained_kwargs)
     settings = _processor_settings(source_settings, family, config.image_size_hw, center_crop)
     if task == "semantic-segmentation":
