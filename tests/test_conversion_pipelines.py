@@ -120,7 +120,7 @@ def test_converted_pipeline_gives_the_sources_top5_on_photos(family, tmp_path):
         actual = converted_pipeline(photo, top_k=5)
         scores = [prediction["score"] for prediction in expected]
         # Well apart, so that the ranking is the model's, not rounding's, and no score is saturated.
-        assert min(a - b for a, b in zip(scores, scores[1:])) > 2e-4 and scores[-1] > 1e-3
+        assert min(a - b for a, b in zip(scores[:-1], scores[1:], strict=True)) > 2e-4 and scores[-1] > 1e-3
         assert [prediction["label"] for prediction in actual] == [prediction["label"] for prediction in expected]
         assert [prediction["score"] for prediction in actual] == pytest.approx(scores, abs=1e-4)
 
