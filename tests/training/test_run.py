@@ -185,13 +185,22 @@ def save_tiny_siglip(folder) -> None:
 
 @pytest.mark.parametrize("save_backbone", [save_tiny_vit, save_tiny_siglip], ids=["vit", "siglip"])
 def test_backbone_runs_get_the_papers_pruning_regime(tmp_path, save_backbone):
+    from transformers import AutoImageProcessor, DeiTImageProcessorPil
+
     backbone = tmp_path / "backbone"
     save_backbone(backbone)
+    # A source processor that center-crops: the run keeps its normalisation but trains on whole images.
+    DeiTImageProcessorPil(size={"height": 37, "width": 37}, crop_size=32, image_mean=[0.1] * 3).save_pretrained(
+        backbone
+    )
     argv = [arg for arg in TINY_RUN if arg not in ("--preset", "tiny")]
     run("image-classification", argv + ["--output_dir", str(tmp_path / "out"), "--backbone", str(backbone)])
     config = CroprViTConfig.from_pretrained(tmp_path / "out")
     # 16 patches, 2 modules (4 blocks with LLF): 80% of the patches, i.e. 13, set aside as evenly as possible.
     assert config.effective_pruning_schedule == [7, 6, 0, 0]
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    assert list(processor.image_mean) == [0.1] * 3 and not processor.do_center_crop
+    assert processor.size.height == processor.size.width == config.image_size_hw[0]
 
 
 def test_a_plain_vit_checkpoint_is_pointed_to_backbone_in_one_line(tmp_path):
