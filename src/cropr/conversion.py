@@ -822,7 +822,8 @@ def from_backbone(
             Resolution of the converted model; defaults to the source config's. When it differs, the position
             embeddings are resized once here (float32 bicubic, as transformers does on the fly), so the converted
             model at that size computes what the source computes at that size. At other sizes the converted model
-            interpolates from its own grid.
+            interpolates from its own grid. DINOv2 configs say 518 px while their processors crop 224: pass
+            `image_size=224` for the source processor's size.
         num_labels (`int`, *optional*), id2label (`dict`, *optional*):
             Labels of a new task head (one of them is required for a new head; `label2id` is derived).
         image_processor (`str`, `os.PathLike` or image processor, *optional*):
