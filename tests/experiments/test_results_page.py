@@ -120,6 +120,11 @@ def test_superseded_are_the_other_recipes_redone_at_the_same_budget():
     assert set(superseded) == {(0, "semantic-segmentation"), (2, "semantic-segmentation")}
     assert "further run 2 repeats it at the same budget" in superseded[0, "semantic-segmentation"]
     assert "the main run repeats it" in superseded[2, "semantic-segmentation"]
+    # A setting for segmentation only does not make a classification result of the main budget superseded.
+    results = reproduction()
+    classification = {"image-classification": task("accuracy", SMALL, CLASSIFICATION)}
+    results["further_runs"].append(run(" --tasks image-classification", classification, aux_ignore_background=False))
+    assert set(superseded_tasks(results)) == set(superseded)
     largest = largest_budget_tasks(reproduction())
     assert {name: entry["run"] for name, entry in largest.items()} == {
         "image-classification": "further run 1",
@@ -137,6 +142,7 @@ def test_page_opens_with_the_summary_and_ends_with_the_appendix(tmp_path):
         "(results_largest_budget.png)",
         SUMMARY_END,
         MARKER_START,
+        MARKER_END,
         "## Fine-tuned selectors",
         "## Discussion of the fine-tuned runs",
         DETECTION_BEGIN,
