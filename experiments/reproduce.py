@@ -970,7 +970,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="1 seed, 16 scenes, 2 steps: a smoke test of minutes")
     parser.add_argument("--output-dir", default="docs", help="where results.json, results.md and the PNGs go")
     parser.add_argument(
-        "--render-only", action="store_true", help="only rewrite results.md and the plot from OUTPUT_DIR/results.json"
+        "--render-only",
+        action="store_true",
+        help="only rewrite results.md and the plots from OUTPUT_DIR/results.json (and the speed-dial and detection "
+        "results files there)",
     )
     parser.add_argument(
         "--attach",
