@@ -173,15 +173,11 @@ def render_section(results: dict[str, Any]) -> str:
 
 
 def splice_section(markdown_path: Path, results: dict[str, Any]) -> None:
-    """Put the section into `markdown_path`, replacing an earlier one, else at the end."""
+    """Put the section into `markdown_path`, replacing an earlier one, else before the appendix or at the end."""
+    from experiments.results_page import APPENDIX_HEADING, replace_section
+
     text = markdown_path.read_text() if markdown_path.is_file() else ""
-    section = render_section(results)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    markdown_path.write_text(text)
+    markdown_path.write_text(replace_section(text, BEGIN, END, render_section(results), before=APPENDIX_HEADING))
 
 
 def build_parser() -> argparse.ArgumentParser:

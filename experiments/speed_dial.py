@@ -222,10 +222,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from experiments.reproduce import SELECTOR_STYLES, selector_legend
+
     table = summary(results)
     throughput = next(iter(results["seeds"].values()))["throughput"]
-    styles = {"cropr": ("*-", 11), "random": ("o--", 6), "variance": ("^--", 6), "attention": ("D--", 6)}
-    figure, (by_speed, by_rate) = plt.subplots(1, 2, figsize=(11.0, 4.4))
+    figure, (by_speed, by_rate) = plt.subplots(1, 2, figsize=(11.0, 4.8))
     for selector, rows in table.items():
         rates = list(rows)
         y = [100 * rows[rate]["median"] for rate in rates]
@@ -233,11 +234,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
             [100 * (rows[r]["median"] - rows[r]["min"]) for r in rates],
             [100 * (rows[r]["max"] - rows[r]["median"]) for r in rates],
         ]
-        fmt, size = styles.get(selector, ("o-", 6))
-        label = "Cropr, calibrated without labels" if selector == "cropr" else selector
+        style = dict(SELECTOR_STYLES.get(selector, {}))
+        fmt = style.pop("marker", "o") + ("-" if selector == "cropr" else "--")
+        label = "cropr, calibrated without labels" if selector == "cropr" else selector
         x = [throughput[selector][rate] for rate in rates]
-        by_speed.errorbar(x, y, yerr=errors, fmt=fmt, markersize=size, capsize=3, label=label)
-        by_rate.errorbar([int(r) for r in rates], y, yerr=errors, fmt=fmt, markersize=size, capsize=3, label=label)
+        by_speed.errorbar(x, y, yerr=errors, fmt=fmt, capsize=3, label=label, **style)
+        by_rate.errorbar([int(r) for r in rates], y, yerr=errors, fmt=fmt, capsize=3, label=label, **style)
         if selector == "cropr":
             for rate, xi, yi in zip(rates, x, y, strict=True):
                 by_speed.annotate(f"R={rate}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=7)
@@ -246,9 +248,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for axis in (by_speed, by_rate):
         axis.set_ylabel("top-1 accuracy (%)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="lower left")
     figure.suptitle("One frozen DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)", fontsize=11)
-    figure.tight_layout()
+    selector_legend(figure, by_speed)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -349,12 +350,9 @@ def findings(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, Any], docs: Path) -> None:
-    """Write the report, the plot and the summary section of `docs/results.md`."""
-    plot(results, docs / "results_speed_dial.png")
-    (docs / "results_speed_dial.md").write_text(markdown(results))
-    main_page = docs / "results.md"
-    section = "\n".join(
+def main_page_section(results: dict[str, Any]) -> str:
+    """This experiment's section of `docs/results.md`, between `MARKER_START` and `MARKER_END`."""
+    return "\n".join(
         [
             MARKER_START,
             "## One frozen model, many speeds (label-free calibration)",
@@ -367,14 +365,20 @@ def render(results: dict[str, Any], docs: Path) -> None:
             MARKER_END,
         ]
     )
+
+
+def render(results: dict[str, Any], docs: Path) -> None:
+    """Write the report, the plot, and this experiment's section and the summary of `docs/results.md` (the summary
+    also reads the fine-tuned comparison's `results.json` there, when present)."""
+    from experiments.results_page import SUMMARY_END, refresh_summary, replace_section
+
+    plot(results, docs / "results_speed_dial.png")
+    (docs / "results_speed_dial.md").write_text(markdown(results))
+    main_page = docs / "results.md"
     text = main_page.read_text() if main_page.is_file() else ""
-    if MARKER_START in text and MARKER_END in text:
-        head, rest = text.split(MARKER_START, 1)
-        text = head + section + rest.split(MARKER_END, 1)[1]
-    else:
-        title, _, body = text.partition("\n")
-        text = f"{title}\n\n{section}\n{body}" if text else section + "\n"
-    main_page.write_text(text)
+    main_page.write_text(replace_section(text, MARKER_START, MARKER_END, main_page_section(results), after=SUMMARY_END))
+    reproduction = docs / "results.json"
+    refresh_summary(main_page, json.loads(reproduction.read_text()) if reproduction.is_file() else None, results)
 
 
 def build_parser() -> argparse.ArgumentParser:

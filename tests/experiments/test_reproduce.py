@@ -22,6 +22,7 @@ from experiments.reproduce import (
     resolve_backbone,
 )
 from experiments.reproduce_detection import END as DETECTION_END
+from experiments.results_page import APPENDIX_HEADING
 
 QUICK = ["--quick", "--from-scratch", "--preset", "tiny", "--canvas-size", "56"]
 
@@ -91,9 +92,12 @@ def test_quick_run_writes_results_report_and_figures(quick_run, tmp_path):
     argv = ["--render-only", "--output-dir", str(tmp_path), "--notes", str(notes), "--attach", str(other)]
     assert main(argv) == 0
     report = (tmp_path / "results.md").read_text()
-    assert report.count("## Object detection: Conditional DETR") == 1 and report.rstrip().endswith(DETECTION_END)
-    assert "## Discussion\n\nWhat was tried." in report
-    assert f"## Further run: `{results['command']}`" in report
+    assert report.count("## Object detection: Conditional DETR") == 1
+    assert "## Discussion of the fine-tuned runs\n\nWhat was tried." in report
+    assert f"### Further run 1: `{results['command']}`" in report
+    # The attached run repeats the main budget with the first segmentation recipe: its segmentation is superseded.
+    body, appendix = report.split(APPENDIX_HEADING)
+    assert body.rstrip().endswith(DETECTION_END) and "#### Further run 1, semantic-segmentation" in appendix
     assert "except for the options of this command, and `aux_ignore_background` = False (main run: True)" in report
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["notes"] == "What was tried."

@@ -1,5 +1,6 @@
 """The report of `experiments/speed_dial.py`: tables, findings and the section it keeps at the top of results.md."""
 
+from experiments.results_page import SUMMARY_BEGIN, SUMMARY_END
 from experiments.speed_dial import MARKER_END, MARKER_START, findings, render
 
 RATES = ("0", "1", "2")
@@ -51,7 +52,12 @@ def test_render_writes_the_report_and_replaces_its_section_of_results_md(tmp_pat
     render(fake_results(), tmp_path)
     render(fake_results(), tmp_path)
     page = (tmp_path / "results.md").read_text()
-    assert page.startswith("# Results\n\n" + MARKER_START) and page.count(MARKER_START) == 1
+    # The summary opens the page, the speed dial's section follows it, and the rest of the page stays as it was.
+    assert page.startswith("# Results\n\n" + SUMMARY_BEGIN) and page.count(MARKER_START) == 1
+    assert page.count(SUMMARY_BEGIN) == 1 and page.index(SUMMARY_END) < page.index(MARKER_START)
+    summary = page.split(SUMMARY_END)[0]
+    assert "at or above variance's (+5.0 to +10.0 points) and attention's (+15.0 to +20.0 points)" in summary
+    assert "at every pruned rate R=1-2, and below random's at R=2 (by at most 2.0 points)." in summary
     assert page.endswith(MARKER_END + "\n\nthe other runs\n")
     report = (tmp_path / "results_speed_dial.md").read_text()
     assert "| cropr | 60.0 [60.0, 60.0] | 55.0 [55.0, 55.0] | 50.0 [50.0, 50.0] |" in report

@@ -1,0 +1,173 @@
+"""The layout of `docs/results.md`, shared by the three generators that write it.
+
+The page reads top-down: a title, the summary (headline figures, two sentences of findings, a table of the headline
+numbers), one section per experiment, then an appendix of superseded runs. `scripts/reproduce.py` writes the whole
+page; `experiments/speed_dial.py` and `scripts/reproduce_detection.py` each rewrite only their section, between
+markers, and the summary is rewritten by whichever of them changes its numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SUMMARY_BEGIN = "<!-- summary:start -->"
+SUMMARY_END = "<!-- summary:end -->"
+APPENDIX_HEADING = "## Appendix: superseded runs"
+TRAINING_FREE = ("random", "variance", "attention")
+"""Selectors that score tokens without any training (non-salient inverts Cropr's learned scores, so it is not one)."""
+
+
+def replace_section(
+    text: str, begin: str, end: str, section: str, before: str | None = None, after: str | None = None
+) -> str:
+    """`text` with the lines from `begin` to `end` replaced by `section` (which carries both markers). Without an
+    earlier section, it goes before the first occurrence of `before`, or after the line holding `after`; when the page
+    has neither, after the title line (`after` given or neither given) or at the end (`before` given)."""
+    section = section.strip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
+    if not text:
+        return section + "\n"
+    if before is not None and before in text:
+        head, rest = text.split(before, 1)
+        return f"{head.rstrip()}\n\n{section}\n\n{before}{rest}"
+    if before is not None and after is None:
+        return f"{text.rstrip()}\n\n{section}\n"
+    if after is not None and after in text:
+        head, rest = text.split(after, 1)
+        line_end, _, body = rest.partition("\n")
+        return f"{head}{after}{line_end}\n\n{section}\n\n{body.lstrip()}"
+    title, _, body = text.partition("\n")
+    return f"{title}\n\n{section}\n\n{body.lstrip()}"
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
+    """One sentence: where calibrated Cropr stands against each training-free selector over the pruned rates."""
+    from experiments.speed_dial import summary
+
+    table = summary(speed_dial)
+    rates = [rate for rate in table["cropr"] if rate != "0"]
+    above, below = [], []
+    for baseline in (name for name in TRAINING_FREE if name in table):
+        deltas = {rate: table["cropr"][rate]["median"] - table[baseline][rate]["median"] for rate in rates}
+        worse = [rate for rate, delta in deltas.items() if delta < 0]
+        if worse:
+            below.append(f"{baseline}'s at R={', '.join(worse)} (by at most {100 * -min(deltas.values()):.1f} points)")
+        else:
+            above.append(f"{baseline}'s ({_points(min(deltas.values()))} to {_points(max(deltas.values()))} points)")
+    seconds = [seed["calibration"]["seconds"] for seed in speed_dial["seeds"].values()]
+    images = next(iter(speed_dial["seeds"].values()))["calibration"]["images"]
+    parts = []
+    if above:
+        parts.append(f"at or above {_join(above)} at every pruned rate R={rates[0]}-{rates[-1]}")
+    if below:
+        parts.append(f"below {_join(below)}")
+    return (
+        f"On one frozen DINOv2-S/14, Cropr modules calibrated without labels ({min(seconds) / 60:.1f}-"
+        f"{max(seconds) / 60:.1f} min on {images} images) reach a median top-1 accuracy " + ", and ".join(parts) + "."
+    )
+
+
+def reproduction_sentence(largest: dict[str, dict[str, Any]]) -> str:
+    """One sentence: Cropr against the other pruned selectors and the unpruned model, per task at its largest
+    budget."""
+    best, apart, gaps, speedups = [], True, [], []
+    for task_name, task in largest.items():
+        rows = task["selectors"]
+        others = {name: row for name, row in rows.items() if name not in ("none", "cropr")}
+        runner_up = max(others.values(), key=lambda row: row["median"])
+        if rows["cropr"]["median"] > runner_up["median"]:
+            best.append(task_name)
+            apart = apart and rows["cropr"]["min"] > runner_up["max"]
+        gaps.append(f"{100 * (rows['none']['median'] - rows['cropr']['median']):.1f} ({task_name})")
+        speedups.append(rows["cropr"]["speedup"])
+    if len(best) == len(largest):
+        lead = "the best median of the pruned selectors on every task"
+        lead += ", with seed ranges apart from the runner-up's" if apart else ""
+    elif best:
+        lead = f"the best median of the pruned selectors on {_join(best)} only"
+    else:
+        lead = "the best median of the pruned selectors on no task"
+    return (
+        f"Fine-tuned end to end, each task at its largest budget, Cropr has {lead}; it stays {_join(gaps)} points "
+        f"below the unpruned model at {min(speedups):.2f}x-{max(speedups):.2f}x its throughput."
+    )
+
+
+def headline_rows(speed_dial: dict[str, Any] | None, largest: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown table rows: unpruned, Cropr and the best training-free selector, for the speed dial at its largest
+    rate and for each task at its largest budget."""
+    from experiments.reproduce import METRIC_LABELS
+
+    lines = [
+        "| experiment | metric (%), median over seeds | unpruned | Cropr | best training-free | Cropr's speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    if speed_dial is not None:
+        from experiments.speed_dial import summary
+
+        table = summary(speed_dial)
+        rate = list(table["cropr"])[-1]
+        throughput = next(iter(speed_dial["seeds"].values()))["throughput"]["cropr"]
+        name = max((n for n in TRAINING_FREE if n in table), key=lambda n: table[n][rate]["median"])
+        lines.append(
+            f"| speed dial, frozen backbone, calibrated, R={rate} | top-1 accuracy | "
+            f"{100 * table['cropr']['0']['median']:.1f} | {100 * table['cropr'][rate]['median']:.1f} | "
+            f"{name} {100 * table[name][rate]['median']:.1f} | {throughput[rate] / throughput['0']:.2f}x |"
+        )
+    for task_name, task in largest.items():
+        rows = task["selectors"]
+        free = [name for name in TRAINING_FREE if name in rows]
+        name = max(free, key=lambda n: rows[n]["median"]) if free else None
+        budget = task["budget"]
+        lines.append(
+            f"| {task_name}, fine-tuned, {budget['num_train']} scenes x {budget['epochs']:g} epoch(s) | "
+            f"{METRIC_LABELS.get(task['metric'], task['metric'])} | {100 * rows['none']['median']:.1f} | "
+            f"{100 * rows['cropr']['median']:.1f} | "
+            + (f"{name} {100 * rows[name]['median']:.1f}" if name else "-")
+            + f" | {rows['cropr']['speedup']:.2f}x |"
+        )
+    return lines
+
+
+def summary_section(reproduction: dict[str, Any] | None, speed_dial: dict[str, Any] | None) -> str:
+    """The page's opening section, between `SUMMARY_BEGIN` and `SUMMARY_END`, from the two experiments' JSON."""
+    from experiments.reproduce import LARGEST_BUDGET_PLOT, largest_budget_tasks
+
+    largest = largest_budget_tasks(reproduction) if reproduction is not None else {}
+    lines = [SUMMARY_BEGIN, "## Summary", ""]
+    if speed_dial is not None:
+        lines += ["![Accuracy vs throughput per selector and rate, one frozen model](results_speed_dial.png)", ""]
+    if largest:
+        lines += [f"![Metric vs throughput per selector, each task at its largest budget]({LARGEST_BUDGET_PLOT})", ""]
+    sentences = []
+    if speed_dial is not None:
+        sentences.append(speed_dial_sentence(speed_dial))
+    if largest:
+        sentences.append(reproduction_sentence(largest))
+    lines += [" ".join(sentences), "", *headline_rows(speed_dial, largest), ""]
+    lines += [
+        "Speedups are measured images/s against the unpruned model on a shared CPU; the sections below give the "
+        "seed ranges, the commands and every run. Superseded runs are in the appendix at the end.",
+        SUMMARY_END,
+    ]
+    return "\n".join(lines)
+
+
+def refresh_summary(page: Path, reproduction: dict[str, Any] | None, speed_dial: dict[str, Any] | None) -> None:
+    """Rewrite the summary section of `page` (put it after the title when the page has none)."""
+    text = page.read_text() if page.is_file() else ""
+    page.write_text(replace_section(text, SUMMARY_BEGIN, SUMMARY_END, summary_section(reproduction, speed_dial)))
+
+
+__all__ = ["APPENDIX_HEADING", "SUMMARY_BEGIN", "SUMMARY_END", "refresh_summary", "replace_section", "summary_section"]
