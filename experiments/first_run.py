@@ -1,7 +1,7 @@
 """The first run (`make main`): a CroprViT fine-tuned from the ViT backbone shipped in the package, compared with
 the unpruned model trained the same way.
 
-Both models start from the same pretrained backbone (`cropr.pretraining.BACKBONE_DIR`, or `--backbone` with any ViT /
+Both models start from the same pretrained backbone (`cropr.pretrained.BACKBONE_DIR`, or `--backbone` with any ViT /
 DINOv2 checkpoint or Hub id) and get the same recipe, data and budget on the built-in cluttered Fashion-MNIST task
 (training scenes from the training split's garments, evaluation scenes from the test split's). The console shows one
 progress bar per phase and ends with a table: accuracy and eval throughput of the pruned model, of the unpruned one,
@@ -33,12 +33,15 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .configuration_cropr_vit import per_block_schedule
-from .data.fashion_mnist import SUBSET_SOURCE
-from .pretraining import BACKBONE_DIR
-from .reproduce import Budget, ReproduceConfig, draw_heatmaps, fine_tune, model_geometry, portable_path
-from .timing import measure_throughput
-from .training import TASKS, DataArguments, eval_pixel_values, load_task_data, make_transforms, report_table
+from cropr.data.fashion_mnist import SUBSET_SOURCE
+from cropr.models.cropr_vit.configuration_cropr_vit import per_block_schedule
+from cropr.pretrained import BACKBONE_DIR
+from cropr.tools.timing import measure_throughput
+from cropr.training.arguments import DataArguments
+from cropr.training.run import eval_pixel_values, report_table
+from cropr.training.tasks import TASKS, load_task_data
+from cropr.training.transforms import make_transforms
+from experiments.reproduce import Budget, ReproduceConfig, draw_heatmaps, fine_tune, model_geometry, portable_path
 
 TASK = "image-classification"
 DEFAULT_OUTPUT_DIR = "outputs/first-run"
@@ -324,7 +327,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of `scripts/main_job.py` (`make main`)."""
+    """Entry point of `scripts/first_run.py` (`make main`)."""
     return run(parse_args(argv))
 
 

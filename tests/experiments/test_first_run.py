@@ -1,4 +1,4 @@
-"""`make main` (`scripts/main_job.py`): the table, the picture and the checkpoint it promises, on a clean console."""
+"""`make main` (`scripts/first_run.py`): the table, the picture and the checkpoint it promises, on a clean console."""
 
 import json
 import logging
@@ -9,14 +9,14 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from cropr.first_run import VARIANTS, console_to_log
+from experiments.first_run import VARIANTS, console_to_log
 
 ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<accuracy>\d+\.\d%)\s+\d+\.\d\s+\d+\.\d\dx\s+\d+\.\d\dx$")
 
 
 def test_quick_run_prints_the_table_the_picture_and_a_runnable_checkpoint(tmp_path, capsys):
     output_dir = tmp_path / "first-run"
-    command = [sys.executable, "scripts/main_job.py", "--quick", "--output-dir", str(output_dir)]
+    command = [sys.executable, "scripts/first_run.py", "--quick", "--output-dir", str(output_dir)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -11,8 +11,8 @@ from transformers import ViTForImageClassification, ViTModel
 import cropr
 from cropr.data import load_fashion_mnist
 from cropr.data.scenes import NOISE_MAX
-from cropr.pretraining import (
-    BACKBONE_DIR,
+from cropr.pretrained import BACKBONE_DIR
+from experiments.pretraining import (
     PretrainConfig,
     garment_canvases,
     parse_phases,
@@ -34,7 +34,7 @@ def test_shipped_backbone_loads_offline_and_converts():
     pixel_values = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         expected = source(pixel_values).last_hidden_state
-        converted = model.eval().backbone(pixel_values).last_hidden_state
+        converted = model.eval().base_model(pixel_values).last_hidden_state
     torch.testing.assert_close(converted, expected, atol=1e-4, rtol=1e-4)
 
 
