@@ -1,11 +1,13 @@
 """The ViT backbone shipped in the package: it loads offline and converts, and its pretraining saw only training
 garments."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import ViTForImageClassification, ViTModel
 
 import cropr
@@ -19,6 +21,7 @@ from experiments.pretraining import (
     patch_labels,
     pretrain,
     pretraining_scenes,
+    run,
     segment_scenes,
     window_hidden,
 )
@@ -118,3 +121,28 @@ def test_patch_labels_are_each_patchs_most_frequent_class():
     maps[0, :8, :5] = 3  # 40 of the 64 pixels of the first patch
     maps[0, 8:, 8:] = 7
     assert patch_labels(maps, 8).tolist() == [[3, 0, 0, 7]]
+
+
+def test_a_continued_run_starts_from_the_earlier_weights_and_its_card_tells_both_runs(tmp_path):
+    config = PretrainConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        phases=[("scenes", 40, 1)],
+        scenes_per_epoch=8,
+        batch_size=8,
+        warmup_steps=1,
+        monitor_scenes=4,
+        eval_scenes=4,
+    )
+    run(config, tmp_path / "first", "python scripts/pretrain_backbone.py")
+    # A learning rate of 0 leaves the weights where the continued run found them.
+    continued = dataclasses.replace(config, init_from=str(tmp_path / "first"), learning_rate=0.0)
+    results = run(continued, tmp_path / "second", "python scripts/pretrain_backbone.py --init-from first")
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+    assert results["records"][0]["epoch"] == 2  # its scenes follow the earlier run's
+    card = (tmp_path / "second" / "README.md").read_text()
+    assert "`python scripts/pretrain_backbone.py` then `python scripts/pretrain_backbone.py --init-from first`" in card
+    assert "then, continuing from that checkpoint, 1 epoch of scenes" in card
