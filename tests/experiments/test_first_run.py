@@ -17,7 +17,7 @@ ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<accuracy>\d+\.\d%)\s+\d+\.\d\s+\d+\.\
 def test_quick_run_prints_the_table_the_picture_and_a_runnable_checkpoint(tmp_path, capsys):
     output_dir = tmp_path / "first-run"
     command = [sys.executable, "scripts/first_run.py", "--quick", "--output-dir", str(output_dir)]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
 
