@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import sys
@@ -376,11 +377,19 @@ def model_card(config: PretrainConfig, results: dict) -> str:
     )
     recipe = "; then, continuing from that checkpoint, ".join(
         f"{describe_phases(run['config']['phases'])} (lr {run['config']['learning_rate']}, "
-        f"{run['config']['warmup_steps']} warm-up steps)"
+        f"{run['config']['warmup_steps']} warm-up steps, {run['config']['scenes_per_epoch']} scenes or segments per "
+        "epoch)"
         for run in runs
     )
     commands = " then ".join(f"`{run['command']}`" for run in runs)
     wall_minutes = sum(run["wall_minutes"] for run in runs)
+    load = (
+        " (load average {:.1f}, {:.1f}, {:.1f} over the last 1, 5, 15 minutes of the last run)".format(
+            *results["load_average"]
+        )
+        if results.get("load_average")
+        else ""
+    )
     wall_parts = " + ".join(f"{run['wall_minutes']:.1f}" for run in runs)
     return f"""---
 license: mit
@@ -414,9 +423,9 @@ Fashion-MNIST: Xiao, Rasul and Vollgraf 2017, MIT license, Zalando SE), in three
 
 - *lone garments*: each training garment once per epoch, grey on black at a random position of a small canvas;
   labelled with its class, and each patch with the class of the garment it shows or background;
-- *segments*: {config.scenes_per_epoch} fresh scenes per epoch of 2 to 4 tinted garments on faint noise (the built-in
+- *segments*: fresh scenes each epoch of 2 to 4 tinted garments on faint noise (the built-in
   segmentation kind, `cropr.data.build_segmentation`); each patch labelled with its most frequent pixel class;
-- *scenes*: {config.scenes_per_epoch} fresh scenes per epoch of the built-in cluttered-classification kind
+- *scenes*: fresh scenes each epoch of the built-in cluttered-classification kind
   (`cropr.data.build_cluttered_classification`: one tinted garment at a random scale and position among fragments
   of garments of other classes, on faint noise); labelled with the garment's class.
 
@@ -434,7 +443,7 @@ a 56 px scene costs a quarter of the tokens of a 112 px one, so the CPU buys fou
 practise classifying from part of the tokens.
 
 - Command{"s" if len(runs) > 1 else ""}: {commands}
-- Machine: {results["machine"]}, shared with other jobs
+- Machine: {results["machine"]}, shared with other jobs{load}
 - Wall time: {wall_minutes:.1f} minutes{f" ({wall_parts})" if len(runs) > 1 else ""}
 - Per epoch: see `pretraining_log.json`
 
@@ -472,6 +481,7 @@ def run(config: PretrainConfig, output_dir: Path, command: str) -> dict:
         "eval_accuracy": eval_accuracy,
         "wall_minutes": wall_minutes,
         "machine": machine_description(),
+        "load_average": list(os.getloadavg()),
         "train_garments": len(data.train_images),
         "parameters": sum(p.numel() for p in model.vit.parameters()),
         "torch": torch.__version__,
