@@ -1,4 +1,5 @@
-# Two entry points that work on a fresh machine: `make main` (the main job) and `make test` (the test suite).
+# Two entry points that work on a fresh machine: `make main` (the first run: fine-tune and compare, offline) and
+# `make test` (the test suite).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 main: setup
-	$(BIN)/python scripts/main_job.py $(ARGS)
+	$(BIN)/python scripts/first_run.py $(ARGS)
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, Trainer, TrainingArguments, set_seed
+from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from cropr.models.cropr_vit.configuration_cropr_vit import per_block_schedule
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
@@ -39,8 +39,12 @@ from cropr.training.curriculum import PruningCurriculumCallback
 from cropr.training.tasks import TASKS, TaskSpec, build_model, load_task_data
 from cropr.training.transforms import EpochCallback, TrainingSplit, make_transforms
 
-DEFAULT_BACKBONE = Path(__file__).resolve().parents[3] / "shared" / "data" / "dinov2-small"
-"""The pretrained DINOv2-S/14 of the development machines (`../shared/data/dinov2-small` from the repository)."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout root (`experiments/` is one level below it)."""
+
+DEFAULT_BACKBONE = REPO_ROOT.parent / "shared" / "data" / "dinov2-small"
+"""A local copy of DINOv2-S/14 that development machines keep in `shared/data/` beside the checkout; elsewhere pass
+`--backbone` (a folder or a Hub id such as facebook/dinov2-small)."""
 
 SELECTORS: dict[str, tuple[str, ...]] = {
     "image-classification": ("none", "cropr", "random", "variance", "attention", "non_salient"),
@@ -199,7 +203,7 @@ class TrainedVariant:
     model: CroprViTPreTrainedModel
 
 
-def train_variant(
+def fine_tune(
     task: TaskSpec,
     selector: str,
     seed: int,
@@ -210,8 +214,13 @@ def train_variant(
     dataset,
     labels: dict[int, str],
     work_dir: str,
-) -> tuple[TrainedVariant, Any]:
-    """Fine-tune and evaluate one selector at one seed; returns the stripped model and its image processor."""
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[Trainer, float]:
+    """Fine-tune one selector at one seed with the recipe of `config`; returns the trainer and the training seconds.
+
+    The trainer holds the trained model (with its training modules) and evaluates on `dataset["validation"]`;
+    `callbacks` are added to it (for example a progress display).
+    """
     budget = config.budgets[task.name]
     set_seed(seed)
     model_args = ModelArguments(backbone=backbone, preset=config.preset)
@@ -255,7 +264,7 @@ def train_variant(
     )
     ramp = 0.0 if selector == "none" else config.curriculum
     train_dataset = TrainingSplit(dataset["train"], make_transforms(task, processor, augment=True, seed=seed))
-    callbacks = [EpochCallback(train_dataset)] + ([PruningCurriculumCallback(ramp)] if ramp > 0 else [])
+    callbacks = [EpochCallback(train_dataset), *([PruningCurriculumCallback(ramp)] if ramp > 0 else []), *callbacks]
     trainer = Trainer(
         model=model,
         args=args,
@@ -268,10 +277,28 @@ def train_variant(
     )
     start = time.perf_counter()
     trainer.train()
-    train_seconds = time.perf_counter() - start
+    return trainer, time.perf_counter() - start
+
+
+def train_variant(
+    task: TaskSpec,
+    selector: str,
+    seed: int,
+    config: ReproduceConfig,
+    backbone: str | None,
+    schedule: list[int],
+    image_size: int,
+    dataset,
+    labels: dict[int, str],
+    work_dir: str,
+) -> tuple[TrainedVariant, Any]:
+    """Fine-tune and evaluate one selector at one seed; returns the stripped model and its image processor."""
+    trainer, train_seconds = fine_tune(
+        task, selector, seed, config, backbone, schedule, image_size, dataset, labels, work_dir
+    )
     metric = trainer.evaluate()[f"eval_{task.main_metric}"]
     stripped = trainer.model.eval().strip_training_modules()
-    return TrainedVariant(float(metric), train_seconds, stripped), processor
+    return TrainedVariant(float(metric), train_seconds, stripped), trainer.processing_class
 
 
 def object_patches(labels: torch.Tensor, patch_size: tuple[int, int], background: int, ignore_index: int):
@@ -414,6 +441,37 @@ def draw_heatmaps(
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole run
 # ----------------------------------------------------------------------------------------------------------------------
+def portable_path(path: str | os.PathLike) -> str:
+    """A path as results files record it: relative to the repository when inside it, else its last component.
+
+    An absolute path, or one that leaves the working directory, would name a folder of the machine that wrote the
+    file, meaningless to a reader elsewhere. Other relative paths and Hub ids are kept as they are.
+    """
+    text = os.fspath(path)
+    if not _leaves_working_directory(text):
+        return Path(text).as_posix()
+    resolved = Path(text).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else resolved.name
+
+
+def _leaves_working_directory(text: str) -> bool:
+    return os.path.isabs(text) or text == ".." or text.startswith("../")
+
+
+def portable_command(command: str) -> str:
+    """A recorded command with each path argument outside the working directory made portable ([`portable_path`])."""
+    words = shlex.split(command)
+    return shlex.join(portable_path(word) if _leaves_working_directory(word) else word for word in words)
+
+
+def make_portable(results: dict[str, Any]) -> None:
+    """Make the paths a run records (command, model, backbone) portable, in place."""
+    results["command"] = portable_command(results["command"])
+    results["model"] = portable_path(results["model"])
+    if results["config"].get("backbone"):
+        results["config"]["backbone"] = portable_path(results["config"]["backbone"])
+
+
 def run_reproduction(
     config: ReproduceConfig, out_dir: str | Path, command: Sequence[str], notes: str | None = None
 ) -> dict[str, Any]:
@@ -435,6 +493,7 @@ def run_reproduction(
         "model": backbone or f"preset {config.preset} (from scratch)",
         "tasks": {},
     }
+    make_portable(results)
     if notes is not None:
         results["notes"] = notes
     with tempfile.TemporaryDirectory() as work_dir:
@@ -579,7 +638,7 @@ def render_markdown(
         "# Token Cropr at small scale: results",
         "",
         "Generated from the results files beside this page, so every number comes from them: `results.json` "
-        "(`scripts/reproduce.py`), `results_speed_dial.json` (`experiments/speed_dial.py`) and "
+        "(`scripts/reproduce.py`), `results_speed_dial.json` (`scripts/speed_dial.py`) and "
         "`results_detection.json` (`scripts/reproduce_detection.py`).",
         "",
         summary_section(results, speed_dial),
@@ -863,6 +922,7 @@ def attach_run(results: dict[str, Any], other: dict[str, Any]) -> None:
     """Store another run's results (e.g. a larger budget) in `results["further_runs"]`, replacing one with the same
     command; its heat-maps are not carried over."""
     run = {key: other[key] for key in RUN_KEYS}
+    make_portable(run)
     run["tasks"] = {name: {**task, "heatmaps": []} for name, task in other["tasks"].items()}
     runs = [existing for existing in results.get("further_runs", []) if existing["command"] != run["command"]]
     results["further_runs"] = [*runs, run]
@@ -1052,9 +1112,11 @@ __all__ = [
     "ReproduceConfig",
     "SELECTORS",
     "attach_run",
+    "fine_tune",
     "load_results",
     "main",
     "parameter_groups",
+    "portable_path",
     "render_docs",
     "render_markdown",
     "run_reproduction",

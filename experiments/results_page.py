@@ -2,7 +2,7 @@
 
 The page reads top-down: a title, the summary (headline figures, two sentences of findings, a table of the headline
 numbers), one section per experiment, then an appendix of superseded runs. `scripts/reproduce.py` writes the whole
-page; `experiments/speed_dial.py` and `scripts/reproduce_detection.py` each rewrite only their section, between
+page; `scripts/speed_dial.py` and `scripts/reproduce_detection.py` each rewrite only their section, between
 markers, and the summary is rewritten by whichever of them changes its numbers.
 """
 

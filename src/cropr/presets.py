@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vit-ti8-112": dict(
         image_size=112, patch_size=8, hidden_size=192, num_hidden_layers=8, num_attention_heads=3, pruning_rate=28
     ),
-    # The main job's model: trains from scratch in minutes on 2 CPU cores. 196 patches at 112 px, 6 blocks of width
+    # A model that trains from scratch in minutes on 2 CPU cores. 196 patches at 112 px, 6 blocks of width
     # 128; R=40 per block + LLF keeps 35 of 196 patches (82% pruned) after block 3.
     "vit-mini8-112": dict(
         image_size=112, patch_size=8, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, pruning_rate=40

@@ -14,10 +14,12 @@ from test_reproduce_detection import results as detection_results
 
 from experiments.reproduce import (
     SELECTORS,
+    attach_run,
     command_settings,
     main,
     object_patches,
     object_share_of_kept_patches,
+    portable_path,
     recipe_differences,
     resolve_backbone,
 )
@@ -169,3 +171,28 @@ def test_object_share_counts_what_the_last_module_keeps():
     last[:, 14:] = True
     assert object_share_of_kept_patches(model, pixel_values, first) == pytest.approx(2 / kept)
     assert object_share_of_kept_patches(model, pixel_values, last) == 0.0
+
+
+def test_portable_paths_are_relative_to_the_repository_or_just_a_name(tmp_path):
+    assert portable_path(REPO_ROOT / "docs" / "results.json") == "docs/results.json"
+    assert portable_path(tmp_path / "long") == "long"
+    assert portable_path(str(REPO_ROOT.parent / "shared" / "data" / "dinov2-small")) == "dinov2-small"
+    assert portable_path("../elsewhere/vit") == "vit"
+    assert portable_path("facebook/dinov2-small") == "facebook/dinov2-small"  # a Hub id stays as it is
+
+
+def test_attached_runs_record_no_machine_path(tmp_path):
+    results = {"command": "python scripts/reproduce.py", "model": "dinov2-small", "config": {}, "tasks": {}}
+    other = {
+        "command": f"python scripts/reproduce.py --output-dir {tmp_path / 'long'} --backbone ../elsewhere/vit",
+        "started": "now",
+        "wall_seconds": 1.0,
+        "environment": {},
+        "config": {"backbone": str(tmp_path / "vit")},
+        "model": str(tmp_path / "vit"),
+        "tasks": {},
+    }
+    attach_run(results, other)
+    run = results["further_runs"][0]
+    assert run["command"] == "python scripts/reproduce.py --output-dir long --backbone vit"
+    assert run["model"] == run["config"]["backbone"] == "vit"

@@ -6,8 +6,8 @@ looked for, in order:
 
 1. the `path` argument,
 2. the directory named by the `CROPR_FASHION_MNIST_DIR` environment variable,
-3. `../shared/data/fashion-mnist` relative to the current directory,
-4. `../shared/data/fashion-mnist` relative to the repository root (for a development checkout),
+3. `shared/data/fashion-mnist` in the parent of the current directory,
+4. `shared/data/fashion-mnist` in the parent of the repository root (where development checkouts keep a copy),
 5. `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist` package),
 6. the class-balanced subset committed in the package (`fashion_mnist_subset.npz`, 6,000 training and 1,000 test
    images), so that the built-in tasks work without any download.

@@ -27,7 +27,7 @@ from ..models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
 from .timing import interleaved_timings
 from .visualization import drop_block_map, model_view, panel_size, render_pruning_heatmap
 
-DEFAULT_CHECKPOINT = "outputs/main-job"
+DEFAULT_CHECKPOINT = "outputs/first-run/model"
 """The checkpoint the demo opens when none is given: where the README's first command (`make main`) saves its model."""
 
 MAX_IMAGE_PIXELS = 50_000_000

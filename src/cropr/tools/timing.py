@@ -81,11 +81,18 @@ def interleaved_timings(
 
 @torch.inference_mode()
 def measure_throughput(
-    models: Mapping[str, torch.nn.Module], pixel_values: torch.Tensor, repeats: int = 5, warmup: int = 1
+    models: Mapping[str, torch.nn.Module],
+    pixel_values: torch.Tensor,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Median images per second of each model (eval mode) on the same batch, measured interleaved."""
+    """Median images per second of each model (eval mode) on the same batch, measured interleaved.
+
+    `progress` is called once per model after its warm-up and once per repeat (see [`interleaved_timings`]).
+    """
     steps = {name: (lambda model=model: model.eval()(pixel_values)) for name, model in models.items()}
-    samples = interleaved_timings(steps, pixel_values.device, warmup=warmup, repeats=repeats)
+    samples = interleaved_timings(steps, pixel_values.device, warmup=warmup, repeats=repeats, progress=progress)
     return {name: pixel_values.shape[0] / statistics.median(values) for name, values in samples.items()}
 
 

@@ -48,9 +48,12 @@ def eval_pixel_values(dataset, transform, limit: int) -> torch.Tensor:
     return transform(rows[:])["pixel_values"]
 
 
-def report_table(rows: Sequence[tuple[str, str, str]]) -> str:
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+def report_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned text columns."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,15 @@
+"""Pretrain the small ViT backbone shipped in the package (`src/cropr/pretrained/`), from the training split only.
+
+Reproduces the committed checkpoint with its model card: `python scripts/pretrain_backbone.py` (about an hour on a
+2-core CPU). See `experiments/pretraining.py` for the recipe.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, which holds experiments/
+
+from experiments.pretraining import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
