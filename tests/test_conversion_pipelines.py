@@ -144,3 +144,31 @@ def test_crop_follows_the_converted_size_and_the_task(tmp_path):
         assert list(processor.image_mean) == list(IMAGENET_DEFAULT_MEAN)
     with pytest.raises(ValueError, match="`center_crop=True` is not supported for semantic segmentation"):
         from_backbone(tmp_path, "semantic-segmentation", num_labels=2, center_crop=True)
+
+
+def test_default_size_is_the_source_processors_crop(tmp_path):
+    """A DINOv2 classifier's config says 518 px while its processor crops 224, the size its pipeline runs at."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
+
+    from cropr import from_backbone
+
+    config = Dinov2Config(
+        image_size=56,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    Dinov2ForImageClassification(config).save_pretrained(tmp_path / "dinov2")
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "dinov2"
+    )
+    model, processor = from_backbone(str(tmp_path / "dinov2"), "image-classification", token_selector="none")
+    assert model.config.image_size_hw == (32, 32) and processor.crop_size == {"height": 32, "width": 32}
+    model, processor = from_backbone(
+        str(tmp_path / "dinov2"), "multi-label-classification", num_labels=3, token_selector="none"
+    )
+    assert model.config.image_size_hw == (56, 56) and processor.size == {"height": 56, "width": 56}

@@ -744,6 +744,14 @@ def _source_processor_settings(
         return None
 
 
+def _cropped_size(settings: dict | None) -> tuple[int, int] | None:
+    """The size the source's processor crops its images to (what its model is run at), `None` when it does not."""
+    crop = (settings or {}).get("crop_size") or {}
+    if settings and settings.get("do_center_crop") and crop.get("height") and crop.get("width"):
+        return crop["height"], crop["width"]
+    return None
+
+
 def _resize_and_crop(settings: dict, image_size: tuple[int, int], center_crop: bool) -> dict:
     """`size` (and the center crop) of the converted processor: the source's resize and crop scaled to `image_size`
     when the source crops (e.g. shortest edge 256, crop 224 becomes shortest edge 512, crop 448 at 448 px, and stays
@@ -819,11 +827,12 @@ def from_backbone(
             "semantic-segmentation", or "feature-extraction" (the bare `CroprViTModel`). Segmentation gets one Cropr
             query per patch (`num_queries`) and `last_layer_fusion=True`.
         image_size (`int` or `(height, width)`, *optional*):
-            Resolution of the converted model; defaults to the source config's. When it differs, the position
-            embeddings are resized once here (float32 bicubic, as transformers does on the fly), so the converted
-            model at that size computes what the source computes at that size. At other sizes the converted model
-            interpolates from its own grid. DINOv2 configs say 518 px while their processors crop 224: pass
-            `image_size=224` for the source processor's size.
+            Resolution of the converted model; defaults to the size the source's image processor crops to when the
+            converted processor crops too (DINOv2 configs say 518 px while their processors crop 224, at which the
+            source runs in its pipeline), else to the source config's. When it differs from the config's, the
+            position embeddings are resized once here (float32 bicubic, as transformers does on the fly), so the
+            converted model at that size computes what the source computes at that size. At other sizes the
+            converted model interpolates from its own grid.
         num_labels (`int`, *optional*), id2label (`dict`, *optional*):
             Labels of a new task head (one of them is required for a new head; `label2id` is derived).
         image_processor (`str`, `os.PathLike` or image processor, *optional*):
@@ -870,6 +879,9 @@ def from_backbone(
     source_config = source_model.config
     family = backbone_family(source_config)
     head = _head_to_keep(head, source_config, task, keep_head, num_labels, id2label)
+    source_settings = _source_processor_settings(source, image_processor, **from_pretrained_kwargs)
+    if image_size is None:
+        image_size = _cropped_size(source_settings) if center_crop else None
     config = cropr_config_from_backbone(
         source_config,
         task,
@@ -899,7 +911,6 @@ def from_backbone(
             model.classifier.linear.weight.copy_(weight)
             model.classifier.linear.bias.copy_(bias)
 
-    source_settings = _source_processor_settings(source, image_processor, **from_pretrained_kwargs)
     settings = _processor_settings(source_settings, family, config.image_size_hw, center_crop)
     if task == "semantic-segmentation":
         return model, SegformerImageProcessorPil(do_reduce_labels=False, **settings)
