@@ -3,8 +3,8 @@
 A transformers detector (Conditional DETR by default, or DETR) is built with `backbone_config=` a CroprViT config
 (`CroprViTBackbone`, from a preset, or converted from any checkpoint `from_backbone` takes, with `--backbone`) and
 trained with `Trainer` on the built-in detection scenes (`cropr.data.load_builtin_task("detection")`, COCO-style
-boxes) or on a dataset of the same layout (`--dataset_name`: columns `image`, `image_id` and `objects` with COCO `bbox` and
-`category`, as transformers' object-detection example reads).
+boxes) or on a dataset of the same layout (`--dataset_name`: columns `image`, `image_id` and `objects` with COCO
+`bbox` and `category`, as transformers' object-detection example reads).
 
 The detector's loss ignores the Cropr modules; their auxiliary heads learn, as for the other tasks, from a loss added
 here: the multi-hot set of the object classes in each image ([`CroprViTBackbone.auxiliary_loss`]), weighted by the
