@@ -46,6 +46,8 @@ def test_quick_run_prints_the_table_the_picture_and_a_runnable_checkpoint(tmp_pa
     results = json.loads((output_dir / "results.json").read_text())
     assert str(tmp_path) not in json.dumps(results)
     assert set(results["accuracy"]) == {name for name, _ in VARIANTS} | {"pruned weights, pruning off"}
+    # One torch thread (the default): timed on this process's CPU time, which other jobs on the cores do not skew.
+    assert results["torch_threads"] == 1 and results["clock"] == "cpu" and "per CPU-second" in result.stdout
 
 
 def test_console_to_log_sends_prints_and_logs_to_the_file_and_lets_errors_through(tmp_path, capsys):

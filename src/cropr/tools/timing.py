@@ -86,13 +86,18 @@ def measure_throughput(
     repeats: int = 5,
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
+    min_time: float = 0.0,
+    clock: str = "wall",
 ) -> dict[str, float]:
     """Median images per second of each model (eval mode) on the same batch, measured interleaved.
 
-    `progress` is called once per model after its warm-up and once per repeat (see [`interleaved_timings`]).
+    `progress` is called once per model after its warm-up and once per repeat; `min_time` and `clock` as for
+    [`interleaved_timings`] (images per CPU-second with `clock="cpu"`).
     """
     steps = {name: (lambda model=model: model.eval()(pixel_values)) for name, model in models.items()}
-    samples = interleaved_timings(steps, pixel_values.device, warmup=warmup, repeats=repeats, progress=progress)
+    samples = interleaved_timings(
+        steps, pixel_values.device, warmup=warmup, repeats=repeats, min_time=min_time, progress=progress, clock=clock
+    )
     return {name: pixel_values.shape[0] / statistics.median(values) for name, values in samples.items()}
 
 
