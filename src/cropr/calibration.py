@@ -168,8 +168,8 @@ def load_for_calibration(
                 "head first and calibrate that CroprViT checkpoint."
             )
         # An image classifier keeps its own head (a source without one cannot be calibrated on predictions).
-        head = {"keep_head": True} if task == "image-classification" else {}
-        model, converted_processor = from_backbone(source, task, **head, **overrides)
+        keep_head = True if task == "image-classification" else None
+        model, converted_processor = from_backbone(source, task, keep_head=keep_head, **overrides)
         image_processor = image_processor if image_processor is not None else converted_processor
         overrides = {}
     if task is not None:
