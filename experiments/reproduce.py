@@ -78,6 +78,7 @@ class ReproduceConfig:
     image_size: int | None = None
     canvas_size: int = 112
     removed_fraction: float = 0.85
+    num_modules: int | None = None  # Cropr modules after the first this many blocks; None: all but the last two
     pooling: str = "cls"
     curriculum: float = 0.5
     batch_size: int = 8
@@ -335,7 +336,7 @@ def run_task(
     task = TASKS[task_name]
     budget = config.budgets[task_name]
     depth, image_size, num_patches = model_geometry(config, backbone)
-    schedule = per_block_schedule(depth, num_patches, config.removed_fraction)
+    schedule = per_block_schedule(depth, num_patches, config.removed_fraction, num_modules=config.num_modules)
     data_args = DataArguments(
         num_train_samples=budget.num_train, num_eval_samples=budget.num_eval, canvas_size=config.canvas_size
     )
@@ -681,7 +682,8 @@ def render_markdown(
         "token; segmentation uses the Segmenter linear head on every patch.",
         "- Trained: the blocks after the frozen ones (see the table), the final norm, the Cropr modules and the head; "
         "the patch embedding and the first blocks stay frozen, so the CPU budget goes into more steps.",
-        f"- Schedule: per block with LLF, {config['removed_fraction']:.0%} of the patches removed by the last module.",
+        f"- Schedule: per block with LLF, {config['removed_fraction']:.0%} of the patches removed by the last module"
+        + (f" (modules after the first {config['num_modules']} blocks)." if config.get("num_modules") else "."),
         "- Segmentation's Cropr auxiliary loss "
         + (
             "ignores the background class (`aux_ignored_labels`; see the discussion)."

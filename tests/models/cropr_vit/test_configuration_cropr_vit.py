@@ -111,6 +111,14 @@ def test_per_block_schedule_spreads_the_removal_over_all_but_the_last_two_blocks
         per_block_schedule(12, 64, 1.0)
 
 
+def test_per_block_schedule_can_put_its_modules_after_the_first_blocks_only():
+    assert per_block_schedule(6, 196, 0.8, num_modules=3) == [53, 52, 52, 0, 0, 0]
+    assert per_block_schedule(6, 196, 0.8, num_modules=4) == per_block_schedule(6, 196, 0.8)
+    for num_modules in (0, 5):
+        with pytest.raises(ValueError, match="`num_modules` must be from 1 to 4 for 6 blocks"):
+            per_block_schedule(6, 196, 0.8, num_modules=num_modules)
+
+
 @pytest.mark.parametrize(
     ("ignored", "message"),
     [([5], r"class ids in \[0, 4\].*got \[5\]"), ([-1, 2], r"got \[-1\]"), ([0, 1, 2, 3, 4], "ignores all 5 classes")],

@@ -82,19 +82,28 @@ def as_pair(value: int | Sequence[int], name: str = "size") -> tuple[int, int]:
 
 
 def per_block_schedule(
-    depth: int, num_patches: int, removed_fraction: float, last_layer_fusion: bool = True
+    depth: int,
+    num_patches: int,
+    removed_fraction: float,
+    last_layer_fusion: bool = True,
+    num_modules: int | None = None,
 ) -> list[int]:
     """Tokens removed after each block by a per-block schedule that sets aside `removed_fraction` of the patches.
 
-    One module after every block but the last (or the last two with Last Layer Fusion); together they remove
-    `round(removed_fraction * num_patches)` patches (at most all but one), as evenly as possible, earlier modules
-    taking the remainder. For a pretrained backbone at an arbitrary resolution this is easier to choose than R.
+    One module after each of the first `num_modules` blocks (default: every block but the last, or the last two with
+    Last Layer Fusion); together they remove `round(removed_fraction * num_patches)` patches (at most all but one), as
+    evenly as possible, earlier modules taking the remainder. For a pretrained backbone at an arbitrary resolution
+    this is easier to choose than R.
     """
     if not 0.0 < removed_fraction < 1.0:
         raise ValueError(f"`removed_fraction` must be in (0, 1), got {removed_fraction}")
-    num_modules = depth - (2 if last_layer_fusion else 1)
-    if num_modules < 1:
-        raise ValueError(f"a per-block schedule needs at least {depth - num_modules + 1} blocks, got {depth}")
+    most = depth - (2 if last_layer_fusion else 1)
+    if most < 1:
+        raise ValueError(f"a per-block schedule needs at least {depth - most + 1} blocks, got {depth}")
+    if num_modules is None:
+        num_modules = most
+    elif not 1 <= num_modules <= most:
+        raise ValueError(f"`num_modules` must be from 1 to {most} for {depth} blocks, got {num_modules}")
     total = min(round(removed_fraction * num_patches), num_patches - 1)
     base, extra = divmod(total, num_modules)
     return [base + (module < extra) for module in range(num_modules)] + [0] * (depth - num_modules)
