@@ -60,6 +60,7 @@ def train_argv(args: argparse.Namespace, selector: str, seed: int, output_dir: P
         "--per_device_train_batch_size", str(args.batch_size),
         "--per_device_eval_batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate),
+        "--backbone_learning_rate", str(args.backbone_learning_rate),
         "--frozen_backbone_blocks", str(args.frozen_blocks),
         "--num_object_queries", str(args.num_queries),
         "--decoder_layers", str(args.decoder_layers),
@@ -76,8 +77,6 @@ def train_argv(args: argparse.Namespace, selector: str, seed: int, output_dir: P
         "--disable_tqdm", "true",
         "--use_cpu", "true",
     ]  # fmt: skip
-    if args.backbone_learning_rate is not None:
-        argv += ["--backbone_learning_rate", str(args.backbone_learning_rate)]
     return argv
 
 
@@ -119,9 +118,6 @@ def shown_command(results: dict[str, Any]) -> str:
 def render_section(results: dict[str, Any]) -> str:
     """The markdown section, from the results JSON only."""
     config, runs, environment = results["recipe"], results["runs"], results["environment"]
-    backbone_rate = (
-        "" if config["backbone_learning_rate"] is None else f" ({config['backbone_learning_rate']} for the backbone)"
-    )
     lines = [
         BEGIN,
         "## Object detection: Conditional DETR on a pruned DINOv2-S/14 (`CroprViTBackbone`)",
@@ -139,7 +135,8 @@ def render_section(results: dict[str, Any]) -> str:
         "",
         f"- Recipe: {config['num_train']} training and {config['num_eval']} evaluation scenes of "
         f"{config['canvas_size']} px, {config['max_steps']} steps of batch {config['batch_size']}, AdamW lr "
-        f"{config['learning_rate']}{backbone_rate}, patch embedding and first {config['frozen_backbone_blocks']} of "
+        f"{config['learning_rate']} ({config['backbone_learning_rate']} for the backbone's pretrained weights), "
+        f"patch embedding and first {config['frozen_backbone_blocks']} of "
         f"12 blocks frozen (the Cropr modules train), throughput batch {config['throughput_batch_size']}.",
         f"- Machine: {environment['cpu_model']}, {environment['cpu_cores_available']} cores shared with other jobs "
         f"(load average {environment['load_average'][0]:.1f} when recorded; absolute images/s are noisy, "
@@ -202,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-train", type=int, default=480)
     parser.add_argument("--num-eval", type=int, default=96)
     parser.add_argument("--canvas-size", type=int, default=112)
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--backbone-learning-rate", type=float, help="default: --learning-rate")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="of the detector and the Cropr modules")
+    parser.add_argument("--backbone-learning-rate", type=float, default=1e-4)
     parser.add_argument("--frozen-blocks", type=int, default=10)
     parser.add_argument("--num-queries", type=int, default=10)
     parser.add_argument("--decoder-layers", type=int, default=3)
