@@ -143,7 +143,7 @@ def render_section(results: dict[str, Any]) -> str:
         f"ratios less so); torch {environment['torch']}, transformers {environment['transformers']}.",
         "",
         "| selector | seeds | box mAP (%) median [min, max] | mAP@50 (%) | per seed mAP (%) | detector images/s "
-        "| detector speedup | encoder images/s | encoder speedup | training s/run |",
+        "| detector speedup | encoder images/s | encoder speedup | s/run (train, evaluate, time) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for selector in SELECTORS:
