@@ -1,6 +1,15 @@
 """The object detection comparison's report: rendered from its JSON, spliced into results.md, kept on regeneration."""
 
-from experiments.reproduce_detection import BEGIN, END, build_parser, recipe, render_section, splice_section, train_argv
+from experiments.reproduce_detection import (
+    BEGIN,
+    END,
+    build_parser,
+    load_results,
+    recipe,
+    render_section,
+    splice_section,
+    train_argv,
+)
 
 ENVIRONMENT = {
     "cpu_model": "test CPU",
@@ -108,3 +117,9 @@ def test_recipe_options_reach_the_training_run_and_the_report(tmp_path):
         in section
     )
     assert "(1e-05 for the backbone's pretrained weights)" in section
+
+
+def test_stored_command_names_the_backbone_by_its_folder(tmp_path):
+    argv = ["--backbone", "/data/models/dinov2-small", "--seeds", "0"]
+    stored = load_results(tmp_path / "results.json", build_parser().parse_args(argv), argv)
+    assert stored["command"] == "python scripts/reproduce_detection.py --backbone dinov2-small --seeds 0"
