@@ -1,6 +1,15 @@
 """The object detection comparison's report: rendered from its JSON, spliced into results.md, kept on regeneration."""
 
-from experiments.reproduce_detection import BEGIN, END, render_section, splice_section
+from experiments.reproduce_detection import (
+    BEGIN,
+    END,
+    build_parser,
+    load_results,
+    recipe,
+    render_section,
+    splice_section,
+    train_argv,
+)
 
 ENVIRONMENT = {
     "cpu_model": "test CPU",
@@ -17,7 +26,11 @@ RECIPE = {
     "max_steps": 2,
     "batch_size": 4,
     "learning_rate": 1e-4,
+    "backbone_learning_rate": 1e-5,
     "frozen_backbone_blocks": 10,
+    "num_object_queries": 10,
+    "decoder_layers": 3,
+    "auxiliary_decoding_losses": False,
     "throughput_batch_size": 4,
 }
 
@@ -76,3 +89,37 @@ def test_section_replaces_its_earlier_version_and_keeps_the_rest(tmp_path):
     text = path.read_text()
     assert text.startswith("# Results\n\nclassification tables\n\n" + BEGIN)
     assert text.count(BEGIN) == 1 and text.rstrip().endswith(END)
+
+
+def test_recipe_options_reach_the_training_run_and_the_report(tmp_path):
+    args = build_parser().parse_args(
+        [
+            "--backbone-learning-rate",
+            "1e-5",
+            "--num-queries",
+            "6",
+            "--decoder-layers",
+            "2",
+            "--auxiliary-decoding-losses",
+        ]
+    )
+    argv = " ".join(train_argv(args, "cropr", 0, tmp_path))
+    for option in (
+        "--backbone_learning_rate 1e-05",
+        "--num_object_queries 6",
+        "--decoder_layers 2",
+        "--auxiliary_decoding_losses true",
+    ):
+        assert option in argv
+    section = render_section({**results(), "recipe": recipe(args)})
+    assert (
+        "6 object queries, width 128, 1 encoder and 2 decoder layers, a detection loss on every decoder layer"
+        in section
+    )
+    assert "(1e-05 for the backbone's pretrained weights)" in section
+
+
+def test_stored_command_names_the_backbone_by_its_folder(tmp_path):
+    argv = ["--backbone", "/data/models/dinov2-small", "--seeds", "0"]
+    stored = load_results(tmp_path / "results.json", build_parser().parse_args(argv), argv)
+    assert stored["command"] == "python scripts/reproduce_detection.py --backbone dinov2-small --seeds 0"

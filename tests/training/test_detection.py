@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import TINY_RUN
-from transformers import pipeline
+from transformers import TrainingArguments, pipeline
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.conditional_detr.image_processing_pil_conditional_detr import (
     ConditionalDetrImageProcessorPil,
@@ -13,7 +13,14 @@ from transformers.models.conditional_detr.image_processing_pil_conditional_detr 
 
 from cropr.data import load_builtin_task
 from cropr.training.arguments import ModelArguments, PruningArguments, RunError
-from cropr.training.detection import DetectionArguments, build_detector, coco_box_metrics, find_cropr_backbone, run
+from cropr.training.detection import (
+    DetectionArguments,
+    DetectionTrainer,
+    build_detector,
+    coco_box_metrics,
+    find_cropr_backbone,
+    run,
+)
 
 # The classification runs' tiny settings, minus the multi-label/segmentation-only ones, on 16 + 8 scenes.
 DETECTION_RUN = [
@@ -102,3 +109,31 @@ def test_frozen_backbone_blocks_keep_the_cropr_modules_training():
         build_detector(
             ModelArguments(preset="tiny"), PruningArguments(), DetectionArguments(frozen_backbone_blocks=5), labels, 32
         )
+
+
+def test_backbone_learning_rate_applies_to_the_pretrained_backbone_weights_only(tmp_path):
+    model, _ = build_detector(
+        ModelArguments(preset="tiny"), PruningArguments(), DetectionArguments(), dict(enumerate("abc")), 32
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to="none", use_cpu=True)
+    trainer = DetectionTrainer(model=model, args=args, coco_eval_split=None, backbone_learning_rate=1e-5)
+    rates = {
+        id(parameter): group["lr"] for group in trainer.create_optimizer().param_groups for parameter in group["params"]
+    }
+    backbone = find_cropr_backbone(model)
+    assert {rates[id(parameter)] for parameter in backbone.layers.parameters()} == {1e-5}
+    assert {rates[id(parameter)] for parameter in backbone.token_selector.parameters()} == {1e-3}
+    assert {rates[id(parameter)] for parameter in model.class_labels_classifier.parameters()} == {1e-3}
+    assert len(rates) == sum(1 for parameter in model.parameters() if parameter.requires_grad)
+
+
+def test_auxiliary_decoding_losses_reach_the_detector_config():
+    labels = dict(enumerate("abc"))
+    model, _ = build_detector(
+        ModelArguments(preset="tiny"),
+        PruningArguments(),
+        DetectionArguments(auxiliary_decoding_losses=True),
+        labels,
+        32,
+    )
+    assert model.config.auxiliary_loss

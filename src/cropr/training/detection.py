@@ -48,7 +48,7 @@ from transformers.models.detr.image_processing_pil_detr import DetrImageProcesso
 
 from ..data import load_builtin_task
 from ..data.images import to_rgb
-from ..models.cropr_vit.modeling_cropr_vit import CroprViTBackbone
+from ..models.cropr_vit.modeling_cropr_vit import CroprViTBackbone, missing_outside_pruning_modules
 from ..presets import preset_config
 from ..tools.timing import measure_throughput
 from .arguments import CroprTrainingArguments, DataArguments, ModelArguments, PruningArguments, RunError
@@ -74,6 +74,17 @@ class DetectionArguments:
     detector_width: int = field(default=128, metadata={"help": "Width (d_model) of the detector's transformer."})
     encoder_layers: int = field(default=1, metadata={"help": "Encoder layers of the detector."})
     decoder_layers: int = field(default=3, metadata={"help": "Decoder layers of the detector."})
+    auxiliary_decoding_losses: bool = field(
+        default=False,
+        metadata={"help": "Add the detection loss of every decoder layer's output (DETR's `auxiliary_loss`)."},
+    )
+    backbone_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the backbone's pretrained weights (DETR trains them 10x slower than its fresh "
+            "head); the detector and the Cropr modules use --learning_rate. Default: --learning_rate for all."
+        },
+    )
     frozen_backbone_blocks: int = field(
         default=0,
         metadata={
@@ -106,11 +117,32 @@ class DetectionTrainer(Trainer):
     """`Trainer` that adds the Cropr modules' auxiliary loss to the detector's, and reports COCO box mAP.
 
     `coco_eval_split` is the evaluation split before the transform (images and COCO `objects`), which the mAP reads.
+    `backbone_learning_rate`, when given, is the learning rate of the backbone's pretrained weights (every backbone
+    parameter outside the Cropr modules); the rest trains at `args.learning_rate`.
     """
 
-    def __init__(self, *args, coco_eval_split, **kwargs):
+    def __init__(self, *args, coco_eval_split, backbone_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.coco_eval_split = coco_eval_split
+        self.backbone_learning_rate = backbone_learning_rate
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with each parameter group split in two when the backbone has its own learning rate:
+        the scheduler scales every group from its own initial rate."""
+        optimizer = super().create_optimizer(model)
+        if self.backbone_learning_rate is None:
+            return optimizer
+        backbone = find_cropr_backbone(self.model if model is None else model)
+        pretrained = {
+            id(parameter) for name, parameter in backbone.named_parameters() if missing_outside_pruning_modules([name])
+        }
+        groups = []
+        for group in optimizer.param_groups:
+            head = [parameter for parameter in group["params"] if id(parameter) not in pretrained]
+            body = [parameter for parameter in group["params"] if id(parameter) in pretrained]
+            groups += [{**group, "params": head}, {**group, "params": body, "lr": self.backbone_learning_rate}]
+        optimizer.param_groups = [group for group in groups if group["params"]]
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         backbone = find_cropr_backbone(model)
@@ -316,6 +348,7 @@ def build_detector(
         decoder_attention_heads=heads,
         encoder_ffn_dim=4 * width,
         decoder_ffn_dim=4 * width,
+        auxiliary_loss=detection_args.auxiliary_decoding_losses,
         **label_kwargs,
     )
     model = model_class(config)
@@ -407,6 +440,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_collator=collate_detection,
         processing_class=processor,
         coco_eval_split=dataset["validation"],
+        backbone_learning_rate=detection_args.backbone_learning_rate,
     )
     train_metrics = trainer.train().metrics
     trainer.log_metrics("train", train_metrics)
