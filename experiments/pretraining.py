@@ -75,7 +75,7 @@ class PretrainConfig:
     image_size: int = 112
     # (kind, canvas side in pixels, epochs) per phase, in order; see `PHASE_KINDS`.
     phases: list[tuple[str, int, int]] = field(
-        default_factory=lambda: [("garments", 32, 4), ("segments", 56, 4), ("scenes", 56, 10), ("scenes", 112, 2)]
+        default_factory=lambda: [("garments", 32, 4), ("segments", 56, 4), ("scenes", 56, 6), ("scenes", 112, 7)]
     )
     scenes_per_epoch: int = 6000
     batch_size: int = 32
