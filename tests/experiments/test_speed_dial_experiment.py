@@ -179,3 +179,21 @@ def test_fine_tuned_part_stores_each_checkpoint_and_skips_the_stored_ones(tmp_pa
     assert calls == [] and len(json.loads(output.read_text())["fine_tuned"]["runs"]) == 3
     with pytest.raises(SystemExit, match=r"other --canvas-size \(56\); fine-tune with its settings"):
         speed_dial.main([*argv, "--canvas-size", "112"])
+
+
+def test_calibration_time_part_records_one_timed_calibration_at_its_size(tmp_path, tiny_backbone):
+    output = tmp_path / "speed_dial.json"
+    output.write_text(json.dumps(fake_results()))
+    argv = [
+        "--backbone", str(tiny_backbone), "--image-size", "16", "--timing-image-size", "32", "--canvas-size", "56",
+        "--num-train", "8", "--batch-size", "4", "--rates", "0", "1", "--parts", "calibration-time", "--quiet",
+        "--output", str(output), "--docs", str(tmp_path),
+    ]  # fmt: skip
+    assert speed_dial.main(argv) == 0
+    timing = json.loads(output.read_text())["calibration_timing"]
+    # The rate keeps the frozen part's share of patches: R=1 of 4 patches at 16 px is R=4 of 16 at 32 px.
+    assert (timing["image_size"], timing["pruning_rate"], timing["images"], timing["steps"]) == (32, 4, 8, 2)
+    assert (
+        "- Calibration of the bare DINOv2-S/14 at 32 px on 8 images took"
+        in findings(json.loads(output.read_text()))[-1]
+    )
