@@ -216,11 +216,13 @@ def fine_tune(
     labels: dict[int, str],
     work_dir: str,
     callbacks: Sequence[TrainerCallback] = (),
+    elastic_min_fraction: float | None = None,
 ) -> tuple[Trainer, float]:
     """Fine-tune one selector at one seed with the recipe of `config`; returns the trainer and the training seconds.
 
     The trainer holds the trained model (with its training modules) and evaluates on `dataset["validation"]`;
-    `callbacks` are added to it (for example a progress display).
+    `callbacks` are added to it (for example a progress display). `elastic_min_fraction` trains elastically after
+    the curriculum (`PruningCurriculumCallback`, its draws seeded by `seed`): one model for every rate of the range.
     """
     budget = config.budgets[task.name]
     set_seed(seed)
@@ -265,7 +267,10 @@ def fine_tune(
     )
     ramp = 0.0 if selector == "none" else config.curriculum
     train_dataset = TrainingSplit(dataset["train"], make_transforms(task, processor, augment=True, seed=seed))
-    callbacks = [EpochCallback(train_dataset), *([PruningCurriculumCallback(ramp)] if ramp > 0 else []), *callbacks]
+    pruning = []
+    if ramp > 0 or elastic_min_fraction is not None:
+        pruning = [PruningCurriculumCallback(ramp, elastic_min_fraction=elastic_min_fraction, seed=seed)]
+    callbacks = [EpochCallback(train_dataset), *pruning, *callbacks]
     trainer = Trainer(
         model=model,
         args=args,

@@ -147,12 +147,19 @@ def summary_section(reproduction: dict[str, Any] | None, speed_dial: dict[str, A
     largest = largest_budget_tasks(reproduction) if reproduction is not None else {}
     lines = [SUMMARY_BEGIN, "## Summary", ""]
     if speed_dial is not None:
-        lines += ["![Accuracy vs throughput per selector and rate, one frozen model](results_speed_dial.png)", ""]
+        models = "one frozen model"
+        if speed_dial.get("fine_tuned", {}).get("runs"):
+            models += ", and Cropr fine-tuned at each rate"
+        lines += [f"![Accuracy vs throughput per selector and rate, {models}](results_speed_dial.png)", ""]
     if largest:
         lines += [f"![Metric vs throughput per selector, each task at its largest budget]({LARGEST_BUDGET_PLOT})", ""]
     sentences = []
     if speed_dial is not None:
+        from experiments.speed_dial import elastic_finding
+
         sentences.append(speed_dial_sentence(speed_dial))
+        if elastic := elastic_finding(speed_dial):
+            sentences.append(elastic)
     if largest:
         sentences.append(reproduction_sentence(largest))
     lines += [" ".join(sentences), "", *headline_rows(speed_dial, largest), ""]

@@ -1,7 +1,23 @@
-"""The report of `experiments/speed_dial.py`: tables, findings and the section it keeps at the top of results.md."""
+"""`experiments/speed_dial.py`: its report (tables, findings, the section it keeps at the top of results.md), and
+its runs that continue where an interrupted one stopped."""
 
+import json
+
+import pytest
+from transformers import Dinov2Config, Dinov2Model, ViTImageProcessorPil
+
+import experiments.speed_dial as speed_dial
 from experiments.results_page import SUMMARY_BEGIN, SUMMARY_END
-from experiments.speed_dial import MARKER_END, MARKER_START, findings, render
+from experiments.speed_dial import (
+    MARKER_END,
+    MARKER_START,
+    build_parser,
+    findings,
+    fine_tune_config,
+    fine_tune_recipe,
+    render,
+    start_frozen_run,
+)
 
 RATES = ("0", "1", "2")
 
@@ -30,6 +46,9 @@ def fake_results() -> dict:
         "environment": {"cpu_model": "cpu", "cpu_cores_available": 2, "torch_threads": 1, "load_average": [8, 8, 8]},
         "settings": {
             "image_size": 112,
+            "canvas_size": 112,
+            "data_seed": 0,
+            "rates": [0, 1, 2],
             "num_train": 2000,
             "num_eval": 256,
             "calibration_epochs": 1.0,
@@ -60,5 +79,121 @@ def test_render_writes_the_report_and_replaces_its_section_of_results_md(tmp_pat
     assert "at every pruned rate R=1-2, and below random's at R=2 (by at most 2.0 points)." in summary
     assert page.endswith(MARKER_END + "\n\nthe other runs\n")
     report = (tmp_path / "results_speed_dial.md").read_text()
-    assert "| cropr | 60.0 [60.0, 60.0] | 55.0 [55.0, 55.0] | 50.0 [50.0, 50.0] |" in report
+    assert "| cropr, calibrated | 60.0 [60.0, 60.0] | 55.0 [55.0, 55.0] | 50.0 [50.0, 50.0] |" in report
     assert (tmp_path / "results_speed_dial.png").stat().st_size > 0
+
+
+def fine_tuned_part(runs: list[tuple[int, str, dict[str, str]]], num_eval: int = 8) -> dict:
+    args = build_parser().parse_args(["--rates", "0", "1", "2", "--num-eval", str(num_eval), "--backbone", "dinov2"])
+    return {
+        "recipe": fine_tune_recipe(fine_tune_config(args), args),
+        "command": "python scripts/speed_dial.py --parts fine-tuned",
+        "started": "now",
+        "environment": fake_results()["environment"],
+        "wall_seconds": 60.0,
+        "runs": [
+            {"seed": seed, "name": name, "train_seconds": 30.0, "correct": correct} for seed, name, correct in runs
+        ],
+    }
+
+
+def test_fine_tuned_checkpoints_are_reported_on_the_frozen_models_scenes_and_elastic_against_fixed():
+    results = fake_results()
+    results["seeds"]["1"] = results["seeds"]["0"]
+    results["settings"]["num_eval"] = 4  # the fine-tuned checkpoints' first 4 of 8 scenes are the frozen model's
+    results["fine_tuned"] = fine_tuned_part(
+        [
+            (0, "elastic", {"1": "11110000", "2": "11000000"}),
+            (0, "R=1", {"1": "11100000"}),
+            (0, "R=2", {"2": "11100000"}),
+            (1, "elastic", {"1": "10000000", "2": "10000000"}),
+        ]
+    )
+    report = speed_dial.markdown(results)
+    assert "| cropr fine-tuned, one checkpoint per rate | - | 75.0 [75.0, 75.0] | 75.0 [75.0, 75.0] |" in report
+    assert "| cropr fine-tuned elastic, one checkpoint | - | 62.5 [25.0, 100.0] | 37.5 [25.0, 50.0] |" in report
+    # Elastic against fixed: on all 8 scenes, paired by seed (seed 1 has no fixed-rate checkpoint yet).
+    assert "| R=1 | 37.5 [37.5, 37.5] | 31.2 [12.5, 50.0] | +12.5 [+12.5, +12.5] | 1 |" in report
+    assert "Not measured (the run stopped before them): the fine-tuned checkpoints R=1 seed 1, R=2 seed 1." in report
+    lines = findings(results)
+    assert "R=1 +12.5, R=2 -12.5 points; more than 1 point below at R=2 (target: within 1 point" in lines[4]
+    assert "minus calibrated Cropr, median accuracy on the same 4 scenes: R=1 +20.0, R=2 +25.0 points." in lines[3]
+
+
+def test_a_frozen_run_of_another_recipe_is_superseded_and_one_of_the_same_continued():
+    results = fake_results()
+    results["settings"] = speed_dial.frozen_settings(build_parser().parse_args(["--rates", "0", "1", "2"]))
+    start_frozen_run(results, build_parser().parse_args(["--rates", "0", "1", "2", "--seeds", "3"]))
+    assert list(results["seeds"]) == ["0"] and results["settings"]["seeds"] == [0, 1, 2, 3]
+    start_frozen_run(results, build_parser().parse_args(["--rates", "0", "1", "2", "--num-eval", "1000"]))
+    assert results["seeds"] == {} and results["settings"]["num_eval"] == 1000
+    assert [run["settings"]["num_eval"] for run in results["superseded"]] == [256]
+    assert "## Appendix: superseded runs" not in speed_dial.markdown(fake_results())
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path):
+    """A random DINOv2 of 4 blocks at 32 px (16 patches): two Cropr modules with Last Layer Fusion."""
+    config = Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2
+    )
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "dinov2")
+    return tmp_path / "dinov2"
+
+
+def test_fine_tuned_part_stores_each_checkpoint_and_skips_the_stored_ones(tmp_path, tiny_backbone, monkeypatch):
+    calls = []
+    real_fine_tune = speed_dial.fine_tune
+
+    def spy(*args, **kwargs):
+        trainer, seconds = real_fine_tune(*args, **kwargs)
+        callback = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "elastic_min_fraction"))
+        calls.append((args[3] if len(args) > 3 else None, callback.elastic_min_fraction, callback.seed))
+        return trainer, seconds
+
+    monkeypatch.setattr(speed_dial, "fine_tune", spy)
+    output = tmp_path / "speed_dial.json"
+    frozen = fake_results()
+    frozen["settings"].update(backbone="dinov2", image_size=32, canvas_size=56, num_train=8)
+    output.write_text(json.dumps(frozen))
+    argv = [
+        "--backbone", str(tiny_backbone), "--image-size", "32", "--canvas-size", "56", "--num-train", "8",
+        "--num-eval", "6", "--rates", "0", "1", "2", "--seeds", "4", "--parts", "fine-tuned",
+        "--output", str(output), "--docs", str(tmp_path),
+    ]  # fmt: skip
+    assert speed_dial.main(argv) == 0
+    part = json.loads(output.read_text())["fine_tuned"]
+    assert [(run["seed"], run["name"], sorted(run["correct"])) for run in part["runs"]] == [
+        (4, "elastic", ["1", "2"]),
+        (4, "R=1", ["1"]),
+        (4, "R=2", ["2"]),
+    ]
+    assert all(len(bits) == 6 and set(bits) <= {"0", "1"} for run in part["runs"] for bits in run["correct"].values())
+    # The elastic checkpoint draws fractions from [lowest / highest pruned rate, 1], seeded by the run's seed.
+    assert [(minimum, seed) for _, minimum, seed in calls] == [(0.5, 4), (None, 4), (None, 4)]
+    assert part["recipe"]["elastic_min_fraction"] == 0.5 and "seeds" not in part["recipe"]
+    assert (tmp_path / "results_speed_dial.md").is_file()
+    calls.clear()
+    assert speed_dial.main(argv) == 0  # everything stored: nothing trains again
+    assert calls == [] and len(json.loads(output.read_text())["fine_tuned"]["runs"]) == 3
+    with pytest.raises(SystemExit, match=r"other --canvas-size \(56\); fine-tune with its settings"):
+        speed_dial.main([*argv, "--canvas-size", "112"])
+
+
+def test_calibration_time_part_records_one_timed_calibration_at_its_size(tmp_path, tiny_backbone):
+    output = tmp_path / "speed_dial.json"
+    output.write_text(json.dumps(fake_results()))
+    argv = [
+        "--backbone", str(tiny_backbone), "--image-size", "16", "--timing-image-size", "32", "--canvas-size", "56",
+        "--num-train", "8", "--batch-size", "4", "--rates", "0", "1", "--parts", "calibration-time", "--quiet",
+        "--output", str(output), "--docs", str(tmp_path),
+    ]  # fmt: skip
+    assert speed_dial.main(argv) == 0
+    timing = json.loads(output.read_text())["calibration_timing"]
+    # The rate keeps the frozen part's share of patches: R=1 of 4 patches at 16 px is R=4 of 16 at 32 px.
+    assert (timing["image_size"], timing["pruning_rate"], timing["images"], timing["steps"]) == (32, 4, 8, 2)
+    assert (
+        "- Calibration of the bare DINOv2-S/14 at 32 px on 8 images took"
+        in findings(json.loads(output.read_text()))[-1]
+    )
