@@ -309,7 +309,7 @@ def fine_tune_config(args: argparse.Namespace) -> ReproduceConfig:
 
 
 def fine_tune_recipe(config: ReproduceConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """What defines the fine-tuned checkpoints: stored ones of another recipe are dropped, not mixed in."""
+    """What defines the fine-tuned checkpoints: stored ones of another recipe are neither mixed in nor overwritten."""
     recipe = {key: value for key, value in asdict(config).items() if key not in ("tasks", "seeds", "only_selectors")}
     recipe["backbone"] = portable_path(args.backbone)
     return {**recipe, "elastic_rate": pruned_rates(args.rates)[-1], "elastic_min_fraction": elastic_min_fraction(args)}
@@ -339,6 +339,12 @@ def run_fine_tuned(args: argparse.Namespace) -> dict[str, Any]:
     config = fine_tune_config(args)
     recipe = fine_tune_recipe(config, args)
     part = results.get("fine_tuned")
+    if part is not None and part["recipe"] != recipe and part["runs"]:
+        differing = sorted(key for key in {*recipe, *part["recipe"]} if recipe.get(key) != part["recipe"].get(key))
+        sys.exit(
+            f"speed_dial.py: error: the {len(part['runs'])} fine-tuned checkpoints stored in {args.output} were "
+            f"trained with another recipe (differing: {', '.join(differing)}); write elsewhere (--output)"
+        )
     if part is None or part["recipe"] != recipe:
         part = {"recipe": recipe, "wall_seconds": 0.0, "runs": []}
     part.update(

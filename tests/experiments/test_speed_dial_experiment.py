@@ -179,6 +179,10 @@ def test_fine_tuned_part_stores_each_checkpoint_and_skips_the_stored_ones(tmp_pa
     assert calls == [] and len(json.loads(output.read_text())["fine_tuned"]["runs"]) == 3
     with pytest.raises(SystemExit, match=r"other --canvas-size \(56\); fine-tune with its settings"):
         speed_dial.main([*argv, "--canvas-size", "112"])
+    stored = output.read_text()
+    with pytest.raises(SystemExit, match=r"3 fine-tuned checkpoints stored .* another recipe \(differing: budgets\)"):
+        speed_dial.main([*argv, "--fine-tune-epochs", "2"])
+    assert output.read_text() == stored
 
 
 def test_calibration_time_part_records_one_timed_calibration_at_its_size(tmp_path, tiny_backbone):
