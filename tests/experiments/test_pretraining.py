@@ -146,3 +146,29 @@ def test_a_continued_run_starts_from_the_earlier_weights_and_its_card_tells_both
     card = (tmp_path / "second" / "README.md").read_text()
     assert "`python scripts/pretrain_backbone.py` then `python scripts/pretrain_backbone.py --init-from first`" in card
     assert "then, continuing from that checkpoint, 1 epoch of scenes" in card
+
+
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tmp_path):
+    config = PretrainConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        phases=[("scenes", 40, 1)],
+        scenes_per_epoch=8,
+        batch_size=8,
+        warmup_steps=1,
+        monitor_scenes=4,
+        eval_scenes=4,
+        learning_rate=1e-2,
+    )
+    data = TrainingSplitOnly()
+    models = {
+        precision: pretrain(dataclasses.replace(config, precision=precision), data)[0]
+        for precision in ("fp32", "bf16")
+    }
+    weights = {precision: model.vit.state_dict() for precision, model in models.items()}
+    assert all(value.dtype == torch.float32 for value in weights["bf16"].values())
+    # Same seed, same batches: only the rounding of the bfloat16 forward can tell the two runs apart.
+    assert any(not torch.equal(weights["fp32"][key], weights["bf16"][key]) for key in weights["fp32"])
+    results = run(dataclasses.replace(config, precision="bf16"), tmp_path, "python scripts/pretrain_backbone.py")
+    assert "bfloat16 autocast" in (tmp_path / "README.md").read_text() and results["config"]["precision"] == "bf16"
