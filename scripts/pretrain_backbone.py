@@ -1,7 +1,7 @@
 """Pretrain the small ViT backbone shipped in the package (`src/cropr/pretrained/`), from the training split only.
 
-Reproduces the committed checkpoint with its model card: `python scripts/pretrain_backbone.py` (about an hour on a
-2-core CPU). See `experiments/pretraining.py` for the recipe.
+Reproduces the committed checkpoint with its model card: `python scripts/pretrain_backbone.py` (48 minutes on the
+2-core CPU its model card names). See `experiments/pretraining.py` for the recipe.
 """
 
 import sys
