@@ -123,18 +123,22 @@ def test_patch_labels_are_each_patchs_most_frequent_class():
     assert patch_labels(maps, 8).tolist() == [[3, 0, 0, 7]]
 
 
+TINY_RUN = PretrainConfig(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    phases=[("scenes", 40, 1)],
+    scenes_per_epoch=8,
+    batch_size=8,
+    warmup_steps=1,
+    monitor_scenes=4,
+    eval_scenes=4,
+)
+"""A pretraining run of one tiny epoch, for the tests that run `run` or `pretrain` end to end."""
+
+
 def test_a_continued_run_starts_from_the_earlier_weights_and_its_card_tells_both_runs(tmp_path):
-    config = PretrainConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        phases=[("scenes", 40, 1)],
-        scenes_per_epoch=8,
-        batch_size=8,
-        warmup_steps=1,
-        monitor_scenes=4,
-        eval_scenes=4,
-    )
+    config = TINY_RUN
     run(config, tmp_path / "first", "python scripts/pretrain_backbone.py")
     # A learning rate of 0 leaves the weights where the continued run found them.
     continued = dataclasses.replace(config, init_from=str(tmp_path / "first"), learning_rate=0.0)
@@ -149,18 +153,7 @@ def test_a_continued_run_starts_from_the_earlier_weights_and_its_card_tells_both
 
 
 def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tmp_path):
-    config = PretrainConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        phases=[("scenes", 40, 1)],
-        scenes_per_epoch=8,
-        batch_size=8,
-        warmup_steps=1,
-        monitor_scenes=4,
-        eval_scenes=4,
-        learning_rate=1e-2,
-    )
+    config = dataclasses.replace(TINY_RUN, learning_rate=1e-2)
     data = TrainingSplitOnly()
     models = {
         precision: pretrain(dataclasses.replace(config, precision=precision), data)[0]
