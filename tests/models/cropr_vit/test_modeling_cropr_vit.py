@@ -231,6 +231,24 @@ def test_llf_hidden_states_end_with_the_full_map_in_raster_order(head):
         assert torch.equal(model.layernorm(output.hidden_states[-1]), output.last_hidden_state)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_llf_last_block_sees_each_set_aside_token_as_it_was_set_aside(batch_size):
+    # Re-derived from the recorded block outputs: each token's latest state before the last block, in raster order.
+    model = build_tiny("base").eval()
+    output = model(pixels(batch_size), output_hidden_states=True, output_kept_indices=True)
+    states = output.hidden_states
+    token_map = states[0].clone()
+    positions = torch.arange(token_map.shape[1]).expand(batch_size, -1)
+    kept_positions = iter(output.kept_indices)
+    for block in range(len(model.layers) - 1):
+        for sample in range(batch_size):
+            token_map[sample, positions[sample]] = states[block + 1][sample]
+        if block in model.pruning_blocks:
+            positions = next(kept_positions)
+    expected = model.layernorm(model.layers[-1](token_map)[0])
+    assert torch.allclose(output.last_hidden_state, expected, atol=1e-6)
+
+
 def test_hidden_states_can_be_selected_by_index():
     model = build_tiny("classification").eval()
     x = pixels()

@@ -7,35 +7,54 @@ from cropr import CroprViTConfig
 from cropr.models.cropr_vit.routing_cropr_vit import (
     CroprAggregator,
     CroprRouter,
+    RoutingState,
     TokenSelector,
     gather_tokens,
     patch_pixel_variance,
     received_attention,
-    restore_raster_order,
-    split_tokens,
+    top_tokens,
 )
 
 
-def test_split_tokens_keeps_prefix_first_then_patches_by_score():
-    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 3.0]])
-    keep, set_aside = split_tokens(scores, num_prefix_tokens=1, num_keep=2, with_set_aside=True)
-    assert keep.tolist() == [[0, 3, 1]]
-    assert sorted(set_aside.tolist()[0]) == [2, 4]
+def test_top_tokens_keeps_prefix_first_then_patches_by_score():
+    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 3.0], [7.0, 0.0, 2.0, 1.0, 4.0]])
+    prefix_index = torch.zeros(2, 1, dtype=torch.long)
+    assert top_tokens(scores, 2, prefix_index).tolist() == [[0, 3, 1], [0, 4, 2]]
+    assert top_tokens(scores, 2, None).tolist() == [[3, 1], [0, 4]]
 
 
-def test_split_tokens_never_puts_a_tied_token_in_both_sets():
-    # Flat background patches all score 0 under the variance selector.
-    scores = torch.zeros(3, 17)
-    keep, set_aside = split_tokens(scores, num_prefix_tokens=1, num_keep=5, with_set_aside=True)
-    for kept_row, set_aside_row in zip(keep.tolist(), set_aside.tolist(), strict=True):
-        assert sorted(kept_row + set_aside_row) == list(range(17))
+def test_gather_tokens_copies_the_indexed_rows_at_every_batch_size():
+    for batch_size in (1, 3):
+        tokens = torch.randn(batch_size, 6, 4)
+        index = torch.stack([torch.randperm(6)[:4] for _ in range(batch_size)])
+        expected = torch.stack([tokens[sample, index[sample]] for sample in range(batch_size)])
+        assert torch.equal(gather_tokens(tokens, index), expected)
 
 
-def test_restore_raster_order_inverts_any_permutation():
-    tokens = torch.randn(2, 6, 4)
-    permutation = torch.stack([torch.randperm(6), torch.randperm(6)])
-    shuffled = gather_tokens(tokens, permutation)
-    assert torch.equal(restore_raster_order(shuffled, permutation), tokens)
+def test_token_map_holds_each_set_aside_token_as_it_was_set_aside_and_kept_ones_as_they_end():
+    batch_size, num_tokens, width = 2, 7, 3
+    state = RoutingState(
+        num_tokens=num_tokens,
+        keep_counts=[],
+        prefix_index=torch.zeros(batch_size, 1, dtype=torch.long),
+        positions=torch.arange(num_tokens).expand(batch_size, -1),
+        last_layer_fusion=True,
+    )
+    first = torch.randn(batch_size, num_tokens, width)
+    first_keep = torch.tensor([[0, 5, 2, 3], [0, 1, 6, 4]])
+    kept = state.keep(first, first_keep)
+    assert torch.equal(kept, gather_tokens(first, first_keep))
+    second = torch.randn(batch_size, 4, width)  # the next block's output for the kept tokens
+    second_keep = torch.tensor([[0, 2], [0, 3]])  # raster positions 2 and 4
+    final = torch.randn(batch_size, 2, width)
+    state.keep(second, second_keep)
+    fused = state.fuse_tokens(final)
+    expected = first.clone()
+    for sample in range(batch_size):
+        expected[sample, first_keep[sample]] = second[sample]
+        expected[sample, first_keep[sample, second_keep[sample]]] = final[sample]
+    assert torch.equal(fused, expected)
+    assert state.positions.tolist() == [[0, 2], [0, 4]]
 
 
 def test_patch_pixel_variance_matches_a_direct_computation():

@@ -111,7 +111,10 @@ def test_from_pretrained_and_pipeline_take_the_rate(tmp_path):
     for rate in (0, 1, 5):
         expected = fresh_model_at(model, pruning_rate=rate)(x).logits
         loaded = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=rate)
-        assert loaded.config.pruning_rate == rate and torch.equal(loaded(x).logits, expected)
+        assert loaded.config.pruning_rate == rate
+        # Loaded weights may be views into the checkpoint file, whose alignment changes the CPU kernels' rounding
+        # (by about 1e-8): equal up to that here and below, where another schedule would differ by far more.
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=1e-6)
         classifier = pipeline("image-classification", model=str(tmp_path), model_kwargs={"pruning_rate": rate})
         assert classifier.model.config.pruning_rate == rate
         scores = {entry["label"]: entry["score"] for entry in classifier(image, top_k=5)}
@@ -121,4 +124,4 @@ def test_from_pretrained_and_pipeline_take_the_rate(tmp_path):
     # Loaded unpruned, the model still holds its modules and can be dialled up again.
     unpruned = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=0)
     assert sorted(unpruned.cropr_vit.token_selector.routers) == ["0", "1"]
-    assert torch.equal(unpruned.set_pruning_rate(3)(x).logits, model(x).logits)
+    torch.testing.assert_close(unpruned.set_pruning_rate(3)(x).logits, model(x).logits, rtol=0, atol=1e-6)

@@ -33,8 +33,7 @@ from .routing_cropr_vit import (
     RoutingState,
     TokenSelector,
     patch_pixel_variance,
-    restore_raster_order,
-    split_tokens,
+    top_tokens,
     write_tokens,
 )
 
@@ -395,9 +394,8 @@ class CroprViTAttentionPoolingHead(nn.Module):
 class CroprViTLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block (ViT naming; optional DINOv2 layer scale).
 
-    With Last Layer Fusion, the last block receives the kept tokens followed by the set-aside ones and
-    `restore_positions`, the position in the image of each: it returns its output in raster order, so that every
-    reader of the block's output (the next layers, recorded hidden states) sees the full token map in place.
+    With Last Layer Fusion, the last block receives the full token map in raster order ([`RoutingState.fuse_tokens`]),
+    so every reader of its output (the final norm, recorded hidden states) sees each token in its place.
     `rotary` holds the rotary cosines and sines of the current tokens (rotary position embeddings only).
     """
 
@@ -417,7 +415,6 @@ class CroprViTLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         need_weights: bool = False,
-        restore_positions: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention_output, attention_probs = self.attention(self.layernorm_before(hidden_states), need_weights, rotary)
@@ -425,8 +422,6 @@ class CroprViTLayer(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.drop_path(attention_output)
         mlp_output = self.layer_scale2(self.dropout(self.mlp(self.layernorm_after(hidden_states))))
         hidden_states = hidden_states + self.drop_path(mlp_output)
-        if restore_positions is not None:
-            hidden_states = restore_raster_order(hidden_states, restore_positions)
         return hidden_states, attention_probs
 
 
@@ -809,8 +804,9 @@ def check_forward_kwargs(kwargs: dict) -> None:
 class CroprViTModel(CroprViTPreTrainedModel):
     """The CroprViT backbone: ViT blocks with a pruning module after each block of the schedule.
 
-    Eval routing costs one (B, M, D)·(D) product, one `topk` and one batched gather per module. With Last Layer
-    Fusion, every set-aside token re-joins before the last block and the output is restored to raster order.
+    Eval routing costs one (B, M, D)·(D) product, one `topk` and one batched gather per module, plus, with Last
+    Layer Fusion, one row write into the raster-ordered token map that the last block runs on, so its output is in
+    raster order with every set-aside token back in its place.
     """
 
     def __init__(self, config: CroprViTConfig):
@@ -870,12 +866,11 @@ class CroprViTModel(CroprViTPreTrainedModel):
         routing = self._start_routing(pixel_values, hidden_states, output_kept_indices)
         last_block = len(self.layers) - 1
         for block, layer in enumerate(self.layers):
-            restore_positions = None
-            if block == last_block and routing.set_aside:
-                hidden_states, restore_positions = routing.fuse_set_aside(hidden_states)
+            if block == last_block and routing.token_map is not None:
+                hidden_states = routing.fuse_tokens(hidden_states)
             prunes_here = block in self.pruning_blocks
             need_weights = output_attentions or (prunes_here and self.token_selector.needs_attention)
-            hidden_states, attention_probs = layer(hidden_states, need_weights, restore_positions, routing.rotary)
+            hidden_states, attention_probs = layer(hidden_states, need_weights, routing.rotary)
             if prunes_here:
                 hidden_states = self._prune(block, hidden_states, attention_probs, routing)
 
@@ -924,12 +919,21 @@ class CroprViTModel(CroprViTPreTrainedModel):
             patch_h, patch_w = config.patch_size_hw
             grid = (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
             rotary_table = rotary_position_table(config, grid, hidden_states.device, hidden_states.dtype)
+        last_layer_fusion = config.last_layer_fusion and bool(self.pruning_blocks)
+        positions = None
+        if last_layer_fusion or rotary_table is not None or output_kept_indices:
+            positions = torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1)
+        prefix_index = None
+        if num_prefix:
+            prefix_index = torch.arange(num_prefix, device=hidden_states.device).expand(batch_size, -1)
         return RoutingState(
-            positions=torch.arange(num_tokens, device=hidden_states.device).expand(batch_size, -1),
+            num_tokens=num_tokens,
             keep_counts=config.patch_keep_counts(num_tokens - num_prefix, fraction),
+            prefix_index=prefix_index,
+            positions=positions,
+            last_layer_fusion=last_layer_fusion,
             pixel_variance=pixel_variance,
             rotary_table=rotary_table,
-            set_aside=[] if config.last_layer_fusion and self.pruning_blocks else None,
             kept_indices=[] if output_kept_indices else None,
         )
 
@@ -942,10 +946,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
             routing.aux_logits.append(aux_logits)
         num_keep = routing.keep_counts[block]
         if num_keep < hidden_states.shape[1] - self.num_prefix_tokens:
-            keep_index, set_aside_index = split_tokens(
-                scores, self.num_prefix_tokens, num_keep, routing.set_aside is not None
-            )
-            hidden_states = routing.keep(hidden_states, keep_index, set_aside_index)
+            hidden_states = routing.keep(hidden_states, top_tokens(scores, num_keep, routing.prefix_index))
         if routing.kept_indices is not None:
             routing.kept_indices.append(routing.positions)
         return hidden_states
@@ -1351,7 +1352,7 @@ class CroprViTBackbone(BackboneMixin, CroprViTModel):
         for block in range(max(stages)):
             tokens = hidden_states[block + 1]
             if positions is None or tokens.shape[1] == grid.shape[1]:
-                # Nothing pruned yet, or Last Layer Fusion's last block, which restores raster order itself.
+                # Nothing pruned yet, or Last Layer Fusion's last block, which runs on the raster-ordered map.
                 grid = tokens
             elif block in self.pruning_blocks or block + 1 in stages:
                 grid = write_tokens(grid, tokens, positions)

@@ -1,8 +1,8 @@
 """Token routing for CroprViT: the Cropr module, the baseline selectors, Top-K selection and Last Layer Fusion.
 
-Every selector produces one score per token; `split_tokens` keeps the top-K patch tokens (prefix tokens such as CLS
-are always kept) and, when Last Layer Fusion needs them, hands back the set-aside tokens too. `RoutingState` carries
-one forward pass's routing from module to module.
+Every selector produces one score per token; `top_tokens` keeps the top-K patch tokens (prefix tokens such as CLS
+are always kept). `RoutingState` carries one forward pass's routing from module to module, including the raster-ordered
+token map in which Last Layer Fusion collects the set-aside tokens.
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ class TokenSelector(nn.Module):
 
 def _flat_row_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, K) per-sample token indices -> (B*K,) row indices into the (B*M, D) flattened tokens."""
+    if index.shape[0] == 1:  # batch 1, what pipeline() runs: the rows are the indices themselves
+        return index.reshape(-1)
     offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
     return (index + offsets).flatten()
 
@@ -192,37 +194,34 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(batch_size, index.shape[1], width)
 
 
-def split_tokens(
-    scores: torch.Tensor, num_prefix_tokens: int, num_keep: int, with_set_aside: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Indices of kept tokens (prefix first, then patches by descending score) and, optionally, set-aside tokens.
-
-    The set-aside indices come from a 0/1 keep mask rather than a second top-k on the scores, so that tied scores
-    (e.g. flat background patches under the variance selector) can never put a token in both sets.
-    """
-    patch_scores = scores[:, num_prefix_tokens:]
-    keep_patch = patch_scores.topk(num_keep, dim=1, sorted=True).indices
-    keep_index = keep_patch + num_prefix_tokens
-    if num_prefix_tokens:
-        prefix_index = torch.arange(num_prefix_tokens, device=scores.device).expand(scores.shape[0], -1)
-        keep_index = torch.cat([prefix_index, keep_index], dim=1)
-    if not with_set_aside:
-        return keep_index, None
-    keep_mask = torch.zeros_like(patch_scores, dtype=torch.float32).scatter_(1, keep_patch, 1.0)
-    num_set_aside = patch_scores.shape[1] - num_keep
-    set_aside_patch = keep_mask.topk(num_set_aside, dim=1, largest=False, sorted=False).indices
-    return keep_index, set_aside_patch + num_prefix_tokens
+def top_tokens(scores: torch.Tensor, num_keep: int, prefix_index: torch.Tensor | None) -> torch.Tensor:
+    """Indices (B, P + K) of the tokens a module keeps: the prefix tokens `prefix_index` (B, P), then the `num_keep`
+    best-scored patches by descending score."""
+    num_prefix_tokens = 0 if prefix_index is None else prefix_index.shape[1]
+    keep_patch = scores[:, num_prefix_tokens:].topk(num_keep, dim=1, sorted=True).indices
+    if prefix_index is None:
+        return keep_patch
+    return torch.cat([prefix_index, keep_patch + num_prefix_tokens], dim=1)
 
 
 @dataclasses.dataclass
 class RoutingState:
     """What one forward pass carries from pruning module to pruning module.
 
-    positions: `(batch_size, n)`, the position of each current token in the embeddings' order (prefix tokens first:
-        CLS, distillation, registers; then the patches in raster order).
+    num_tokens: the tokens of the embeddings (prefix tokens first: CLS, distillation, registers; then the patches in
+        raster order).
     keep_counts: the patch tokens each block's module keeps for this input ([`CroprViTConfig.patch_keep_counts`]).
+    prefix_index: `(batch_size, num_prefix_tokens)`, the prefix tokens' indices, which every module keeps in front
+        (`None` without prefix tokens).
+    positions: `(batch_size, n)`, the position in the embeddings' order of each current token; `None` when nothing
+        reads it (no Last Layer Fusion, rotary embeddings or `kept_indices`), so that modules skip its gather.
+    last_layer_fusion: whether the last block sees every token ([`fuse_tokens`]).
+    token_map: with Last Layer Fusion, the full token map in raster order as `(batch_size * num_tokens, hidden)`
+        rows: each pruning module writes its input tokens at their positions before it drops some, so a set-aside
+        token's row holds its state when it was set aside, and [`fuse_tokens`] writes the kept ones last. The last
+        block then runs on the map itself: no concatenation, no second top-k for the set-aside tokens, no restoring
+        of the order afterwards (attention does not depend on the order of the tokens).
     pixel_variance: `(batch_size, n)`, the variance selector's scores of the current tokens (`None` for the others).
-    set_aside: for Last Layer Fusion (`None` without it), the tokens each module set aside with their positions.
     kept_indices: `positions` after each module, when they are to be returned.
     aux_logits: each Cropr module's auxiliary logits (training).
     rotary_table: with rotary position embeddings, the cosines and sines `(num_tokens, head_dim)` of every position
@@ -230,54 +229,52 @@ class RoutingState:
         they change, so that every token keeps its own rotation through Top-K and Last Layer Fusion.
     """
 
-    positions: torch.Tensor
+    num_tokens: int
     keep_counts: list[int]
+    prefix_index: torch.Tensor | None
+    positions: torch.Tensor | None
+    last_layer_fusion: bool
+    token_map: torch.Tensor | None = None
     pixel_variance: torch.Tensor | None = None
-    set_aside: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     kept_indices: list[torch.Tensor] | None = None
     aux_logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
     rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self):
+        self._rotary_in_raster_order()
+
+    def _rotary_in_raster_order(self) -> None:
         if self.rotary_table is not None:
             # Every token is in its place: the table itself, broadcast over the batch.
             self.rotary = tuple(table.unsqueeze(0) for table in self.rotary_table)
 
-    def _gather_rotary(self, positions: torch.Tensor) -> None:
-        if self.rotary_table is not None:
-            self.rotary = tuple(table[positions] for table in self.rotary_table)
+    def _write_token_map(self, hidden_states: torch.Tensor) -> None:
+        batch_size, _, width = hidden_states.shape
+        if self.token_map is None:
+            self.token_map = hidden_states.new_empty(batch_size * self.num_tokens, width)
+        rows = _flat_row_index(self.positions, self.num_tokens)
+        self.token_map.index_copy_(0, rows, hidden_states.reshape(-1, width))
 
-    def keep(
-        self, hidden_states: torch.Tensor, keep_index: torch.Tensor, set_aside_index: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The tokens at `keep_index` (see [`split_tokens`]); those at `set_aside_index` wait for Last Layer Fusion."""
-        if set_aside_index is not None:
-            self.set_aside.append(
-                (gather_tokens(hidden_states, set_aside_index), gather_tokens(self.positions, set_aside_index))
-            )
+    def keep(self, hidden_states: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """The tokens at `keep_index` (see [`top_tokens`]); with Last Layer Fusion the others wait in `token_map`."""
+        if self.last_layer_fusion:
+            self._write_token_map(hidden_states)
         hidden_states = gather_tokens(hidden_states, keep_index)
-        self.positions = gather_tokens(self.positions, keep_index)
-        self._gather_rotary(self.positions)
+        if self.positions is not None:
+            self.positions = self.positions.gather(1, keep_index)
+            if self.rotary_table is not None:
+                self.rotary = tuple(table[self.positions] for table in self.rotary_table)
         if self.pixel_variance is not None:
-            self.pixel_variance = gather_tokens(self.pixel_variance, keep_index)
+            self.pixel_variance = self.pixel_variance.gather(1, keep_index)
         return hidden_states
 
-    def fuse_set_aside(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last Layer Fusion: the kept tokens followed by every set-aside one, and the position in the image of each
-        (for [`restore_raster_order`] after the last block); `rotary` then follows the fused tokens."""
-        tokens, positions = zip(*self.set_aside, strict=True)
-        fused_positions = torch.cat([self.positions, *positions], dim=1)
-        self._gather_rotary(fused_positions)
-        return torch.cat([hidden_states, *tokens], dim=1), fused_positions
-
-
-def restore_raster_order(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Inverse of the routing permutation: output[b, positions[b, j]] = hidden_states[b, j] (whole-row copies)."""
-    batch_size, num_tokens, width = hidden_states.shape
-    rows = hidden_states.new_empty(batch_size * num_tokens, width)
-    rows.index_copy_(0, _flat_row_index(positions, num_tokens), hidden_states.reshape(batch_size * num_tokens, width))
-    return rows.view(batch_size, num_tokens, width)
+    def fuse_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Last Layer Fusion: every token in raster order, the kept ones in their current state and each set-aside
+        one in the state it had when set aside; `rotary` follows."""
+        self._write_token_map(hidden_states)
+        self._rotary_in_raster_order()
+        return self.token_map.view(hidden_states.shape[0], self.num_tokens, hidden_states.shape[-1])
 
 
 def write_tokens(grid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -298,7 +295,6 @@ __all__ = [
     "gather_tokens",
     "patch_pixel_variance",
     "received_attention",
-    "restore_raster_order",
-    "split_tokens",
+    "top_tokens",
     "write_tokens",
 ]
