@@ -156,8 +156,7 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_fp32_weights(tmp_
     config = dataclasses.replace(TINY_RUN, learning_rate=1e-2)
     data = TrainingSplitOnly()
     models = {
-        precision: pretrain(dataclasses.replace(config, precision=precision), data)[0]
-        for precision in ("fp32", "bf16")
+        precision: pretrain(dataclasses.replace(config, precision=precision), data)[0] for precision in ("fp32", "bf16")
     }
     weights = {precision: model.vit.state_dict() for precision, model in models.items()}
     assert all(value.dtype == torch.float32 for value in weights["bf16"].values())
