@@ -9,6 +9,7 @@ import torch
 
 from cropr.tools.benchmark import (
     INFERENCE_VARIANTS,
+    PRESETS,
     TRAINING_VARIANTS,
     BenchmarkOptions,
     build_config,
@@ -16,6 +17,7 @@ from cropr.tools.benchmark import (
     check_device,
     check_outputs,
     counted_macs,
+    describe,
     main,
     parse_args,
     run_benchmark,
@@ -175,6 +177,16 @@ def test_bad_options_end_in_one_usage_error_line(arguments, fragment, capsys, mo
     assert exit_.value.code == 2
     last_line = capsys.readouterr().err.splitlines()[-1]
     assert last_line.startswith("cropr-benchmark: error: ") and fragment in last_line
+
+
+def test_a_run_that_changes_the_model_describes_the_model_it_measured():
+    assert describe(parse_args(["--preset", "vit-b16"]), build_config("vit-b16")) == PRESETS["vit-b16"].description
+    options = parse_args(["--preset", "vit-b16", "--image-size", "384", "--pruning-rate", "47"])
+    described = describe(options, build_config(options.preset, options.overrides))
+    assert described == "ViT-B/16 at 384 px, R=47 after every block + LLF (577 -> ... -> 106 tokens)"
+    options = parse_args(["--preset", "tiny", "--pruning-schedule", "0,3,0,0", "--set", "last_layer_fusion=false"])
+    described = describe(options, build_config(options.preset, options.overrides))
+    assert described == "4-block, 32-wide ViT at 32 px, schedule [0, 3, 0, 0] (17 -> ... -> 14 tokens)"
 
 
 def test_pruning_schedule_accepts_blocks_without_pruning():

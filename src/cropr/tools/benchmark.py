@@ -75,6 +75,7 @@ class Preset:
     family: str  # "vit", "dinov2", "dinov3_vit" or "siglip"
     config: dict[str, Any]
     description: str
+    name: str  # the model alone, for runs that change its image size or schedule
 
 
 PRESETS: dict[str, Preset] = {
@@ -82,35 +83,41 @@ PRESETS: dict[str, Preset] = {
         family="vit",
         config={**MODEL_PRESETS["vit-b16"], "num_labels": 1000},
         description="ViT-B/16 at 224 px, R=16 after every block + LLF (197 -> 180 -> ... -> 36 tokens)",
+        name="ViT-B/16",
     ),
     "dinov2-s14": Preset(
         family="dinov2",
         config={**MODEL_PRESETS["dinov2-s14"], "num_labels": 1000},
         description="DINOv2-S/14 at 224 px (256 patches), layer scale, R=20 after every block + LLF "
         "(257 -> 236 -> ... -> 56 tokens, the share ViT-B/16 R=16 keeps)",
+        name="DINOv2-S/14",
     ),
     "dinov3-s16": Preset(
         family="dinov3_vit",
         config={**MODEL_PRESETS["dinov3-s16"], "num_labels": 1000},
         description="DINOv3-S/16 at 224 px (196 patches + CLS + 4 registers), rotary position embeddings, layer scale, "
         "R=16 after every block + LLF (201 -> 184 -> ... -> 40 tokens)",
+        name="DINOv3-S/16",
     ),
     "siglip-b16": Preset(
         family="siglip",
         config={**MODEL_PRESETS["siglip-b16"], "num_labels": 1000},
         description="SigLIP-B/16-shaped tower at 224 px: no CLS token, attention-pooling (MAP) head, R=16 after every "
         "block + LLF (196 -> 180 -> ... -> 36 tokens)",
+        name="SigLIP-B/16-shaped tower",
     ),
     "vit-l16": Preset(
         family="vit",
         config={**MODEL_PRESETS["vit-l16"], "num_labels": 1000},
         description="ViT-L/16 at 224 px, R=8 after every block + LLF (197 -> 188 -> ... -> 20 tokens), the paper's "
         "ImageNet model",
+        name="ViT-L/16",
     ),
     "tiny": Preset(
         family="vit",
         config={**MODEL_PRESETS["tiny"], "num_labels": 5},
         description="4-block, 32-wide ViT on 32x32 images with 8x8 patches (tests)",
+        name="4-block, 32-wide ViT",
     ),
 }
 
@@ -641,6 +648,27 @@ def check_options(options: BenchmarkOptions) -> None:
             build_hf_model(PRESETS[options.preset].family, config)
 
 
+def describe(options: BenchmarkOptions, pruned_config: CroprViTConfig) -> str:
+    """The preset's description, or, when `--set` changed the model, its name with the measured shape and schedule
+    (the preset's text would name the wrong image size or rate)."""
+    preset = PRESETS[options.preset]
+    if not options.overrides:
+        return preset.description
+    height, width = pruned_config.image_size_hw
+    size = f"{height} px" if height == width else f"{height}x{width} px"
+    tokens = pruned_config.token_counts()
+    if not pruned_config.pruning_blocks:
+        return f"{preset.name} at {size}, no pruning ({tokens[0]} tokens)"
+    schedule = (
+        f"R={pruned_config.pruning_rate} after every block"
+        if pruned_config.pruning_schedule is None
+        else f"schedule {pruned_config.pruning_schedule}"
+    )
+    fusion = " + LLF" if pruned_config.last_layer_fusion else ""
+    last_pruned = tokens[-2] if pruned_config.last_layer_fusion else tokens[-1]
+    return f"{preset.name} at {size}, {schedule}{fusion} ({tokens[0]} -> ... -> {last_pruned} tokens)"
+
+
 def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
     """Build the models, check them, count FLOPs and time inference (and training); returns the JSON-able report."""
     check_options(options)
@@ -649,10 +677,11 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
         torch.set_num_threads(options.threads or available_cores())
     elif options.threads:
         torch.set_num_threads(options.threads)
-    log(f"preset {options.preset}: {PRESETS[options.preset].description}", options.quiet)
     inference = build_inference_models(options)
     config = inference.config
     pruned_config = inference.configs.get("cropr", inference.configs.get("random", config))
+    description = describe(options, pruned_config)
+    log(f"preset {options.preset}: {description}", options.quiet)
     height, width = config.image_size_hw
     check_input = torch.randn(2, config.num_channels, height, width, generator=torch.Generator().manual_seed(1))
     checks = check_outputs(inference.models, config, check_input)
@@ -670,7 +699,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "preset": options.preset,
-        "description": PRESETS[options.preset].description,
+        "description": description,
         "config": {
             key: getattr(config, key)
             for key in (
