@@ -328,9 +328,9 @@ def test_eval_routing_of_a_many_query_module_builds_no_query_by_token_matrix():
         (name, shape) for name, shape in recorder.shapes if num_queries in shape and module_token_counts & set(shape)
     ]
     assert not query_by_token
-    # The only products are the scores: one (B, M) vector per module.
-    products = [shape for name, shape in recorder.shapes if name == "matmul"]
-    assert sorted(products) == sorted((3, count) for count in module_token_counts)
+    # The only products are the scores: one vector of B * M token scores per module.
+    products = [shape for name, shape in recorder.shapes if name in ("matmul", "mv")]
+    assert sorted(products) == sorted((3 * count,) for count in module_token_counts)
 
 
 @pytest.mark.parametrize("head", HEADS)

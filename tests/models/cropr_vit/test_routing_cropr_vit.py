@@ -147,8 +147,13 @@ def test_an_inference_only_router_has_no_training_modules_and_scores_any_dtype()
     scores, aux_logits = router.train()(tokens)  # stays frozen in training: no queries to score with
     assert aux_logits is None
     torch.testing.assert_close(scores, tokens @ router.aggregated_query)
-    # Tokens of a lower precision than the float32 query (e.g. under autocast) are scored in their own dtype.
+    # Tokens of a lower precision than the float32 query (a model cast to bf16) are scored in their own dtype.
     assert router(tokens.bfloat16())[0].dtype == torch.bfloat16
+    # Under autocast the residual stream stays float32, and so do its scores: no rounding to 8-bit mantissas.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_scores = router(tokens)[0]
+    assert autocast_scores.dtype == torch.float32
+    torch.testing.assert_close(autocast_scores, tokens @ router.aggregated_query)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "avg"])

@@ -101,7 +101,11 @@ class CroprRouter(nn.Module):
             scores = attention_logits.sum(dim=1)
             aux_logits = self.aux_head(self.aggregator(attention_logits, tokens))
         else:
-            scores = tokens @ self.aggregated_query.to(tokens.dtype)
+            # `torch.mv` is not on the CPU autocast's lower-precision list (CUDA's casts it like matmul), so under CPU
+            # bf16 autocast the scores keep the residual stream's fp32: no cast of every token, about 5x faster than
+            # the bf16 product there, and no ties from 8-bit mantissas.
+            flat_tokens = tokens.reshape(-1, tokens.shape[-1])
+            scores = torch.mv(flat_tokens, self.aggregated_query.to(tokens.dtype)).view(tokens.shape[:-1])
         if self.invert_scores:
             scores = -scores
         return scores, aux_logits
@@ -250,9 +254,11 @@ class RoutingState:
             self.rotary = tuple(table.unsqueeze(0) for table in self.rotary_table)
 
     def _write_token_map(self, hidden_states: torch.Tensor) -> None:
-        batch_size, _, width = hidden_states.shape
+        width = hidden_states.shape[-1]
         if self.token_map is None:
-            self.token_map = hidden_states.new_empty(batch_size * self.num_tokens, width)
+            # The first module's input is every token in raster order: a plain copy, not an indexed one.
+            self.token_map = hidden_states.reshape(-1, width).clone()
+            return
         rows = _flat_row_index(self.positions, self.num_tokens)
         self.token_map.index_copy_(0, rows, hidden_states.reshape(-1, width))
 
