@@ -186,13 +186,11 @@ def _flat_row_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """tokens (B, M, D) or (B, M) gathered along M by index (B, K).
+    """tokens (B, M, D) gathered along M by index (B, K).
 
     Whole rows are copied with `index_select` on the flattened tokens: an order of magnitude faster on CPU than an
     element-wise `gather` with an index expanded over D.
     """
-    if tokens.dim() == 2:
-        return tokens.gather(1, index)
     batch_size, num_tokens, width = tokens.shape
     rows = tokens.reshape(batch_size * num_tokens, width).index_select(0, _flat_row_index(index, num_tokens))
     return rows.view(batch_size, index.shape[1], width)
