@@ -11,16 +11,27 @@ from cropr.models.cropr_vit.routing_cropr_vit import (
     TokenSelector,
     gather_tokens,
     patch_pixel_variance,
+    rank_tokens,
     received_attention,
-    top_tokens,
 )
 
 
-def test_top_tokens_keeps_prefix_first_then_patches_by_score():
+def test_rank_tokens_keeps_prefix_first_then_patches_by_score_and_sets_the_rest_aside():
     scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 3.0], [7.0, 0.0, 2.0, 1.0, 4.0]])
     prefix_index = torch.zeros(2, 1, dtype=torch.long)
-    assert top_tokens(scores, 2, prefix_index).tolist() == [[0, 3, 1], [0, 4, 2]]
-    assert top_tokens(scores, 2, None).tolist() == [[3, 1], [0, 4]]
+    keep, set_aside = rank_tokens(scores, 2, prefix_index)
+    assert keep.tolist() == [[0, 3, 1], [0, 4, 2]]
+    assert [sorted(row) for row in set_aside.tolist()] == [[2, 4], [1, 3]]
+    keep, set_aside = rank_tokens(scores, 2, None)
+    assert keep.tolist() == [[3, 1], [0, 4]]
+    assert [sorted(row) for row in set_aside.tolist()] == [[0, 2, 4], [1, 2, 3]]
+
+
+def test_rank_tokens_never_puts_a_tied_token_in_both_sets():
+    # Flat background patches all score 0 under the variance selector.
+    keep, set_aside = rank_tokens(torch.zeros(3, 17), 5, torch.zeros(3, 1, dtype=torch.long))
+    for kept_row, set_aside_row in zip(keep.tolist(), set_aside.tolist(), strict=True):
+        assert sorted(kept_row + set_aside_row) == list(range(17))
 
 
 def test_gather_tokens_copies_the_indexed_rows_at_every_batch_size():
@@ -42,16 +53,19 @@ def test_token_map_holds_each_set_aside_token_as_it_was_set_aside_and_kept_ones_
     )
     first = torch.randn(batch_size, num_tokens, width)
     first_keep = torch.tensor([[0, 5, 2, 3], [0, 1, 6, 4]])
-    kept = state.keep(first, first_keep)
+    first_set_aside = torch.tensor([[1, 4, 6], [2, 3, 5]])
+    kept = state.keep(first, first_keep, first_set_aside)
     assert torch.equal(kept, gather_tokens(first, first_keep))
     second = torch.randn(batch_size, 4, width)  # the next block's output for the kept tokens
     second_keep = torch.tensor([[0, 2], [0, 3]])  # raster positions 2 and 4
+    second_set_aside = torch.tensor([[1, 3], [1, 2]])
     final = torch.randn(batch_size, 2, width)
-    state.keep(second, second_keep)
+    state.keep(second, second_keep, second_set_aside)
     fused = state.fuse_tokens(final)
-    expected = first.clone()
+    expected = torch.empty_like(first)
     for sample in range(batch_size):
-        expected[sample, first_keep[sample]] = second[sample]
+        expected[sample, first_set_aside[sample]] = first[sample, first_set_aside[sample]]
+        expected[sample, first_keep[sample, second_set_aside[sample]]] = second[sample, second_set_aside[sample]]
         expected[sample, first_keep[sample, second_keep[sample]]] = final[sample]
     assert torch.equal(fused, expected)
     assert state.positions.tolist() == [[0, 2], [0, 4]]

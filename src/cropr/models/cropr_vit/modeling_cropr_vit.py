@@ -33,7 +33,7 @@ from .routing_cropr_vit import (
     RoutingState,
     TokenSelector,
     patch_pixel_variance,
-    top_tokens,
+    rank_tokens,
     write_tokens,
 )
 
@@ -946,7 +946,7 @@ class CroprViTModel(CroprViTPreTrainedModel):
             routing.aux_logits.append(aux_logits)
         num_keep = routing.keep_counts[block]
         if num_keep < hidden_states.shape[1] - self.num_prefix_tokens:
-            hidden_states = routing.keep(hidden_states, top_tokens(scores, num_keep, routing.prefix_index))
+            hidden_states = routing.keep(hidden_states, *rank_tokens(scores, num_keep, routing.prefix_index))
         if routing.kept_indices is not None:
             routing.kept_indices.append(routing.positions)
         return hidden_states

@@ -1,8 +1,8 @@
 """Token routing for CroprViT: the Cropr module, the baseline selectors, Top-K selection and Last Layer Fusion.
 
-Every selector produces one score per token; `top_tokens` keeps the top-K patch tokens (prefix tokens such as CLS
-are always kept). `RoutingState` carries one forward pass's routing from module to module, including the raster-ordered
-token map in which Last Layer Fusion collects the set-aside tokens.
+Every selector produces one score per token; `rank_tokens` keeps the top-K patch tokens (prefix tokens such as CLS
+are always kept) and sets the others aside. `RoutingState` carries one forward pass's routing from module to module,
+including the raster-ordered token map in which Last Layer Fusion collects the set-aside tokens.
 """
 
 from __future__ import annotations
@@ -196,14 +196,23 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(batch_size, index.shape[1], width)
 
 
-def top_tokens(scores: torch.Tensor, num_keep: int, prefix_index: torch.Tensor | None) -> torch.Tensor:
-    """Indices (B, P + K) of the tokens a module keeps: the prefix tokens `prefix_index` (B, P), then the `num_keep`
-    best-scored patches by descending score."""
+def rank_tokens(
+    scores: torch.Tensor, num_keep: int, prefix_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a module keeps and what it sets aside: indices (B, P + K) of the prefix tokens `prefix_index` (B, P)
+    followed by the `num_keep` best-scored patches by descending score, and (B, M - P - K) of the other patches.
+
+    One sort gives both: they are disjoint even where scores tie (flat background patches under the variance
+    selector), and it costs what a `topk` of the kept patches does.
+    """
     num_prefix_tokens = 0 if prefix_index is None else prefix_index.shape[1]
-    keep_patch = scores[:, num_prefix_tokens:].topk(num_keep, dim=1, sorted=True).indices
+    order = scores[:, num_prefix_tokens:].argsort(dim=1, descending=True)
+    if num_prefix_tokens:
+        order = order + num_prefix_tokens
+    keep_patch, set_aside = order[:, :num_keep], order[:, num_keep:]
     if prefix_index is None:
-        return keep_patch
-    return torch.cat([prefix_index, keep_patch + num_prefix_tokens], dim=1)
+        return keep_patch, set_aside
+    return torch.cat([prefix_index, keep_patch], dim=1), set_aside
 
 
 @dataclasses.dataclass
@@ -219,10 +228,10 @@ class RoutingState:
         reads it (no Last Layer Fusion, rotary embeddings or `kept_indices`), so that modules skip its gather.
     last_layer_fusion: whether the last block sees every token ([`fuse_tokens`]).
     token_map: with Last Layer Fusion, the full token map in raster order as `(batch_size * num_tokens, hidden)`
-        rows: each pruning module writes its input tokens at their positions before it drops some, so a set-aside
-        token's row holds its state when it was set aside, and [`fuse_tokens`] writes the kept ones last. The last
-        block then runs on the map itself: no concatenation, no second top-k for the set-aside tokens, no restoring
-        of the order afterwards (attention does not depend on the order of the tokens).
+        rows: each pruning module writes the tokens it sets aside at their positions, so a set-aside token's row
+        holds its state when it was set aside, and [`fuse_tokens`] writes the kept ones last. The last block then
+        runs on the map itself: no concatenation, no restoring of the order afterwards (attention does not depend on
+        the order of the tokens).
     pixel_variance: `(batch_size, n)`, the variance selector's scores of the current tokens (`None` for the others).
     kept_indices: `positions` after each module, when they are to be returned.
     aux_logits: each Cropr module's auxiliary logits (training).
@@ -251,19 +260,22 @@ class RoutingState:
             # Every token is in its place: the table itself, broadcast over the batch.
             self.rotary = tuple(table.unsqueeze(0) for table in self.rotary_table)
 
-    def _write_token_map(self, hidden_states: torch.Tensor) -> None:
+    def _write_token_map(self, hidden_states: torch.Tensor, index: torch.Tensor) -> None:
+        """Write the current tokens at `index` (B, K) into `token_map`, each at its position in raster order."""
         width = hidden_states.shape[-1]
         if self.token_map is None:
-            # The first module's input is every token in raster order: a plain copy, not an indexed one.
-            self.token_map = hidden_states.reshape(-1, width).clone()
-            return
-        rows = _flat_row_index(self.positions, self.num_tokens)
-        self.token_map.index_copy_(0, rows, hidden_states.reshape(-1, width))
+            # Every row is written exactly once: by the module that sets its token aside, or by the fusion.
+            self.token_map = hidden_states.new_empty(hidden_states.shape[0] * self.num_tokens, width)
+        rows = _flat_row_index(self.positions.gather(1, index), self.num_tokens)
+        self.token_map.index_copy_(0, rows, gather_tokens(hidden_states, index).reshape(-1, width))
 
-    def keep(self, hidden_states: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
-        """The tokens at `keep_index` (see [`top_tokens`]); with Last Layer Fusion the others wait in `token_map`."""
+    def keep(
+        self, hidden_states: torch.Tensor, keep_index: torch.Tensor, set_aside_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The tokens at `keep_index` (see [`rank_tokens`]); with Last Layer Fusion those at `set_aside_index` wait
+        in `token_map`."""
         if self.last_layer_fusion:
-            self._write_token_map(hidden_states)
+            self._write_token_map(hidden_states, set_aside_index)
         hidden_states = gather_tokens(hidden_states, keep_index)
         if self.positions is not None:
             self.positions = self.positions.gather(1, keep_index)
@@ -276,7 +288,8 @@ class RoutingState:
     def fuse_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Last Layer Fusion: every token in raster order, the kept ones in their current state and each set-aside
         one in the state it had when set aside; `rotary` follows."""
-        self._write_token_map(hidden_states)
+        rows = _flat_row_index(self.positions, self.num_tokens)
+        self.token_map.index_copy_(0, rows, hidden_states.reshape(-1, hidden_states.shape[-1]))
         self._rotary_in_raster_order()
         return self.token_map.view(hidden_states.shape[0], self.num_tokens, hidden_states.shape[-1])
 
@@ -299,6 +312,6 @@ __all__ = [
     "gather_tokens",
     "patch_pixel_variance",
     "received_attention",
-    "top_tokens",
+    "rank_tokens",
     "write_tokens",
 ]
