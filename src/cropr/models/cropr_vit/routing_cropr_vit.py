@@ -181,8 +181,8 @@ def _flat_row_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, K) per-sample token indices -> (B*K,) row indices into the (B*M, D) flattened tokens."""
     if index.shape[0] == 1:  # batch 1, what pipeline() runs: the rows are the indices themselves
         return index.reshape(-1)
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
-    return (index + offsets).flatten()
+    offsets = torch.arange(0, index.shape[0] * num_tokens, num_tokens, device=index.device)
+    return (index + offsets.unsqueeze(1)).flatten()
 
 
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
