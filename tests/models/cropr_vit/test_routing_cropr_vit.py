@@ -71,6 +71,26 @@ def test_token_map_holds_each_set_aside_token_as_it_was_set_aside_and_kept_ones_
     assert state.positions.tolist() == [[0, 2], [0, 4]]
 
 
+def test_rotary_angles_follow_the_kept_tokens_and_return_to_raster_order_at_fusion():
+    batch_size, num_tokens, head_dim = 2, 5, 4
+    table = (torch.randn(num_tokens, head_dim), torch.randn(num_tokens, head_dim))
+    state = RoutingState(
+        num_tokens=num_tokens,
+        keep_counts=[],
+        prefix_index=None,
+        positions=torch.arange(num_tokens).expand(batch_size, -1),
+        last_layer_fusion=True,
+        rotary_table=table,
+    )
+    assert all(torch.equal(current[0], full) for current, full in zip(state.rotary, table, strict=True))
+    keep, set_aside = torch.tensor([[4, 1], [0, 3]]), torch.tensor([[0, 2, 3], [1, 2, 4]])
+    state.keep(torch.randn(batch_size, num_tokens, 3), keep, set_aside)
+    for current, full in zip(state.rotary, table, strict=True):
+        assert torch.equal(current, torch.stack([full[keep[sample]] for sample in range(batch_size)]))
+    state.fuse_tokens(torch.randn(batch_size, 2, 3))
+    assert all(torch.equal(current[0], full) for current, full in zip(state.rotary, table, strict=True))
+
+
 def test_patch_pixel_variance_matches_a_direct_computation():
     pixels = torch.randn(2, 3, 16, 24)
     variance = patch_pixel_variance(pixels, (8, 8))
