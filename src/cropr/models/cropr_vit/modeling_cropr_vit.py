@@ -804,9 +804,9 @@ def check_forward_kwargs(kwargs: dict) -> None:
 class CroprViTModel(CroprViTPreTrainedModel):
     """The CroprViT backbone: ViT blocks with a pruning module after each block of the schedule.
 
-    Eval routing costs one (B, M, D)·(D) product, one `topk` and one batched gather per module, plus, with Last
-    Layer Fusion, one row write into the raster-ordered token map that the last block runs on, so its output is in
-    raster order with every set-aside token back in its place.
+    Eval routing costs one (B, M, D)·(D) product, one sort and one batched gather per module, plus, with Last Layer
+    Fusion, a row write of the set-aside tokens into the raster-ordered token map that the last block runs on, so its
+    output is in raster order with every set-aside token back in its place.
     """
 
     def __init__(self, config: CroprViTConfig):
