@@ -272,3 +272,9 @@ def main(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         return run(task_name, argv)
     except RunError as error:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {error}")
+    finally:
+        # A distributed rank that reaches interpreter shutdown with its process group alive can abort there
+        # ("terminate called without an active exception", seen with gloo while another rank was still saving):
+        # shut the group down in order first, as torch asks of every program that initialises one.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
