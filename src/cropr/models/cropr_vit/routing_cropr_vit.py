@@ -102,8 +102,8 @@ class CroprRouter(nn.Module):
             aux_logits = self.aux_head(self.aggregator(attention_logits, tokens))
         else:
             # `torch.mv` is not on the CPU autocast's lower-precision list (CUDA's casts it like matmul), so under CPU
-            # bf16 autocast the scores keep the residual stream's fp32: no cast of every token, about 5x faster than
-            # the bf16 product there, and no ties from 8-bit mantissas.
+            # bf16 autocast the scores keep the residual stream's fp32: no cast of every token (faster there than the
+            # bf16 product) and no ties from 8-bit mantissas.
             flat_tokens = tokens.reshape(-1, tokens.shape[-1])
             scores = torch.mv(flat_tokens, self.aggregated_query.to(tokens.dtype)).view(tokens.shape[:-1])
         if self.invert_scores:
@@ -260,14 +260,13 @@ class RoutingState:
             # Every token is in its place: the table itself, broadcast over the batch.
             self.rotary = tuple(table.unsqueeze(0) for table in self.rotary_table)
 
-    def _write_token_map(self, hidden_states: torch.Tensor, index: torch.Tensor) -> None:
-        """Write the current tokens at `index` (B, K) into `token_map`, each at its position in raster order."""
-        width = hidden_states.shape[-1]
+    def _write_token_map(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write `tokens` (B, K, D) into `token_map` at their raster `positions` (B, K)."""
+        width = tokens.shape[-1]
         if self.token_map is None:
             # Every row is written exactly once: by the module that sets its token aside, or by the fusion.
-            self.token_map = hidden_states.new_empty(hidden_states.shape[0] * self.num_tokens, width)
-        rows = _flat_row_index(self.positions.gather(1, index), self.num_tokens)
-        self.token_map.index_copy_(0, rows, gather_tokens(hidden_states, index).reshape(-1, width))
+            self.token_map = tokens.new_empty(tokens.shape[0] * self.num_tokens, width)
+        self.token_map.index_copy_(0, _flat_row_index(positions, self.num_tokens), tokens.reshape(-1, width))
 
     def keep(
         self, hidden_states: torch.Tensor, keep_index: torch.Tensor, set_aside_index: torch.Tensor
@@ -275,7 +274,9 @@ class RoutingState:
         """The tokens at `keep_index` (see [`rank_tokens`]); with Last Layer Fusion those at `set_aside_index` wait
         in `token_map`."""
         if self.last_layer_fusion:
-            self._write_token_map(hidden_states, set_aside_index)
+            self._write_token_map(
+                gather_tokens(hidden_states, set_aside_index), self.positions.gather(1, set_aside_index)
+            )
         hidden_states = gather_tokens(hidden_states, keep_index)
         if self.positions is not None:
             self.positions = self.positions.gather(1, keep_index)
@@ -288,8 +289,7 @@ class RoutingState:
     def fuse_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Last Layer Fusion: every token in raster order, the kept ones in their current state and each set-aside
         one in the state it had when set aside; `rotary` follows."""
-        rows = _flat_row_index(self.positions, self.num_tokens)
-        self.token_map.index_copy_(0, rows, hidden_states.reshape(-1, hidden_states.shape[-1]))
+        self._write_token_map(hidden_states, self.positions)
         self._rotary_in_raster_order()
         return self.token_map.view(hidden_states.shape[0], self.num_tokens, hidden_states.shape[-1])
 
