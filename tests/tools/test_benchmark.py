@@ -18,6 +18,7 @@ from cropr.tools.benchmark import (
     check_outputs,
     counted_macs,
     describe,
+    format_report,
     main,
     parse_args,
     run_benchmark,
@@ -30,7 +31,7 @@ def report(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("benchmark") / "results.json"
     argv = ["--preset", "tiny", "--device", "cpu", "--dtypes", "fp32,bf16", "--batch-sizes", "1,2", "--repeats", "2"]
     argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "2", "--train-repeats", "1"]
-    assert main([*argv, "--output", str(path), "--quiet"]) == 0
+    assert main([*argv, "--block-scaling", "--output", str(path), "--quiet"]) == 0
     return json.loads(path.read_text())
 
 
@@ -87,6 +88,17 @@ def test_report_records_environment_sanity_and_training(report):
     for entry in report["training"]:
         assert list(entry["variants"]) == list(TRAINING_VARIANTS)
         assert set(entry["metrics"]) == {"speedup_cropr", "speedup_random", "aux_head_overhead"}
+
+
+def test_block_scaling_times_the_benchmark_block_at_every_dtype_and_batch_size(report):
+    cells = {(entry["dtype"], entry["batch_size"]) for entry in report["block_scaling"]}
+    assert cells == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    tiny_blocks = [8192 * n + 64 * n**2 for n in TINY_TOKEN_COUNTS]
+    for entry in report["block_scaling"]:
+        assert list(entry["block_ms"]) == ["17", "13", "10"]
+        assert entry["blocks_flop_ceiling"] == pytest.approx(4 * tiny_blocks[0] / sum(tiny_blocks))
+        assert entry["weight_mb"] == pytest.approx((4 * (32 * 32 + 32) + 2 * 32 * 64 + 64 + 32 + 4 * 32) * 4 / 1e6)
+    assert "the blocks allow" in format_report(report)
 
 
 def test_dinov2_weights_copy_into_croprvit():

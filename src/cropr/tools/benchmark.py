@@ -16,7 +16,9 @@ FLOP ceiling, the router overhead `time(cropr) / time(random) - 1` and the `none
 step (forward + backward + AdamW, aux heads active) of `none`, `random` and `cropr` shows what pruning saves and
 the auxiliary heads cost in training. `ideal` splits the gap between the measured speedup and the FLOP ceiling: its
 speedup over `none` is what the blocks allow on this machine (short sequences use the hardware less well than their
-FLOP count says), and `time(cropr) / time(ideal) - 1` is what routing costs.
+FLOP count says), and `time(cropr) / time(ideal) - 1` is what routing costs. `--block-scaling` says why: it times one
+block at each token count of the schedule and splits its time into a fixed cost per call and a cost per multiply-add
+([`measure_block_scaling`]).
 
 Given a checkpoint (`cropr benchmark CHECKPOINT --pruning-rates 0,4,8,16`), it times that model instead, once per
 pruning rate (`set_pruning_rate`, the same weights), interleaved in the same way.
@@ -50,9 +52,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..conversion import convert_backbone_state_dict, load_backbone_weights, zero_absent_biases
 from ..data.images import SAMPLE_PHOTOS, sample_photo
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
-from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
+from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTLayer, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
 from .argtypes import bounded_int, int_list, non_negative_float, output_file, parse_schedule
+from .block_scaling import format_block_scaling, measure_block_scaling
 from .pipeline_latency import measure_pipeline_latency
 from .timing import CLOCKS, available_cores, interleaved_timings, machine_environment
 
@@ -147,6 +150,7 @@ class BenchmarkOptions:
     seed: int = 0
     clock: str = "wall"
     pipeline: bool = False
+    block_scaling: bool = False
     quiet: bool = False
     output: str | None = None
     markdown: str | None = None
@@ -574,6 +578,36 @@ def benchmark_pipeline(inference: InferenceModels, options: BenchmarkOptions, de
 # ----------------------------------------------------------------------------------------------------------------------
 # Environment, report, CLI
 # ----------------------------------------------------------------------------------------------------------------------
+def benchmark_block_scaling(inference: InferenceModels, options: BenchmarkOptions, device: torch.device) -> list:
+    """One block of the benchmark's backbone timed at each token count of the schedule, per dtype and batch size
+    ([`measure_block_scaling`]; eager, also in a `--compile` run)."""
+    pruned_config = inference.configs.get("cropr", inference.configs.get("random", inference.config))
+    block = CroprViTLayer(inference.config, drop_path_rate=0.0)
+    prefix = "layers.0."
+    block.load_state_dict({k[len(prefix) :]: v for k, v in inference.backbone_state.items() if k.startswith(prefix)})
+    block.to(device).eval()
+    entries = []
+    for dtype_name in options.dtypes:
+        for batch_size in options.batch_sizes:
+
+            def progress(message: str, dtype_name=dtype_name, batch_size=batch_size) -> None:
+                log(f"block scaling {dtype_name} batch {batch_size}: {message}", options.quiet)
+
+            result = measure_block_scaling(
+                block,
+                pruned_config,
+                batch_size,
+                lambda dtype_name=dtype_name: autocast_context(device, dtype_name),
+                warmup=options.warmup,
+                repeats=options.repeats,
+                min_time=options.min_time,
+                clock=options.clock,
+                progress=progress,
+            )
+            entries.append({"dtype": dtype_name, **result})
+    return entries
+
+
 def environment(options: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
     env = {
         **machine_environment(),
@@ -729,6 +763,9 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
     if options.pipeline:
         log("pipeline('image-classification') on the sample photos", options.quiet)
         report["pipeline"] = benchmark_pipeline(inference, options, device)
+    if options.block_scaling:
+        log("one block at each token count of the schedule", options.quiet)
+        report["block_scaling"] = benchmark_block_scaling(inference, options, device)
     return report
 
 
@@ -889,6 +926,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{latency['none']:.2f}; speedup {result['speedup']:.3f}x ({result['ceiling_fraction']:.3f} of the "
             f"ceiling); image processing is {result['processor_share']:.1%} of a pruned call",
         ]
+    if report.get("block_scaling"):
+        lines += ["", "One block at each token count of the schedule (eager; ms per call, median)"]
+        for entry in report["block_scaling"]:
+            lines += format_block_scaling(entry["dtype"], entry)
     if report["training"]:
         lines += ["", "Training step (forward + backward + AdamW, aux heads active; ms, median)"]
         for entry in report["training"]:
@@ -981,6 +1022,12 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         help="also time pipeline('image-classification') on single real photos (needs scikit-image), pruned vs off",
     )
     parser.add_argument(
+        "--block-scaling",
+        action="store_true",
+        help="also time one block at each token count of the schedule: its fixed cost per call and the speedup "
+        "the blocks alone allow",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
@@ -1034,6 +1081,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
         seed=args.seed,
         clock=args.clock,
         pipeline=args.pipeline,
+        block_scaling=args.block_scaling,
         quiet=args.quiet,
         output=None if args.output is None else str(args.output),
         markdown=None if args.markdown is None else str(args.markdown),

@@ -7,6 +7,7 @@ import torch
 from conftest import build_tiny, tiny_config_kwargs
 
 from cropr import CroprViTConfig, CroprViTModel
+from cropr.models.cropr_vit.modeling_cropr_vit import rotary_position_table
 
 VARIANTS = dict(
     use_distillation_token=True,
@@ -110,3 +111,33 @@ def test_rotary_model_trains_with_gradient_checkpointing():
     model(pixel_values, labels=labels).loss.backward()
     for name, parameter in model.named_parameters():
         assert torch.allclose(parameter.grad, expected[name], atol=1e-6), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_blocks_rotate_each_token_by_its_place_on_a_non_square_grid(dtype):
+    """Unpruned, a rotary model is its blocks run by hand with the rotary table of its 4 x 6 patch grid, in the
+    model's dtype (a table of the wrong grid, or none, changes the output; one left in float32 promotes the queries
+    and keys of a bfloat16 model)."""
+    model = build_tiny(
+        "base", image_size=(32, 48), position_embedding_type="rope", num_register_tokens=2, token_selector="none"
+    )
+    model = model.eval().to(dtype)
+    pixel_values = torch.randn(2, 3, 32, 48, dtype=dtype)
+    hidden_states = model.embeddings(pixel_values, False)
+    rotary = tuple(table.unsqueeze(0) for table in rotary_position_table(model.config, (4, 6), "cpu", dtype))
+    for layer in model.layers:
+        hidden_states, _ = layer(hidden_states, rotary=rotary)
+    output = model(pixel_values).last_hidden_state
+    assert output.dtype == dtype
+    assert torch.equal(output, model.layernorm(hidden_states))
+
+
+@torch.no_grad()
+def test_a_pruned_rotary_model_without_fusion_rotates_the_kept_tokens_unasked():
+    """Without Last Layer Fusion and without `output_kept_indices`, the kept tokens' positions are still tracked for
+    their rotary angles."""
+    model = build_tiny("base", position_embedding_type="rope", last_layer_fusion=False).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    tracked = model(pixel_values, output_kept_indices=True)
+    assert torch.equal(model(pixel_values).last_hidden_state, tracked.last_hidden_state)

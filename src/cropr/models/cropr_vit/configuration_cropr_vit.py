@@ -484,20 +484,25 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
                 tokens -= removed
         return counts
 
+    def block_macs(self, tokens: int) -> int:
+        """Multiply-adds of one transformer block on `tokens` tokens (n): 4nD^2 (q, k, v, o projections) + 2n^2D
+        (scores and weighted sum) + 2nDI (MLP, 3nDI gated)."""
+        width = self.hidden_size
+        mlp_per_token = (3 if self.use_gated_mlp else 2) * width * self.intermediate_size
+        return 4 * tokens * width**2 + 2 * tokens**2 * width + tokens * mlp_per_token
+
     def flops(self, pruned: bool = True) -> int:
         """Analytic multiply-adds of the backbone for one image at `image_size`.
 
-        Per block with n tokens: 4nD^2 (q, k, v, o projections) + 2n^2D (scores and weighted sum) + 2nDI (MLP, 3nDI
-        gated); plus the patch embedding, the attention-pooling head (`pooling="map"`: key and value projections of
-        the n output tokens 2nD^2, one query's scores and sum 2nD, its q and o projections 2D^2 and its MLP) and, when
-        pruned, one n x D routing product per module.
+        The blocks ([`block_macs`] on each block's tokens), plus the patch embedding, the attention-pooling head
+        (`pooling="map"`: key and value projections of the n output tokens 2nD^2, one query's scores and sum 2nD, its
+        q and o projections 2D^2 and its MLP) and, when pruned, one n x D routing product per module.
         """
         width = self.hidden_size
         mlp_per_token = (3 if self.use_gated_mlp else 2) * width * self.intermediate_size
         patch_h, patch_w = self.patch_size_hw
         total = self.num_patches * self.num_channels * patch_h * patch_w * width
-        for tokens in self.token_counts(pruned):
-            total += 4 * tokens * width**2 + 2 * tokens**2 * width + tokens * mlp_per_token
+        total += sum(self.block_macs(tokens) for tokens in self.token_counts(pruned))
         if pruned:
             counts = self.token_counts(pruned)
             total += sum(counts[block] * width for block in self.pruning_blocks)

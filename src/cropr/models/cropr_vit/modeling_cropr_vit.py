@@ -1039,11 +1039,9 @@ def classification_loss(
     loss_function: Callable, logits: torch.Tensor, labels: torch.Tensor, config: CroprViTConfig
 ) -> torch.Tensor:
     """`loss_function` (transformers' image-classification loss, by `config.problem_type`) in float32, on `(B, C)`
-    logits (main head) or `(B, N, C)` logits (auxiliary heads: every query sees its image's label)."""
+    logits (main head) or `(B, 1, C)` logits (an auxiliary head: image-level heads have one query per module)."""
     if logits.dim() == 3:
-        num_queries = logits.shape[1]
-        labels = labels.unsqueeze(1).expand(-1, num_queries, *labels.shape[1:]).flatten(0, 1)
-        logits = logits.flatten(0, 1)
+        logits = logits[:, 0]
     labels = labels.long() if config.problem_type == "single_label_classification" else labels.float()
     return loss_function(labels, logits.float(), config)
 
