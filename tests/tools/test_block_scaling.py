@@ -1,6 +1,6 @@
-"""The block-scaling measurement: a block timed at every token count of the schedule, a fit that separates the
-fixed cost per call from the cost per multiply-add, and the speedup the measured times add up to. A block whose
-time is known (it sleeps) checks the arithmetic; no real speed is asserted (speed claims come from
+"""The block-scaling measurement: the blocks timed at every token count of the schedule, a fit that separates the
+fixed cost per call from the cost per multiply-add, and the speedup the measured times add up to. Blocks whose
+time is known (they sleep) check the arithmetic; no real speed is asserted (speed claims come from
 `scripts/benchmark.py`)."""
 
 import contextlib
@@ -37,12 +37,14 @@ def test_the_fit_recovers_a_known_fixed_cost_and_the_sums_follow_the_schedule():
     config = CroprViTConfig(**tiny_config_kwargs())
     assert config.token_counts() == [17, 13, 10, 17] and config.token_counts(pruned=False) == [17] * 4
     block = SleepingBlock(config)
-    result = measure_block_scaling(block, config, 2, contextlib.nullcontext, repeats=3)
+    result = measure_block_scaling([block, block], config, 2, contextlib.nullcontext, repeats=3)
     assert list(result["block_ms"]) == ["17", "13", "10"]
     assert {(batch, tokens) for batch, tokens, _ in block.calls} == {(2, 17), (2, 13), (2, 10)}
+    assert len(block.calls) % 2 == 0  # every call of the measured step runs both blocks
     assert result["fixed_ms"] == pytest.approx(FIXED_S * 1e3, abs=1.0)  # sleep overshoots by well under 1 ms
     assert result["ms_per_gmac"] == pytest.approx(PER_GMAC_S * 1e3, rel=0.3)
     assert result["fixed_share"] == pytest.approx(result["fixed_ms"] / result["block_ms"]["17"])
+    assert 0 <= result["fit_error"] < 0.1
     assert result["weight_mb"] == pytest.approx(3 * 4 / 1e6)
     macs = {n: 2 * config.block_macs(n) / 1e9 for n in (17, 13, 10)}
     seconds = {n: FIXED_S + PER_GMAC_S * gmacs for n, gmacs in macs.items()}
@@ -55,15 +57,16 @@ def test_the_fit_recovers_a_known_fixed_cost_and_the_sums_follow_the_schedule():
 def test_every_call_runs_under_a_fresh_autocast_context():
     config = CroprViTConfig(**tiny_config_kwargs())
     block = SleepingBlock(config)
-    measure_block_scaling(block, config, 1, lambda: torch.autocast("cpu", dtype=torch.bfloat16), repeats=2)
+    measure_block_scaling([block], config, 1, lambda: torch.autocast("cpu", dtype=torch.bfloat16), repeats=2)
     assert block.calls and all(autocast for _, _, autocast in block.calls)
 
 
 def test_an_unpruned_schedule_has_one_length_and_no_fit():
     config = CroprViTConfig(**tiny_config_kwargs(token_selector="none"))
-    result = measure_block_scaling(SleepingBlock(config), config, 1, contextlib.nullcontext, repeats=1)
+    result = measure_block_scaling([SleepingBlock(config)], config, 1, contextlib.nullcontext, repeats=1)
     assert list(result["block_ms"]) == ["17"]
     assert result["fixed_ms"] == 0.0 and result["blocks_speedup"] == 1.0 == result["blocks_flop_ceiling"]
+    assert result["fit_error"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_the_report_lines_name_the_fixed_cost_and_the_allowed_speedup():
@@ -73,11 +76,12 @@ def test_the_report_lines_name_the_fixed_cost_and_the_allowed_speedup():
         "fixed_ms": 2.0,
         "ms_per_gmac": 12.0,
         "fixed_share": 0.1,
+        "fit_error": 0.021,
         "weight_mb": 28.3,
         "blocks_speedup": 1.5,
         "blocks_flop_ceiling": 1.6,
     }
     first, second = format_block_scaling("fp32", result)
-    assert first == "fp32  batch 1: ms per call at n tokens: 197 20.00, 37 5.50"
-    assert "2.00 ms fixed (10.0% of the unpruned block; its weights are 28.3 MB)" in second
+    assert first == "fp32  batch 1: ms per block at n tokens: 197 20.00, 37 5.50"
+    assert "2.00 ms fixed (10.0% of the unpruned block; its weights are 28.3 MB) + 12.00 ms/GMAC, within 2.1%" in second
     assert "the blocks allow 1.500x of their 1.600x FLOP ceiling (0.938)" in second

@@ -16,9 +16,9 @@ FLOP ceiling, the router overhead `time(cropr) / time(random) - 1` and the `none
 step (forward + backward + AdamW, aux heads active) of `none`, `random` and `cropr` shows what pruning saves and
 the auxiliary heads cost in training. `ideal` splits the gap between the measured speedup and the FLOP ceiling: its
 speedup over `none` is what the blocks allow on this machine (short sequences use the hardware less well than their
-FLOP count says), and `time(cropr) / time(ideal) - 1` is what routing costs. `--block-scaling` says why: it times one
-block at each token count of the schedule and splits its time into a fixed cost per call and a cost per multiply-add
-([`measure_block_scaling`]).
+FLOP count says), and `time(cropr) / time(ideal) - 1` is what routing costs. `--block-scaling` says why: it times the
+blocks at each token count of the schedule and splits their time into a fixed cost per call and a cost per
+multiply-add ([`measure_block_scaling`]).
 
 Given a checkpoint (`cropr benchmark CHECKPOINT --pruning-rates 0,4,8,16`), it times that model instead, once per
 pruning rate (`set_pruning_rate`, the same weights), interleaved in the same way.
@@ -52,7 +52,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..conversion import convert_backbone_state_dict, load_backbone_weights, zero_absent_biases
 from ..data.images import SAMPLE_PHOTOS, sample_photo
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
-from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTLayer, CroprViTModel
+from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
 from ..presets import PRESETS as MODEL_PRESETS
 from .argtypes import bounded_int, int_list, non_negative_float, output_file, parse_schedule
 from .block_scaling import format_block_scaling, measure_block_scaling
@@ -579,13 +579,12 @@ def benchmark_pipeline(inference: InferenceModels, options: BenchmarkOptions, de
 # Environment, report, CLI
 # ----------------------------------------------------------------------------------------------------------------------
 def benchmark_block_scaling(inference: InferenceModels, options: BenchmarkOptions, device: torch.device) -> list:
-    """One block of the benchmark's backbone timed at each token count of the schedule, per dtype and batch size
+    """The benchmark backbone's blocks timed at each token count of the schedule, per dtype and batch size
     ([`measure_block_scaling`]; eager, also in a `--compile` run)."""
     pruned_config = inference.configs.get("cropr", inference.configs.get("random", inference.config))
-    block = CroprViTLayer(inference.config, drop_path_rate=0.0)
-    prefix = "layers.0."
-    block.load_state_dict({k[len(prefix) :]: v for k, v in inference.backbone_state.items() if k.startswith(prefix)})
-    block.to(device).eval()
+    backbone = CroprViTModel(build_config(options.preset, options.overrides, token_selector="none"))
+    load_backbone_weights(backbone, inference.backbone_state, "the benchmark backbone")
+    backbone.to(device).eval()
     entries = []
     for dtype_name in options.dtypes:
         for batch_size in options.batch_sizes:
@@ -594,7 +593,7 @@ def benchmark_block_scaling(inference: InferenceModels, options: BenchmarkOption
                 log(f"block scaling {dtype_name} batch {batch_size}: {message}", options.quiet)
 
             result = measure_block_scaling(
-                block,
+                backbone.layers,
                 pruned_config,
                 batch_size,
                 lambda dtype_name=dtype_name: autocast_context(device, dtype_name),
@@ -927,7 +926,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"ceiling); image processing is {result['processor_share']:.1%} of a pruned call",
         ]
     if report.get("block_scaling"):
-        lines += ["", "One block at each token count of the schedule (eager; ms per call, median)"]
+        lines += ["", "The blocks at each token count of the schedule (eager; ms per block, median)"]
         for entry in report["block_scaling"]:
             lines += format_block_scaling(entry["dtype"], entry)
     if report["training"]:
@@ -1024,7 +1023,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument(
         "--block-scaling",
         action="store_true",
-        help="also time one block at each token count of the schedule: its fixed cost per call and the speedup "
+        help="also time the blocks at each token count of the schedule: their fixed cost per call and the speedup "
         "the blocks alone allow",
     )
     parser.add_argument(

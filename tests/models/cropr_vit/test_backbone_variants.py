@@ -116,19 +116,19 @@ def test_rotary_model_trains_with_gradient_checkpointing():
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_blocks_rotate_each_token_by_its_place_on_a_non_square_grid(dtype):
-    """Unpruned, a rotary model is its blocks run by hand with the rotary table of its 4 x 6 patch grid, in the
-    model's dtype (a table of the wrong grid, or none, changes the output; one left in float32 promotes the queries
-    and keys of a bfloat16 model)."""
+    """Unpruned, a rotary model is its blocks run by hand with the rotary table of the input's 4 x 6 patch grid (a
+    36 x 52 image: the patch embedding drops the remainder), in the model's dtype (a table of the wrong grid, or none,
+    changes the output; one left in float32 promotes the queries and keys of a bfloat16 model)."""
     model = build_tiny(
         "base", image_size=(32, 48), position_embedding_type="rope", num_register_tokens=2, token_selector="none"
     )
     model = model.eval().to(dtype)
-    pixel_values = torch.randn(2, 3, 32, 48, dtype=dtype)
-    hidden_states = model.embeddings(pixel_values, False)
+    pixel_values = torch.randn(2, 3, 36, 52, dtype=dtype)
+    hidden_states = model.embeddings(pixel_values, True)
     rotary = tuple(table.unsqueeze(0) for table in rotary_position_table(model.config, (4, 6), "cpu", dtype))
     for layer in model.layers:
         hidden_states, _ = layer(hidden_states, rotary=rotary)
-    output = model(pixel_values).last_hidden_state
+    output = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
     assert output.dtype == dtype
     assert torch.equal(output, model.layernorm(hidden_states))
 
