@@ -141,3 +141,10 @@ def test_a_pruned_rotary_model_without_fusion_rotates_the_kept_tokens_unasked():
     pixel_values = torch.randn(2, 3, 32, 32)
     tracked = model(pixel_values, output_kept_indices=True)
     assert torch.equal(model(pixel_values).last_hidden_state, tracked.last_hidden_state)
+
+
+@torch.no_grad()
+def test_rotary_tables_are_made_on_the_models_device():
+    # The meta device stands in for an accelerator: a table made on the CPU would meet meta queries and raise.
+    model = build_tiny("base", position_embedding_type="rope").to("meta").eval()
+    assert model(torch.empty(2, 3, 32, 32, device="meta")).last_hidden_state.device.type == "meta"
