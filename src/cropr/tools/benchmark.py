@@ -575,9 +575,6 @@ def benchmark_pipeline(inference: InferenceModels, options: BenchmarkOptions, de
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Environment, report, CLI
-# ----------------------------------------------------------------------------------------------------------------------
 def benchmark_block_scaling(inference: InferenceModels, options: BenchmarkOptions, device: torch.device) -> list:
     """The benchmark backbone's blocks timed at each token count of the schedule, per dtype and batch size
     ([`measure_block_scaling`]; eager, also in a `--compile` run)."""
@@ -607,6 +604,9 @@ def benchmark_block_scaling(inference: InferenceModels, options: BenchmarkOption
     return entries
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment, report, CLI
+# ----------------------------------------------------------------------------------------------------------------------
 def environment(options: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
     env = {
         **machine_environment(),
@@ -763,7 +763,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
         log("pipeline('image-classification') on the sample photos", options.quiet)
         report["pipeline"] = benchmark_pipeline(inference, options, device)
     if options.block_scaling:
-        log("one block at each token count of the schedule", options.quiet)
+        log("the blocks at each token count of the schedule", options.quiet)
         report["block_scaling"] = benchmark_block_scaling(inference, options, device)
     return report
 
