@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from cropr import CroprViTModel
 from cropr.tools.benchmark import (
     INFERENCE_VARIANTS,
     PRESETS,
@@ -99,6 +100,19 @@ def test_block_scaling_times_the_benchmark_block_at_every_dtype_and_batch_size(r
         assert entry["blocks_flop_ceiling"] == pytest.approx(4 * tiny_blocks[0] / sum(tiny_blocks))
         assert entry["weight_mb"] == pytest.approx((4 * (32 * 32 + 32) + 2 * 32 * 64 + 64 + 32 + 4 * 32) * 4 / 1e6)
     assert "the blocks allow" in format_report(report)
+
+
+@pytest.mark.parametrize("use_gated_mlp", [False, True])
+@pytest.mark.parametrize("pooling", ["cls", "map"])
+def test_analytic_macs_are_what_torch_counts(use_gated_mlp, pooling):
+    """`flops()` (blocks by `block_macs`, the embedding, the pooling head) against FlopCounterMode, unpruned; the
+    attention-pooling head's MLP is a plain one even in a gated model."""
+    fields = {"pooling": pooling, "use_cls_token": pooling == "cls", "token_selector": "none"}
+    if use_gated_mlp:
+        fields.update(use_gated_mlp=True, hidden_act="silu")
+    config = build_config("tiny", **fields)
+    model = CroprViTModel(config).eval()
+    assert counted_macs(model, torch.randn(1, 3, 32, 32)) == config.flops(pruned=False)
 
 
 def test_dinov2_weights_copy_into_croprvit():

@@ -496,10 +496,10 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
 
         The blocks ([`block_macs`] on each block's tokens), plus the patch embedding, the attention-pooling head
         (`pooling="map"`: key and value projections of the n output tokens 2nD^2, one query's scores and sum 2nD, its
-        q and o projections 2D^2 and its MLP) and, when pruned, one n x D routing product per module.
+        q and o projections 2D^2 and its MLP, 2DI: a plain MLP even in a gated model, as SigLIP's) and, when pruned,
+        one n x D routing product per module.
         """
         width = self.hidden_size
-        mlp_per_token = (3 if self.use_gated_mlp else 2) * width * self.intermediate_size
         patch_h, patch_w = self.patch_size_hw
         total = self.num_patches * self.num_channels * patch_h * patch_w * width
         total += sum(self.block_macs(tokens) for tokens in self.token_counts(pruned))
@@ -509,7 +509,7 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.pooling == "map":
             # Nothing is pruned after the last block: the head reads the tokens that block sees.
             tokens = self.token_counts(pruned)[-1]
-            total += 2 * tokens * width**2 + 2 * tokens * width + 2 * width**2 + mlp_per_token
+            total += 2 * tokens * width**2 + 2 * tokens * width + 2 * width**2 + 2 * width * self.intermediate_size
         return total
 
     def flop_ceiling(self) -> float:
