@@ -48,7 +48,7 @@ from .models.cropr_vit.modeling_cropr_vit import (
     CroprViTModel,
     CroprViTPreTrainedModel,
 )
-from .tools.argtypes import bounded_int, output_dir, parse_image_size, parse_schedule
+from .tools.argtypes import DefaultsHelpFormatter, bounded_int, output_dir, parse_image_size, parse_schedule
 
 STATE_FILE = "calibration_state.safetensors"
 """Written into the output folder every `save_steps` steps, and removed once the calibrated checkpoint is saved."""
@@ -505,6 +505,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="cropr calibrate",
         description="Train only the Cropr modules of a frozen model on its own unpruned predictions (no labels "
         "needed), and save the stripped checkpoint. Resumes an interrupted run in --output-dir.",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "source", help="CroprViT checkpoint (folder or Hub id), or a backbone / image classifier to convert"
@@ -512,22 +513,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--images", required=True, help="folder of images, or a dataset (Hub id or folder; its train split)"
     )
-    parser.add_argument("--output-dir", type=output_dir, required=True)
+    parser.add_argument(
+        "--output-dir",
+        type=output_dir,
+        required=True,
+        help="folder for the calibrated checkpoint, its image processor and calibration.json",
+    )
     parser.add_argument(
         "--task",
         choices=["feature-extraction", "image-classification", "multi-label-classification", "semantic-segmentation"],
-        help="checked against the source",
+        help="checked against a CroprViT source; a source to convert is a feature-extraction model (default) or "
+        "an image classifier with its own head",
     )
     parser.add_argument("--label-column", help="learn from this column's labels instead of the model's predictions")
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the images (fractions allowed)")
     parser.add_argument("--max-steps", type=bounded_int(1), help="number of steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=bounded_int(1), default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-steps", type=bounded_int(1), default=50)
+    parser.add_argument("--batch-size", type=bounded_int(1), default=32, help="images per step")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate of the Cropr modules")
+    parser.add_argument("--seed", type=int, default=0, help="order of the images in each epoch, fresh modules")
+    parser.add_argument("--save-steps", type=bounded_int(1), default=50, help="steps between saves of the state")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over, ignoring saved state")
-    parser.add_argument("--pruning-rate", type=bounded_int(0))
-    parser.add_argument("--pruning-schedule", type=parse_schedule)
+    parser.add_argument(
+        "--pruning-rate", type=bounded_int(0), help="tokens removed after every block (default: the source's)"
+    )
+    parser.add_argument(
+        "--pruning-schedule",
+        type=parse_schedule,
+        help="tokens removed after each block: 0,16,... (overrides --pruning-rate)",
+    )
     parser.add_argument("--image-size", type=parse_image_size, help="backbone sources: the converted model's size")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

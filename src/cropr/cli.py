@@ -37,7 +37,15 @@ from .models.cropr_vit import modeling_cropr_vit
 from .models.cropr_vit.configuration_cropr_vit import POOLING_MODES, TOKEN_SELECTORS, CroprViTConfig
 from .models.cropr_vit.modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
-from .tools.argtypes import bounded_int, load_id2label, output_dir, output_file, parse_image_size, parse_schedule
+from .tools.argtypes import (
+    DefaultsHelpFormatter,
+    bounded_int,
+    load_id2label,
+    output_dir,
+    output_file,
+    parse_image_size,
+    parse_schedule,
+)
 from .tools.demo import DEFAULT_CHECKPOINT
 
 PROG = "cropr"
@@ -433,10 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a CroprViT checkpoint from a pretrained backbone (ViT, DeiT, DINOv2, DINOv3, CLIP, SigLIP)",
         description="Build a CroprViT model from a pretrained ViT, DeiT, DINOv2 (with registers), DINOv3, CLIP or "
         "SigLIP checkpoint (Hub id or local folder) and save it with its image processor.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     convert.add_argument("source", help="Hub id (e.g. facebook/dinov2-small) or local checkpoint folder.")
-    convert.add_argument("--task", choices=list(CONVERSION_TASKS), default="image-classification")
+    convert.add_argument(
+        "--task", choices=list(CONVERSION_TASKS), default="image-classification", help="Head of the converted model."
+    )
     convert.add_argument(
         "--output-dir", type=output_dir, required=True, help="Folder for the model and image processor."
     )

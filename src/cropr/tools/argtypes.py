@@ -1,4 +1,4 @@
-"""argparse value types shared by the command lines (`cropr`, `cropr benchmark`, `cropr convert`).
+"""argparse value types and help formatting shared by the command lines (`cropr`, `cropr benchmark`, ...).
 
 A value they refuse ends the command with argparse's one-line usage error (exit status 2) before anything slow
 starts, instead of a traceback after the models are loaded.
@@ -11,6 +11,21 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends `(default: ...)` to an option's help where the default says something: not for options without a
+    value (flags), nor for those whose default is `None` (their help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shows_default = (
+            action.default is not None
+            and action.default is not argparse.SUPPRESS
+            and action.nargs != 0
+            and "%(default)" not in help_text
+        )
+        return f"{help_text} (default: %(default)s)" if shows_default else help_text
 
 
 def bounded_int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
