@@ -53,7 +53,7 @@ def _join(names: list[str]) -> str:
 
 def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
     """One sentence: where calibrated Cropr stands against each training-free selector over the pruned rates."""
-    from experiments.speed_dial import summary
+    from experiments.speed_dial import noise_verdict, summary
 
     table = summary(speed_dial)
     rates = [rate for rate in table["cropr"] if rate != "0"]
@@ -62,7 +62,10 @@ def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
         deltas = {rate: table["cropr"][rate]["median"] - table[baseline][rate]["median"] for rate in rates}
         worse = [rate for rate, delta in deltas.items() if delta < 0]
         if worse:
-            below.append(f"{baseline}'s at R={', '.join(worse)} (by at most {100 * -min(deltas.values()):.1f} points)")
+            below.append(
+                f"{baseline}'s at R={', '.join(worse)} (by at most {100 * -min(deltas.values()):.1f} points; "
+                f"{noise_verdict(speed_dial, baseline, worse)})"
+            )
         else:
             above.append(f"{baseline}'s ({_points(min(deltas.values()))} to {_points(max(deltas.values()))} points)")
     seconds = [seed["calibration"]["seconds"] for seed in speed_dial["seeds"].values()]

@@ -486,6 +486,40 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     return table
 
 
+def paired_difference(results: dict[str, Any], baseline: str, rate: str) -> dict[str, float]:
+    """Calibrated Cropr's accuracy minus `baseline`'s at `rate`, paired on the same eval scenes.
+
+    Per scene, the difference of the two models' hits, averaged over the seeds; `mean` is its mean over the scenes,
+    `low` and `high` a 95% interval (1.96 standard errors over the scenes: every seed sees the same scenes, so the
+    scenes are the unit of sampling).
+    """
+    hits = [(seed["correct"]["cropr"][rate], seed["correct"][baseline][rate]) for seed in results["seeds"].values()]
+    num_scenes = len(hits[0][0])
+    if any(len(bits) != num_scenes for pair in hits for bits in pair):
+        raise ValueError(f"the seeds' eval scenes at R={rate} differ in number: cannot pair them")
+    per_scene = [statistics.fmean(int(cropr[i]) - int(other[i]) for cropr, other in hits) for i in range(num_scenes)]
+    mean = statistics.fmean(per_scene)
+    half_width = 1.96 * statistics.stdev(per_scene) / len(per_scene) ** 0.5
+    return {"mean": mean, "low": mean - half_width, "high": mean + half_width}
+
+
+def paired_cell(difference: dict[str, float]) -> str:
+    return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
+
+
+def noise_verdict(results: dict[str, Any], baseline: str, rates: Sequence[str]) -> str:
+    """Whether Cropr's paired differences from `baseline` at `rates` are beyond the noise of the eval scenes."""
+    differences = {rate: paired_difference(results, baseline, rate) for rate in rates}
+    beyond = [rate for rate, difference in differences.items() if difference["high"] < 0]
+    cells = ", ".join(f"R={rate} {paired_cell(difference)}" for rate, difference in differences.items())
+    verdict = (
+        f"the 95% interval below zero at R={', '.join(beyond)}"
+        if beyond
+        else "each 95% interval holding zero, within the noise of the eval scenes"
+    )
+    return f"paired on the same scenes: {cells} points, {verdict}"
+
+
 def frozen_throughput(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Images/s per selector and rate, from the one seed of the frozen run that was timed."""
     return next(seed["throughput"] for seed in results["seeds"].values() if "throughput" in seed)
@@ -608,6 +642,26 @@ def accuracy_table(run: dict[str, Any], fine_tuned: dict[str, dict[str, dict[str
             cells = [spread(rows[r]) if r in rows else "-" for r in rates]
             lines.append(f"| {FINE_TUNED_CURVES[curve]} | " + " | ".join(cells) + " |")
     return lines
+
+
+def paired_table(results: dict[str, Any]) -> list[str]:
+    """The report's section: calibrated Cropr minus each training-free selector, paired on the same scenes."""
+    rates = [rate for rate in summary(results)["cropr"] if rate != "0"]
+    num_scenes = len(next(iter(results["seeds"].values()))["correct"]["cropr"][rates[0]])
+    lines = [
+        "## Calibrated Cropr minus each selector, paired on the same scenes",
+        "",
+        f"Per eval scene, Cropr's hit minus the selector's, averaged over the seeds; the mean over the {num_scenes} "
+        "scenes in points, and its 95% interval (1.96 standard errors over the scenes). An interval that holds zero "
+        "is a difference these scenes cannot tell from noise.",
+        "",
+        "| calibrated cropr minus | " + " | ".join(f"R={rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for baseline in SELECTORS[1:]:
+        cells = [paired_cell(paired_difference(results, baseline, rate)) for rate in rates]
+        lines.append(f"| {baseline} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def fine_tuned_section(results: dict[str, Any]) -> list[str]:
@@ -734,6 +788,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *accuracy_table(results, fine_tuned),
         "",
+        *paired_table(results),
         "## Images/s at each rate",
         "",
         "| selector | " + " | ".join(f"R={r}" for r in rates) + " |",
@@ -775,10 +830,15 @@ def findings(results: dict[str, Any]) -> list[str]:
     for baseline in ("random", "variance", "attention"):
         deltas = [100 * (table["cropr"][r]["median"] - table[baseline][r]["median"]) for r in rates]
         below = [r for r, delta in zip(rates, deltas, strict=True) if delta < 0]
+        verdict = (
+            " points; at or above it at every rate."
+            if not below
+            else f" points; below it at R={', '.join(below)}; {noise_verdict(results, baseline, below)}."
+        )
         lines.append(
             f"- Calibrated Cropr minus {baseline}, median accuracy per pruned rate: "
             + ", ".join(f"R={r} {d:+.1f}" for r, d in zip(rates, deltas, strict=True))
-            + (" points; at or above it at every rate." if not below else f" points; below it at R={', '.join(below)}.")
+            + verdict
         )
     if results.get("fine_tuned", {}).get("runs"):
         fixed = fine_tuned_table(results, shared_scenes(results))["fixed"]

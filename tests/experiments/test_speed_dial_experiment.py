@@ -15,6 +15,8 @@ from experiments.speed_dial import (
     findings,
     fine_tune_config,
     fine_tune_recipe,
+    noise_verdict,
+    paired_difference,
     render,
     start_frozen_run,
 )
@@ -39,6 +41,11 @@ def fake_results() -> dict:
         "load_average_after": [9.0, 9.0, 9.0],
     }
     throughput = {selector: {rate: 10.0 + int(rate) for rate in RATES} for selector in accuracy}
+    # Each selector's hits on the 100 eval scenes, its first scenes right: any two share their leading hits.
+    correct = {
+        selector: {rate: "1" * round(100 * share) + "0" * (100 - round(100 * share)) for rate, share in row.items()}
+        for selector, row in accuracy.items()
+    }
     return {
         "command": "python experiments/speed_dial.py",
         "started": "now",
@@ -50,20 +57,51 @@ def fake_results() -> dict:
             "data_seed": 0,
             "rates": [0, 1, 2],
             "num_train": 2000,
-            "num_eval": 256,
+            "num_eval": 100,
             "calibration_epochs": 1.0,
             "batch_size": 16,
             "throughput_batch_size": 16,
         },
-        "seeds": {"0": {"accuracy": accuracy, "calibration": calibration, "throughput": throughput}},
+        "seeds": {
+            "0": {"accuracy": accuracy, "correct": correct, "calibration": calibration, "throughput": throughput}
+        },
     }
 
 
 def test_findings_name_the_rates_where_calibrated_cropr_is_below_a_baseline():
     lines = findings(fake_results())
-    assert "R=1 +10.0, R=2 -2.0 points; below it at R=2." in lines[0]
+    assert lines[0].endswith(
+        "R=1 +10.0, R=2 -2.0 points; below it at R=2; paired on the same scenes: R=2 -2.0 [-4.8, +0.8] points, "
+        "each 95% interval holding zero, within the noise of the eval scenes."
+    )
     assert lines[1].endswith("at or above it at every rate.")
     assert "Calibration on 2000 images took 5.0 to 5.0 min" in lines[-1]
+
+
+def test_paired_difference_averages_each_scene_over_the_seeds_and_its_interval_spans_the_scenes():
+    results = fake_results()
+    difference = paired_difference(results, "variance", "1")  # 55 hits against 50: 5 scenes differ by one hit
+    assert [round(100 * difference[key], 1) for key in ("mean", "low", "high")] == [5.0, 0.7, 9.3]
+    results["seeds"] = {
+        "0": {"correct": {"cropr": {"1": "1100"}, "variance": {"1": "1000"}}},
+        "1": {"correct": {"cropr": {"1": "1000"}, "variance": {"1": "1000"}}},
+    }
+    # Per scene 0, 0.5, 0, 0: mean 0.125, standard deviation 0.25 over 4 scenes.
+    assert paired_difference(results, "variance", "1") == pytest.approx(
+        {"mean": 0.125, "low": 0.125 - 1.96 * 0.125, "high": 0.125 + 1.96 * 0.125}
+    )
+    results["seeds"]["1"]["correct"]["cropr"]["1"] = "100"
+    with pytest.raises(ValueError, match="the seeds' eval scenes at R=1 differ in number"):
+        paired_difference(results, "variance", "1")
+
+
+def test_noise_verdict_names_the_rates_whose_interval_lies_below_zero():
+    results = fake_results()
+    results["seeds"]["0"]["correct"]["cropr"]["1"] = "1" * 40 + "0" * 60  # 10 scenes lost against variance's 50
+    assert noise_verdict(results, "variance", ["1", "2"]) == (
+        "paired on the same scenes: R=1 -10.0 [-15.9, -4.1], R=2 +10.0 [+4.1, +15.9] points, "
+        "the 95% interval below zero at R=1"
+    )
 
 
 def test_render_writes_the_report_and_replaces_its_section_of_results_md(tmp_path):
@@ -76,10 +114,11 @@ def test_render_writes_the_report_and_replaces_its_section_of_results_md(tmp_pat
     assert page.count(SUMMARY_BEGIN) == 1 and page.index(SUMMARY_END) < page.index(MARKER_START)
     summary = page.split(SUMMARY_END)[0]
     assert "at or above variance's (+5.0 to +10.0 points) and attention's (+15.0 to +20.0 points)" in summary
-    assert "at every pruned rate R=1-2, and below random's at R=2 (by at most 2.0 points)." in summary
+    assert "at every pruned rate R=1-2, and below random's at R=2 (by at most 2.0 points; paired on the same" in summary
     assert page.endswith(MARKER_END + "\n\nthe other runs\n")
     report = (tmp_path / "results_speed_dial.md").read_text()
     assert "| cropr, calibrated | 60.0 [60.0, 60.0] | 55.0 [55.0, 55.0] | 50.0 [50.0, 50.0] |" in report
+    assert "| random | +10.0 [+4.1, +15.9] | -2.0 [-4.8, +0.8] |" in report
     assert (tmp_path / "results_speed_dial.png").stat().st_size > 0
 
 
