@@ -633,9 +633,11 @@ def render_markdown(
     notes: str | None = None,
     speed_dial: dict[str, Any] | None = None,
     detection: dict[str, Any] | None = None,
+    speed_dial_segmentation: dict[str, Any] | None = None,
 ) -> str:
     """The `results.md` page, entirely from the results JSON (plus optional free-text notes): the summary, the
-    speed-dial and detection sections when their results are given, and the superseded runs in an appendix."""
+    speed-dial (classification and segmentation) and detection sections when their results are given, and the
+    superseded runs in an appendix."""
     from experiments.results_page import APPENDIX_HEADING, summary_section
 
     config, env = recorded_config(results), results["environment"]
@@ -644,8 +646,9 @@ def render_markdown(
         "# Token Cropr at small scale: results",
         "",
         "Generated from the results files beside this page, so every number comes from them: `results.json` "
-        "(`scripts/reproduce.py`), `results_speed_dial.json` (`scripts/speed_dial.py`) and "
-        "`results_detection.json` (`scripts/reproduce_detection.py`).",
+        "(`scripts/reproduce.py`), `results_speed_dial.json` (`scripts/speed_dial.py`), "
+        "`results_speed_dial_segmentation.json` (`scripts/speed_dial_segmentation.py`) and `results_detection.json` "
+        "(`scripts/reproduce_detection.py`).",
         "",
         summary_section(results, speed_dial),
         "",
@@ -654,6 +657,10 @@ def render_markdown(
         from experiments.speed_dial import main_page_section
 
         lines += [main_page_section(speed_dial), ""]
+    if speed_dial_segmentation is not None:
+        from experiments import speed_dial_segmentation as segmentation_dial
+
+        lines += [segmentation_dial.main_page_section(speed_dial_segmentation), ""]
     lines += [
         "## Fine-tuned selectors: the paper's core comparison",
         "",
@@ -953,7 +960,7 @@ def render_docs(results: dict[str, Any], out_dir: str | Path, notes: str | None 
         }
         plot_tradeoff({"tasks": largest}, out_dir / LARGEST_BUDGET_PLOT, titles)
     beside = {}
-    for name in ("results_speed_dial.json", "results_detection.json"):
+    for name in ("results_speed_dial.json", "results_speed_dial_segmentation.json", "results_detection.json"):
         if (out_dir / name).is_file():
             beside[name] = json.loads((out_dir / name).read_text())
     path = out_dir / "results.md"
@@ -963,6 +970,7 @@ def render_docs(results: dict[str, Any], out_dir: str | Path, notes: str | None 
             notes if notes is not None else results.get("notes"),
             speed_dial=beside.get("results_speed_dial.json"),
             detection=beside.get("results_detection.json"),
+            speed_dial_segmentation=beside.get("results_speed_dial_segmentation.json"),
         )
     )
     return path
@@ -1039,8 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--render-only",
         action="store_true",
-        help="only rewrite results.md and the plots from OUTPUT_DIR/results.json (and the speed-dial and detection "
-        "results files there)",
+        help="only rewrite results.md and the plots from OUTPUT_DIR/results.json (and the speed-dial, segmentation "
+        "speed-dial and detection results files there)",
     )
     parser.add_argument(
         "--attach",

@@ -1,9 +1,9 @@
-"""The layout of `docs/results.md`, shared by the three generators that write it.
+"""The layout of `docs/results.md`, shared by the four generators that write it.
 
 The page reads top-down: a title, the summary (headline figures, two sentences of findings, a table of the headline
 numbers), one section per experiment, then an appendix of superseded runs. `scripts/reproduce.py` writes the whole
-page; `scripts/speed_dial.py` and `scripts/reproduce_detection.py` each rewrite only their section, between
-markers, and the summary is rewritten by whichever of them changes its numbers.
+page; `scripts/speed_dial.py`, `scripts/speed_dial_segmentation.py` and `scripts/reproduce_detection.py` each
+rewrite only their section, between markers, and the summary is rewritten by whichever of them changes its numbers.
 """
 
 from __future__ import annotations

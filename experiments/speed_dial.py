@@ -125,7 +125,7 @@ def train_head(model, features: torch.Tensor, labels: torch.Tensor, seed: int, s
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -584,27 +584,52 @@ def signed_spread(row: dict[str, float]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Accuracy against measured images/s (left) and against the rate R (right, free of timing noise)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from experiments.reproduce import SELECTOR_STYLES, selector_legend
-
     throughput = frozen_throughput(results)
-    curves = []  # (label, rows, images/s per rate, style, linestyle)
-    for selector, rows in summary(results).items():
-        style = dict(SELECTOR_STYLES.get(selector, {}))
-        label = "cropr, calibrated without labels" if selector == "cropr" else selector
-        curves.append((label, rows, throughput[selector], style, "-" if selector == "cropr" else "--"))
+    curves = selector_curves(summary(results), throughput)
     if results.get("fine_tuned", {}).get("runs"):
         # A fine-tuned checkpoint at rate R runs the calibrated model's network at R: the same images/s.
         for curve, rows in fine_tuned_table(results, shared_scenes(results)).items():
             if rows:
                 style = dict(FINE_TUNED_STYLES[curve])
                 curves.append((FINE_TUNED_CURVES[curve], rows, throughput["cropr"], style, style.pop("linestyle")))
+    draw_dial(
+        curves,
+        path,
+        speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)",
+        metric_label="top-1 accuracy (%)",
+        title="DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)",
+    )
+
+
+Curve = tuple[str, dict[str, dict[str, float]], dict[str, float], dict[str, Any], str]
+"""(label, median/min/max per rate, images/s per rate, matplotlib style, line style) of one curve of a dial plot."""
+
+
+def selector_curves(table: dict[str, dict[str, dict[str, float]]], throughput: dict[str, dict[str, float]]):
+    """One curve per selector of a frozen run's `summary`, in the results page's selector styles."""
+    from experiments.reproduce import SELECTOR_STYLES
+
+    curves: list[Curve] = []
+    for selector, rows in table.items():
+        style = dict(SELECTOR_STYLES.get(selector, {}))
+        label = "cropr, calibrated without labels" if selector == "cropr" else selector
+        curves.append((label, rows, throughput[selector], style, "-" if selector == "cropr" else "--"))
+    return curves
+
+
+def draw_dial(curves: list[Curve], path: Path, speed_label: str, metric_label: str, title: str) -> None:
+    """The metric of each curve against measured images/s (left) and against the rate R (right, free of timing
+    noise); the calibrated Cropr curve's points are labelled with their rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.reproduce import selector_legend
+
     figure, (by_speed, by_rate) = plt.subplots(1, 2, figsize=(11.0, 5.2))
     for label, rows, speeds, style, linestyle in curves:
+        style = dict(style)
         rates = list(rows)
         y = [100 * rows[rate]["median"] for rate in rates]
         errors = [
@@ -618,12 +643,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if label.startswith("cropr, calibrated"):
             for rate, xi, yi in zip(rates, x, y, strict=True):
                 by_speed.annotate(f"R={rate}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=7)
-    by_speed.set_xlabel(f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)")
+    by_speed.set_xlabel(speed_label)
     by_rate.set_xlabel("pruning rate R (tokens removed after each of the 10 modules)")
     for axis in (by_speed, by_rate):
-        axis.set_ylabel("top-1 accuracy (%)")
+        axis.set_ylabel(metric_label)
         axis.grid(alpha=0.3)
-    figure.suptitle("DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)", fontsize=11)
+    figure.suptitle(title, fontsize=11)
     selector_legend(figure, by_speed, columns=3)
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -81,3 +81,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("needs the full data files of the development machines (CI has them)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path) -> Path:
+    """A saved random DINOv2 of 4 blocks at 32 px (16 patches), with its image processor: two Cropr modules with Last
+    Layer Fusion once converted."""
+    from transformers import Dinov2Config, Dinov2Model, ViTImageProcessorPil
+
+    config = Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2
+    )
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "dinov2")
+    return tmp_path / "dinov2"

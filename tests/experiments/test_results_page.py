@@ -7,7 +7,9 @@ from dataclasses import asdict
 
 from test_reproduce_detection import results as detection_results
 from test_speed_dial_experiment import fake_results as speed_dial_results
+from test_speed_dial_segmentation import fake_results as segmentation_dial_results
 
+from experiments import speed_dial_segmentation
 from experiments.reproduce import Budget, ReproduceConfig, largest_budget_tasks, main, superseded_tasks
 from experiments.reproduce_detection import BEGIN as DETECTION_BEGIN
 from experiments.reproduce_detection import END as DETECTION_END
@@ -112,6 +114,7 @@ def reproduction() -> dict:
 def write_results_files(docs) -> None:
     (docs / "results.json").write_text(json.dumps(reproduction()))
     (docs / "results_speed_dial.json").write_text(json.dumps(speed_dial_results()))
+    (docs / "results_speed_dial_segmentation.json").write_text(json.dumps(segmentation_dial_results()))
     (docs / "results_detection.json").write_text(json.dumps(detection_results()))
 
 
@@ -143,6 +146,8 @@ def test_page_opens_with_the_summary_and_ends_with_the_appendix(tmp_path):
         SUMMARY_END,
         MARKER_START,
         MARKER_END,
+        speed_dial_segmentation.MARKER_START,
+        speed_dial_segmentation.MARKER_END,
         "## Fine-tuned selectors",
         "## Discussion of the fine-tuned runs",
         DETECTION_BEGIN,
@@ -169,6 +174,7 @@ def test_each_generator_keeps_the_page_it_did_not_write(tmp_path):
     main(["--render-only", "--output-dir", str(tmp_path)])
     page = (tmp_path / "results.md").read_text()
     render(speed_dial_results(), tmp_path)
+    speed_dial_segmentation.render(segmentation_dial_results(), tmp_path)
     splice_section(tmp_path / "results.md", detection_results())
     assert (tmp_path / "results.md").read_text() == page
     # Without its files beside, the reproduction still writes the summary and the appendix, and the speed dial puts

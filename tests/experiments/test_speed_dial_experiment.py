@@ -4,7 +4,6 @@ its runs that continue where an interrupted one stopped."""
 import json
 
 import pytest
-from transformers import Dinov2Config, Dinov2Model, ViTImageProcessorPil
 
 import experiments.speed_dial as speed_dial
 from experiments.results_page import SUMMARY_BEGIN, SUMMARY_END
@@ -168,17 +167,6 @@ def test_a_frozen_run_of_another_recipe_is_superseded_and_one_of_the_same_contin
     assert results["seeds"] == {} and results["settings"]["num_eval"] == 1000
     assert [run["settings"]["num_eval"] for run in results["superseded"]] == [256]
     assert "## Appendix: superseded runs" not in speed_dial.markdown(fake_results())
-
-
-@pytest.fixture
-def tiny_backbone(tmp_path):
-    """A random DINOv2 of 4 blocks at 32 px (16 patches): two Cropr modules with Last Layer Fusion."""
-    config = Dinov2Config(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2
-    )
-    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
-    ViTImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "dinov2")
-    return tmp_path / "dinov2"
 
 
 def test_fine_tuned_part_stores_each_checkpoint_and_skips_the_stored_ones(tmp_path, tiny_backbone, monkeypatch):

@@ -1,0 +1,501 @@
+"""One frozen segmentation model, many speeds: label-free calibrated Cropr routers against training-free selectors.
+
+The segmentation counterpart of the frozen part of `experiments/speed_dial.py`: a frozen pretrained backbone
+(DINOv2-S/14 by default) with a linear per-patch head (the Segmenter linear head) trained on its unpruned patch
+features for the built-in segmentation task; its Cropr modules (one query per patch) are calibrated without labels on
+the training images, with the unpruned model's per-patch predictions as targets; the same frozen model then runs at
+every pruning rate with the calibrated routers and with the random, variance and attention selectors, Last Layer
+Fusion restoring every token before the last block. Each (selector, rate) is evaluated per seed on the same eval
+scenes (mean IoU), compared with calibrated Cropr by a bootstrap over the scenes, and timed (seed 0) interleaved with
+all others on one eval batch.
+
+Each finished seed is stored in a JSON file and skipped on the next run, so an interrupted run continues where it
+stopped; the markdown report and the plot are written from that file, and a section of `docs/results.md` names the
+findings.
+
+Research code (not installed), run through `python scripts/speed_dial_segmentation.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import set_seed
+
+from cropr.calibration import calibrate, unpruned
+from cropr.conversion import from_backbone
+from cropr.data import id2label as builtin_id2label
+from cropr.data import load_builtin_task
+from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
+from cropr.tools.timing import machine_environment
+from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path, seed_spread
+from experiments.results_page import replace_section
+from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
+from experiments.speed_dial import SELECTORS, draw_dial, log, measure, preprocess, selector_curves, spread
+
+TASK = "segmentation"
+IGNORE_INDEX = 255
+RECIPE = (
+    "backbone",
+    "image_size",
+    "canvas_size",
+    "num_train",
+    "num_eval",
+    "data_seed",
+    "rates",
+    "batch_size",
+    "head_steps",
+    "head_lr",
+    "calibration_epochs",
+    "calibration_lr",
+    "throughput_batch_size",
+    "throughput_repeats",
+    "bootstrap_resamples",
+)
+"""Settings that define a run: seeds stored under other values cannot be continued."""
+MARKER_START = "<!-- speed-dial-segmentation:start -->"
+MARKER_END = "<!-- speed-dial-segmentation:end -->"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Head, per-scene counts, mean IoU and its bootstrap
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def patch_features(model: CroprViTForSemanticSegmentation, pixel_values: torch.Tensor, batch_size: int):
+    """The unpruned backbone's patch tokens of every image (what the head reads), `(N, patches, D)`."""
+    prefix = model.config.num_prefix_tokens
+    with unpruned(model):
+        return torch.cat(
+            [
+                model.base_model(pixel_values[start : start + batch_size]).last_hidden_state[:, prefix:]
+                for start in range(0, len(pixel_values), batch_size)
+            ]
+        )
+
+
+def patch_labels(label_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Each patch's label, the label map's nearest pixel (as the model's auxiliary loss reads it), `(N, patches)`."""
+    return F.interpolate(label_maps[:, None].float(), size=grid, mode="nearest").long().flatten(1)
+
+
+def train_patch_head(
+    model: CroprViTForSemanticSegmentation,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    steps: int,
+    learning_rate: float,
+) -> float:
+    """Fit the per-patch head (LayerNorm + Linear) on frozen patch features, full batch; returns the last loss."""
+    torch.manual_seed(seed)
+    head = model.decode_head
+    head.linear.reset_parameters()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-4)
+    tokens, targets = features.flatten(0, 1), labels.flatten()
+    for _ in range(steps):
+        loss = F.cross_entropy(head(tokens), targets, ignore_index=IGNORE_INDEX)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return float(loss.detach())
+
+
+def scene_counts(logits: torch.Tensor, label_maps: torch.Tensor, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per scene and class, the pixels in both the prediction and the label (intersection) and in either (union),
+    `(N, C)` each, after upsampling the patch logits to the label size; ignored pixels count in neither."""
+    predicted = F.interpolate(logits.float(), size=label_maps.shape[-2:], mode="bilinear", align_corners=False)
+    predicted = predicted.argmax(dim=1)
+    valid = label_maps != IGNORE_INDEX
+    classes = torch.arange(num_labels)[:, None, None, None]
+    is_predicted = (predicted[None] == classes) & valid[None]
+    is_label = (label_maps[None] == classes) & valid[None]
+    intersections = (is_predicted & is_label).sum(dim=(2, 3)).T
+    unions = (is_predicted | is_label).sum(dim=(2, 3)).T
+    return intersections.numpy(), unions.numpy()
+
+
+@torch.no_grad()
+def evaluate_counts(model, pixel_values: torch.Tensor, label_maps: torch.Tensor, batch_size: int):
+    """`scene_counts` of every eval scene."""
+    counts = [
+        scene_counts(
+            model(pixel_values[start : start + batch_size]).logits,
+            label_maps[start : start + batch_size],
+            model.config.num_labels,
+        )
+        for start in range(0, len(pixel_values), batch_size)
+    ]
+    return np.concatenate([c[0] for c in counts]), np.concatenate([c[1] for c in counts])
+
+
+def mean_iou(intersections: np.ndarray, unions: np.ndarray) -> np.ndarray:
+    """Mean IoU over the classes present (union > 0) of counts summed over the last-but-one axis: `(..., N, C)`
+    per-scene counts give one value per leading index."""
+    total_intersection, total_union = intersections.sum(axis=-2), unions.sum(axis=-2)
+    present = total_union > 0
+    ious = np.where(present, total_intersection / np.maximum(total_union, 1), 0.0)
+    return ious.sum(axis=-1) / present.sum(axis=-1)
+
+
+def bootstrap_difference(
+    ours: tuple[np.ndarray, np.ndarray], theirs: tuple[np.ndarray, np.ndarray], resamples: int, seed: int
+) -> dict[str, float]:
+    """Mean IoU of `ours` minus `theirs` on the scenes, and its 95% interval: the 2.5th and 97.5th percentiles of
+    the difference over `resamples` resamplings of the scenes with replacement, the same scenes for both (paired)."""
+    num_scenes = len(ours[0])
+    weights = np.random.default_rng(seed).multinomial(num_scenes, np.full(num_scenes, 1 / num_scenes), resamples)
+
+    def resampled(counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        intersections, unions = counts
+        # Scene weights times per-scene counts: the counts of each resampled set, (resamples, 1, C).
+        return mean_iou((weights @ intersections)[:, None], (weights @ unions)[:, None])
+
+    differences = resampled(ours) - resampled(theirs)
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"mean": float(mean_iou(*ours) - mean_iou(*theirs)), "low": float(low), "high": float(high)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------------
+def recorded_command() -> str:
+    return portable_command(shlex.join(["python", "scripts/speed_dial_segmentation.py", *sys.argv[1:]]))
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: portable_path(value) if key == "backbone" else value for key, value in vars(args).items() if key in RECIPE
+    }
+
+
+def start_run(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Continue the stored run when its recipe is this one; refuse to mix seeds of two recipes in one file."""
+    settings = settings_of(args)
+    if results.get("seeds"):
+        differing = [key for key in RECIPE if results["settings"].get(key) != settings[key]]
+        if differing:
+            sys.exit(
+                f"speed_dial_segmentation.py: error: {args.output} holds seeds of another recipe (differing: "
+                f"{', '.join(differing)}); pass those settings to continue it, or another --output"
+            )
+        return
+    results.update(
+        command=recorded_command(),
+        started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        environment=machine_environment(),
+        settings=settings,
+        seeds={},
+        wall_seconds=0.0,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Per seed: a head on the unpruned patch features, calibration, then every (selector, rate)."""
+    output = Path(args.output)
+    results = json.loads(output.read_text()) if output.is_file() else {}
+    start_run(results, args)
+    todo = [seed for seed in args.seeds if str(seed) not in results["seeds"]]
+    if not todo:
+        log("every seed is stored already")
+        return results
+    dataset = load_builtin_task(
+        TASK, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
+    )
+    prepared = None
+    for seed in todo:
+        started = time.time()
+        set_seed(seed)
+        model, processor = from_backbone(
+            args.backbone,
+            "semantic-segmentation",
+            image_size=args.image_size,
+            id2label=builtin_id2label(TASK),
+            pruning_rate=max(args.rates),
+        )
+        model.eval()
+        if prepared is None:
+            log(f"preprocessing {len(dataset['train'])} training and {len(dataset['validation'])} eval scenes")
+            train_pixels = preprocess(processor, dataset["train"]["image"])
+            train_maps = torch.from_numpy(np.stack([np.asarray(image) for image in dataset["train"]["label"]])).long()
+            eval_pixels = preprocess(processor, dataset["validation"]["image"])
+            eval_maps = torch.from_numpy(np.stack([np.asarray(image) for image in dataset["validation"]["label"]]))
+            log("patch features of the training scenes (frozen, unpruned)")
+            with torch.no_grad():
+                grid = tuple(model(train_pixels[:1]).logits.shape[-2:])
+            prepared = patch_features(model, train_pixels, args.batch_size), patch_labels(train_maps, grid)
+        head_loss = train_patch_head(model, *prepared, seed, args.head_steps, args.head_lr)
+        log(f"seed {seed}: head trained (loss {head_loss:.3f}); calibrating the Cropr modules without labels")
+        calibration = calibrate(
+            model,
+            dataset["train"],
+            image_processor=processor,
+            epochs=args.calibration_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.calibration_lr,
+            seed=seed,
+            progress=not args.quiet,
+        )
+        calibrated = calibration.model.eval()
+        variants = {"cropr": calibrated}
+        for selector in SELECTORS[1:]:
+            variants[selector] = calibrated.with_token_selector(selector).eval()
+        variants["random"].base_model.token_selector.generator = torch.Generator().manual_seed(seed)
+        scores: dict[str, dict[str, float]] = {selector: {} for selector in variants}
+        differences: dict[str, dict[str, dict[str, float]]] = {selector: {} for selector in SELECTORS[1:]}
+        for rate in args.rates:
+            counts = {}
+            for selector, variant in variants.items():
+                if rate == 0 and selector != "cropr":  # nothing pruned: the same network as the calibrated one
+                    continue
+                variant.set_pruning_rate(rate)
+                counts[selector] = evaluate_counts(variant, eval_pixels, eval_maps, args.batch_size)
+                scores[selector][str(rate)] = float(mean_iou(*counts[selector]))
+            if rate == 0:
+                for selector in SELECTORS[1:]:
+                    scores[selector]["0"] = scores["cropr"]["0"]
+                continue
+            for selector in SELECTORS[1:]:
+                differences[selector][str(rate)] = bootstrap_difference(
+                    counts["cropr"], counts[selector], args.bootstrap_resamples, seed
+                )
+            log(f"seed {seed} R={rate}: " + ", ".join(f"{s} {row[str(rate)]:.3f}" for s, row in scores.items()))
+        seed_result = {
+            "head_loss": head_loss,
+            "calibration": {
+                "seconds": calibration.seconds,
+                "steps": calibration.steps,
+                "images": calibration.num_images,
+                "first_loss": calibration.first_loss,
+                "last_loss": calibration.last_loss,
+            },
+            "mean_iou": scores,
+            "cropr_minus": differences,
+        }
+        if not any("throughput" in stored for stored in results["seeds"].values()):
+            seed_result["throughput"] = measure(variants, eval_pixels[: args.throughput_batch_size], args)
+        results["seeds"][str(seed)] = seed_result
+        results["wall_seconds"] += time.time() - started
+        output.write_text(json.dumps(results, indent=2) + "\n")
+        render(results, Path(args.docs))
+        log(f"seed {seed} done; results in {args.output}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+def summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per selector and rate: median, min and max mean IoU over the seeds that ran."""
+    seeds = list(results["seeds"].values())
+    return {
+        selector: {rate: seed_spread([seed["mean_iou"][selector][rate] for seed in seeds]) for rate in rows}
+        for selector, rows in seeds[0]["mean_iou"].items()
+    }
+
+
+def seeds_beyond_zero(results: dict[str, Any], baseline: str, rate: str) -> tuple[int, int]:
+    """How many seeds' bootstrap intervals of calibrated Cropr minus `baseline` at `rate` lie wholly below zero, and
+    how many wholly above."""
+    intervals = [run["cropr_minus"][baseline][rate] for run in results["seeds"].values()]
+    return sum(i["high"] < 0 for i in intervals), sum(i["low"] > 0 for i in intervals)
+
+
+def difference_cell(results: dict[str, Any], baseline: str, rate: str) -> str:
+    """Median difference over seeds, and in how many seeds its interval lies below and above zero."""
+    median = float(np.median([run["cropr_minus"][baseline][rate]["mean"] for run in results["seeds"].values()]))
+    below, above = seeds_beyond_zero(results, baseline, rate)
+    return f"{100 * median:+.1f} ({below} below, {above} above)"
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """One line per training-free selector (the median gap per rate, and where it is beyond the scenes' noise in
+    most seeds), then the calibration time."""
+    table = summary(results)
+    rates = [rate for rate in table["cropr"] if rate != "0"]
+    majority = len(results["seeds"]) / 2
+    lines = []
+    for baseline in SELECTORS[1:]:
+        deltas = [100 * (table["cropr"][r]["median"] - table[baseline][r]["median"]) for r in rates]
+        counts = {rate: seeds_beyond_zero(results, baseline, rate) for rate in rates}
+        below = [rate for rate, (low, _) in counts.items() if low > majority]
+        above = [rate for rate, (_, high) in counts.items() if high > majority]
+        verdicts = [f"below it at R={', '.join(below)}"] if below else []
+        verdicts += [f"above it at R={', '.join(above)}"] if above else []
+        verdict = (
+            " and ".join(verdicts) + " beyond the noise of the eval scenes (the bootstrap interval in most seeds)"
+            if verdicts
+            else "within the noise of the eval scenes at every rate"
+        )
+        lines.append(
+            f"- Calibrated Cropr minus {baseline}, median mean IoU per pruned rate: "
+            + ", ".join(f"R={r} {d:+.1f}" for r, d in zip(rates, deltas, strict=True))
+            + f" points; {verdict}."
+        )
+    seconds = [seed["calibration"]["seconds"] for seed in results["seeds"].values()]
+    lines.append(
+        f"- Calibration on {results['settings']['num_train']} images took {min(seconds) / 60:.1f} to "
+        f"{max(seconds) / 60:.1f} min per seed."
+    )
+    return lines
+
+
+def throughput(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return next(seed["throughput"] for seed in results["seeds"].values() if "throughput" in seed)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    draw_dial(
+        selector_curves(summary(results), throughput(results)),
+        path,
+        speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)",
+        metric_label="mean IoU (%)",
+        title="Segmentation, DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)",
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    settings, env = results["settings"], results["environment"]
+    table = summary(results)
+    rates = list(table["cropr"])
+    pruned = [rate for rate in rates if rate != "0"]
+    speeds = throughput(results)
+    lines = [
+        "# One segmentation model, many speeds: calibrated Cropr vs training-free selectors",
+        "",
+        "Generated by `scripts/speed_dial_segmentation.py` from `results_speed_dial_segmentation.json`; every number "
+        "below comes from that file.",
+        "",
+        "![Mean IoU vs throughput per selector and rate](results_speed_dial_segmentation.png)",
+        "",
+        f"A frozen DINOv2-S/14 at {settings['image_size']} px with a linear per-patch head trained on its unpruned "
+        f"patch features ({settings['num_train']} built-in segmentation scenes, {settings['head_steps']} full-batch "
+        f"steps), then its Cropr modules (one query per patch) calibrated without labels on the same images, with the "
+        f"unpruned model's per-patch predictions as targets ({settings['calibration_epochs']} epoch(s), batch "
+        f"{settings['batch_size']}, learning rate {settings['calibration_lr']}). The same frozen model then runs at "
+        "every rate R (tokens removed after each of the 10 modules, Last Layer Fusion restoring them before the last "
+        "block) with the calibrated routers and with each training-free selector. Mean IoU on the same "
+        f"{settings['num_eval']} eval scenes for every model; median [min, max] over seeds "
+        f"{', '.join(results['seeds'])}.",
+        "",
+        "## Mean IoU (%)",
+        "",
+        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+        *(
+            f"| {'cropr, calibrated' if selector == 'cropr' else selector} | "
+            + " | ".join(spread(rows[rate]) for rate in rates)
+            + " |"
+            for selector, rows in table.items()
+        ),
+        "",
+        "## Calibrated Cropr minus each selector, paired on the same scenes",
+        "",
+        "Per seed, the mean IoU difference on the eval scenes and its 95% interval from "
+        f"{settings['bootstrap_resamples']} bootstrap resamplings of the scenes (the same scenes for both models). "
+        "Cells: the median difference over seeds in points, and in how many seeds the interval lies wholly below and "
+        "wholly above zero.",
+        "",
+        "| calibrated cropr minus | " + " | ".join(f"R={rate}" for rate in pruned) + " |",
+        "|---|" + "---|" * len(pruned),
+        *(
+            f"| {baseline} | " + " | ".join(difference_cell(results, baseline, rate) for rate in pruned) + " |"
+            for baseline in SELECTORS[1:]
+        ),
+        "",
+        "## Images/s at each rate",
+        "",
+        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+        *(
+            f"| {selector} | " + " | ".join(f"{speeds[selector][rate]:.1f}" for rate in rates) + " |"
+            for selector in speeds
+        ),
+        "",
+        f"Batch {settings['throughput_batch_size']}, median of {settings['throughput_repeats']} interleaved timings "
+        f"(seed 0). CPU: {env['cpu_model']} ({env['cpu_cores_available']} cores, torch threads "
+        f"{env['torch_threads']}), shared with other jobs (load average {env['load_average'][0]:.1f} at the start).",
+        "",
+        "## Findings",
+        "",
+        *findings(results),
+        "",
+        "## Command",
+        "",
+        f"`{results['command']}` ({results['wall_seconds'] / 60:.0f} min in all, started {results['started']}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main_page_section(results: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            MARKER_START,
+            "## One segmentation model, many speeds (frozen DINOv2-S/14, calibrated without labels)",
+            "",
+            *findings(results),
+            "",
+            "Details, tables and the command: "
+            "[results_speed_dial_segmentation.md](results_speed_dial_segmentation.md).",
+            MARKER_END,
+        ]
+    )
+
+
+def render(results: dict[str, Any], docs: Path) -> None:
+    """Write the report, the plot, and this experiment's section of `docs/results.md`, after the speed dial's."""
+    plot(results, docs / "results_speed_dial_segmentation.png")
+    (docs / "results_speed_dial_segmentation.md").write_text(markdown(results))
+    main_page = docs / "results.md"
+    text = main_page.read_text() if main_page.is_file() else ""
+    main_page.write_text(
+        replace_section(text, MARKER_START, MARKER_END, main_page_section(results), after=SPEED_DIAL_END)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default=str(DEFAULT_BACKBONE), help="the frozen backbone (a local folder)")
+    parser.add_argument("--image-size", type=int, default=112, help="model input size in pixels")
+    parser.add_argument("--canvas-size", type=int, default=112, help="size of the built-in scenes in pixels")
+    parser.add_argument("--num-train", type=int, default=2000, help="scenes for the head and the calibration")
+    parser.add_argument("--num-eval", type=int, default=1000, help="eval scenes, the same for every model")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the built-in scenes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the head and calibration")
+    parser.add_argument("--rates", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="pruning rates R")
+    parser.add_argument("--batch-size", type=int, default=16, help="calibration and eval batch size")
+    parser.add_argument("--head-steps", type=int, default=300, help="full-batch steps of the head")
+    parser.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the head")
+    parser.add_argument("--calibration-epochs", type=float, default=1.0, help="passes over the training scenes")
+    parser.add_argument("--calibration-lr", type=float, default=5e-3, help="learning rate of the calibration")
+    parser.add_argument("--throughput-batch-size", type=int, default=16, help="batch of the timed forward passes")
+    parser.add_argument("--throughput-repeats", type=int, default=3, help="timings per (selector, rate)")
+    parser.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamplings of the eval scenes")
+    parser.add_argument("--output", default="docs/results_speed_dial_segmentation.json", help="the results file")
+    parser.add_argument("--docs", default="docs", help="where the report, the plot and results.md are written")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--render-only", action="store_true", help="write the docs from --output, run nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.render_only:
+        render(json.loads(Path(args.output).read_text()), Path(args.docs))
+        return 0
+    if not Path(args.backbone).exists():
+        sys.exit(f"speed_dial_segmentation.py: error: backbone {args.backbone} not found; pass --backbone")
+    if not [rate for rate in args.rates if rate > 0]:
+        sys.exit("speed_dial_segmentation.py: error: --rates needs at least one rate above 0")
+    run(args)
+    return 0
