@@ -650,7 +650,7 @@ def render_markdown(
         "`results_speed_dial_segmentation.json` (`scripts/speed_dial_segmentation.py`) and `results_detection.json` "
         "(`scripts/reproduce_detection.py`).",
         "",
-        summary_section(results, speed_dial),
+        summary_section(results, speed_dial, speed_dial_segmentation),
         "",
     ]
     if speed_dial is not None:

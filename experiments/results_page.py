@@ -8,6 +8,8 @@ rewrite only their section, between markers, and the summary is rewritten by whi
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +53,17 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
-    """One sentence: where calibrated Cropr stands against each training-free selector over the pruned rates."""
-    from experiments.speed_dial import noise_verdict, summary
-
-    table = summary(speed_dial)
+def dial_sentence(
+    model: str,
+    metric: str,
+    table: dict[str, dict[str, dict[str, float]]],
+    seconds: list[float],
+    images: int,
+    noise_verdict: Callable[[str, list[str]], str],
+) -> str:
+    """One sentence: where calibrated Cropr stands against each training-free selector over the pruned rates of a
+    frozen run's `table` (median per selector and rate); `noise_verdict(baseline, rates)` says whether its shortfall
+    at those rates is beyond noise."""
     rates = [rate for rate in table["cropr"] if rate != "0"]
     above, below = [], []
     for baseline in (name for name in TRAINING_FREE if name in table):
@@ -64,20 +72,48 @@ def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
         if worse:
             below.append(
                 f"{baseline}'s at R={', '.join(worse)} (by at most {100 * -min(deltas.values()):.1f} points; "
-                f"{noise_verdict(speed_dial, baseline, worse)})"
+                f"{noise_verdict(baseline, worse)})"
             )
         else:
             above.append(f"{baseline}'s ({_points(min(deltas.values()))} to {_points(max(deltas.values()))} points)")
-    seconds = [seed["calibration"]["seconds"] for seed in speed_dial["seeds"].values()]
-    images = next(iter(speed_dial["seeds"].values()))["calibration"]["images"]
     parts = []
     if above:
         parts.append(f"at or above {_join(above)} at every pruned rate R={rates[0]}-{rates[-1]}")
     if below:
         parts.append(f"below {_join(below)}")
     return (
-        f"On one frozen DINOv2-S/14, Cropr modules calibrated without labels ({min(seconds) / 60:.1f}-"
-        f"{max(seconds) / 60:.1f} min on {images} images) reach a median top-1 accuracy " + ", and ".join(parts) + "."
+        f"On one frozen {model}, Cropr modules calibrated without labels ({min(seconds) / 60:.1f}-"
+        f"{max(seconds) / 60:.1f} min on {images} images) reach a median {metric} " + ", and ".join(parts) + "."
+    )
+
+
+def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
+    """`dial_sentence` of the classification speed dial."""
+    from experiments.speed_dial import noise_verdict, summary
+
+    seeds = list(speed_dial["seeds"].values())
+    return dial_sentence(
+        "DINOv2-S/14",
+        "top-1 accuracy",
+        summary(speed_dial),
+        [seed["calibration"]["seconds"] for seed in seeds],
+        seeds[0]["calibration"]["images"],
+        lambda baseline, rates: noise_verdict(speed_dial, baseline, rates),
+    )
+
+
+def segmentation_dial_sentence(segmentation_dial: dict[str, Any]) -> str:
+    """`dial_sentence` of the segmentation speed dial."""
+    from experiments.speed_dial_segmentation import noise_verdict, summary
+
+    seeds = list(segmentation_dial["seeds"].values())
+    return dial_sentence(
+        "DINOv2-S/14 segmenter",
+        "mean IoU",
+        summary(segmentation_dial),
+        [seed["calibration"]["seconds"] for seed in seeds],
+        seeds[0]["calibration"]["images"],
+        lambda baseline, rates: noise_verdict(segmentation_dial, baseline, rates),
     )
 
 
@@ -107,8 +143,23 @@ def reproduction_sentence(largest: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def headline_rows(speed_dial: dict[str, Any] | None, largest: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown table rows: unpruned, Cropr and the best training-free selector, for the speed dial at its largest
+def dial_row(experiment: str, metric: str, table: dict[str, dict[str, dict[str, float]]], throughput) -> str:
+    """The headline row of a frozen speed-dial run at its largest rate; `throughput`: Cropr's images/s per rate."""
+    rate = list(table["cropr"])[-1]
+    name = max((n for n in TRAINING_FREE if n in table), key=lambda n: table[n][rate]["median"])
+    return (
+        f"| {experiment}, R={rate} | {metric} | {100 * table['cropr']['0']['median']:.1f} | "
+        f"{100 * table['cropr'][rate]['median']:.1f} | {name} {100 * table[name][rate]['median']:.1f} | "
+        f"{throughput[rate] / throughput['0']:.2f}x |"
+    )
+
+
+def headline_rows(
+    speed_dial: dict[str, Any] | None,
+    largest: dict[str, dict[str, Any]],
+    segmentation_dial: dict[str, Any] | None = None,
+) -> list[str]:
+    """Markdown table rows: unpruned, Cropr and the best training-free selector, for the speed dials at their largest
     rate and for each task at its largest budget."""
     from experiments.reproduce import METRIC_LABELS
 
@@ -117,17 +168,18 @@ def headline_rows(speed_dial: dict[str, Any] | None, largest: dict[str, dict[str
         "|---|---|---|---|---|---|",
     ]
     if speed_dial is not None:
-        from experiments.speed_dial import summary
+        from experiments.speed_dial import frozen_throughput, summary
 
-        table = summary(speed_dial)
-        rate = list(table["cropr"])[-1]
-        throughput = next(iter(speed_dial["seeds"].values()))["throughput"]["cropr"]
-        name = max((n for n in TRAINING_FREE if n in table), key=lambda n: table[n][rate]["median"])
+        throughput = frozen_throughput(speed_dial)["cropr"]
         lines.append(
-            f"| speed dial, frozen backbone, calibrated, R={rate} | top-1 accuracy | "
-            f"{100 * table['cropr']['0']['median']:.1f} | {100 * table['cropr'][rate]['median']:.1f} | "
-            f"{name} {100 * table[name][rate]['median']:.1f} | {throughput[rate] / throughput['0']:.2f}x |"
+            dial_row("speed dial, frozen backbone, calibrated", "top-1 accuracy", summary(speed_dial), throughput)
         )
+    if segmentation_dial is not None:
+        from experiments import speed_dial_segmentation
+
+        table = speed_dial_segmentation.summary(segmentation_dial)
+        throughput = speed_dial_segmentation.throughput(segmentation_dial)["cropr"]
+        lines.append(dial_row("speed dial, frozen segmenter, calibrated", "mIoU", table, throughput))
     for task_name, task in largest.items():
         rows = task["selectors"]
         free = [name for name in TRAINING_FREE if name in rows]
@@ -143,8 +195,12 @@ def headline_rows(speed_dial: dict[str, Any] | None, largest: dict[str, dict[str
     return lines
 
 
-def summary_section(reproduction: dict[str, Any] | None, speed_dial: dict[str, Any] | None) -> str:
-    """The page's opening section, between `SUMMARY_BEGIN` and `SUMMARY_END`, from the two experiments' JSON."""
+def summary_section(
+    reproduction: dict[str, Any] | None,
+    speed_dial: dict[str, Any] | None,
+    segmentation_dial: dict[str, Any] | None = None,
+) -> str:
+    """The page's opening section, between `SUMMARY_BEGIN` and `SUMMARY_END`, from the experiments' JSON."""
     from experiments.reproduce import LARGEST_BUDGET_PLOT, largest_budget_tasks
 
     largest = largest_budget_tasks(reproduction) if reproduction is not None else {}
@@ -163,9 +219,11 @@ def summary_section(reproduction: dict[str, Any] | None, speed_dial: dict[str, A
         sentences.append(speed_dial_sentence(speed_dial))
         if elastic := elastic_finding(speed_dial):
             sentences.append(elastic)
+    if segmentation_dial is not None:
+        sentences.append(segmentation_dial_sentence(segmentation_dial))
     if largest:
         sentences.append(reproduction_sentence(largest))
-    lines += [" ".join(sentences), "", *headline_rows(speed_dial, largest), ""]
+    lines += [" ".join(sentences), "", *headline_rows(speed_dial, largest, segmentation_dial), ""]
     lines += [
         "Speedups are measured images/s against the unpruned model on a shared CPU; the sections below give the "
         "seed ranges, the commands and every run. Superseded runs are in the appendix at the end.",
@@ -174,10 +232,26 @@ def summary_section(reproduction: dict[str, Any] | None, speed_dial: dict[str, A
     return "\n".join(lines)
 
 
-def refresh_summary(page: Path, reproduction: dict[str, Any] | None, speed_dial: dict[str, Any] | None) -> None:
-    """Rewrite the summary section of `page` (put it after the title when the page has none)."""
+RESULTS_FILES = {
+    "reproduction": "results.json",
+    "speed_dial": "results_speed_dial.json",
+    "segmentation_dial": "results_speed_dial_segmentation.json",
+}
+"""The results file of each experiment the summary reads, beside the page."""
+
+
+def refresh_summary(page: Path, **results: dict[str, Any]) -> None:
+    """Rewrite the summary section of `page` (put it after the title when the page has none) from the experiments'
+    results: those given by keyword (`RESULTS_FILES`' keys), the others from their files beside the page."""
+    unknown = set(results) - set(RESULTS_FILES)
+    if unknown:
+        raise TypeError(f"refresh_summary: unknown experiments {sorted(unknown)}; known: {list(RESULTS_FILES)}")
+    for key, name in RESULTS_FILES.items():
+        if key not in results:
+            path = page.parent / name
+            results[key] = json.loads(path.read_text()) if path.is_file() else None
     text = page.read_text() if page.is_file() else ""
-    page.write_text(replace_section(text, SUMMARY_BEGIN, SUMMARY_END, summary_section(reproduction, speed_dial)))
+    page.write_text(replace_section(text, SUMMARY_BEGIN, SUMMARY_END, summary_section(**results)))
 
 
 __all__ = ["APPENDIX_HEADING", "SUMMARY_BEGIN", "SUMMARY_END", "refresh_summary", "replace_section", "summary_section"]

@@ -934,7 +934,7 @@ def main_page_section(results: dict[str, Any]) -> str:
 
 def render(results: dict[str, Any], docs: Path) -> None:
     """Write the report, the plot, and this experiment's section and the summary of `docs/results.md` (the summary
-    also reads the fine-tuned comparison's `results.json` there, when present)."""
+    also reads the other experiments' results files there, when present)."""
     from experiments.results_page import SUMMARY_END, refresh_summary, replace_section
 
     plot(results, docs / "results_speed_dial.png")
@@ -942,8 +942,7 @@ def render(results: dict[str, Any], docs: Path) -> None:
     main_page = docs / "results.md"
     text = main_page.read_text() if main_page.is_file() else ""
     main_page.write_text(replace_section(text, MARKER_START, MARKER_END, main_page_section(results), after=SUMMARY_END))
-    reproduction = docs / "results.json"
-    refresh_summary(main_page, json.loads(reproduction.read_text()) if reproduction.is_file() else None, results)
+    refresh_summary(main_page, speed_dial=results)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
 from cropr.tools.timing import machine_environment
 from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path, seed_spread
-from experiments.results_page import replace_section
+from experiments.results_page import refresh_summary, replace_section
 from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
 from experiments.speed_dial import SELECTORS, draw_dial, log, measure, preprocess, selector_curves, spread
 
@@ -317,18 +317,33 @@ def difference_cell(results: dict[str, Any], baseline: str, rate: str) -> str:
     return f"{100 * median:+.1f} ({below} below, {above} above)"
 
 
+def beyond_noise(results: dict[str, Any], baseline: str, rates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The rates at which calibrated Cropr's bootstrap interval against `baseline` lies wholly below zero in most
+    seeds, and those at which it lies wholly above."""
+    majority = len(results["seeds"]) / 2
+    counts = {rate: seeds_beyond_zero(results, baseline, rate) for rate in rates}
+    return [r for r, (low, _) in counts.items() if low > majority], [
+        r for r, (_, high) in counts.items() if high > majority
+    ]
+
+
+def noise_verdict(results: dict[str, Any], baseline: str, rates: Sequence[str]) -> str:
+    """Whether calibrated Cropr's shortfall against `baseline` at `rates` is beyond the noise of the eval scenes."""
+    below, _ = beyond_noise(results, baseline, rates)
+    if not below:
+        return "within the noise of the eval scenes by a paired bootstrap"
+    return f"beyond the noise of the eval scenes at R={', '.join(below)} by a paired bootstrap in most seeds"
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """One line per training-free selector (the median gap per rate, and where it is beyond the scenes' noise in
     most seeds), then the calibration time."""
     table = summary(results)
     rates = [rate for rate in table["cropr"] if rate != "0"]
-    majority = len(results["seeds"]) / 2
     lines = []
     for baseline in SELECTORS[1:]:
         deltas = [100 * (table["cropr"][r]["median"] - table[baseline][r]["median"]) for r in rates]
-        counts = {rate: seeds_beyond_zero(results, baseline, rate) for rate in rates}
-        below = [rate for rate, (low, _) in counts.items() if low > majority]
-        above = [rate for rate, (_, high) in counts.items() if high > majority]
+        below, above = beyond_noise(results, baseline, rates)
         verdicts = [f"below it at R={', '.join(below)}"] if below else []
         verdicts += [f"above it at R={', '.join(above)}"] if above else []
         verdict = (
@@ -443,6 +458,8 @@ def main_page_section(results: dict[str, Any]) -> str:
             MARKER_START,
             "## One segmentation model, many speeds (frozen DINOv2-S/14, calibrated without labels)",
             "",
+            "![Mean IoU vs throughput per selector and rate](results_speed_dial_segmentation.png)",
+            "",
             *findings(results),
             "",
             "Details, tables and the command: "
@@ -453,7 +470,8 @@ def main_page_section(results: dict[str, Any]) -> str:
 
 
 def render(results: dict[str, Any], docs: Path) -> None:
-    """Write the report, the plot, and this experiment's section of `docs/results.md`, after the speed dial's."""
+    """Write the report, the plot, this experiment's section of `docs/results.md` (after the speed dial's) and the
+    page's summary (which also reads the other experiments' results files there, when present)."""
     plot(results, docs / "results_speed_dial_segmentation.png")
     (docs / "results_speed_dial_segmentation.md").write_text(markdown(results))
     main_page = docs / "results.md"
@@ -461,6 +479,7 @@ def render(results: dict[str, Any], docs: Path) -> None:
     main_page.write_text(
         replace_section(text, MARKER_START, MARKER_END, main_page_section(results), after=SPEED_DIAL_END)
     )
+    refresh_summary(main_page, segmentation_dial=results)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -161,6 +161,15 @@ def test_page_opens_with_the_summary_and_ends_with_the_appendix(tmp_path):
     # The largest budgets in the headline table; the superseded results only after the appendix heading.
     assert "| image-classification, fine-tuned, 1920 scenes x 1 epoch(s) | top-1 accuracy | 60.0 | 58.0 |" in page
     assert "| semantic-segmentation, fine-tuned, 1920 scenes x 1 epoch(s) | mIoU | 50.0 | 47.0 |" in page
+    # Both speed dials in the summary: a sentence each and their largest rate in the table.
+    summary = page.split(SUMMARY_END)[0]
+    assert "| speed dial, frozen segmenter, calibrated, R=2 | mIoU | 50.5 | 30.5 | variance 40.5 | 1.20x |" in summary
+    assert (
+        "On one frozen DINOv2-S/14 segmenter, Cropr modules calibrated without labels (1.5-1.5 min on 2000 images) "
+        "reach a median mean IoU at or above attention's (+10.0 to +15.0 points) at every pruned rate R=1-2, and "
+        "below random's at R=2 (by at most 3.0 points; beyond the noise of the eval scenes at R=2 by a paired "
+        "bootstrap in most seeds) and variance's at R=2 (by at most 10.0 points; beyond" in summary
+    )
     body, appendix = page.split(APPENDIX_HEADING)
     for superseded_median in ("| cropr | 11.1 ", "| cropr | 22.2 "):
         assert superseded_median not in body and superseded_median in appendix
@@ -183,6 +192,12 @@ def test_each_generator_keeps_the_page_it_did_not_write(tmp_path):
     main(["--render-only", "--output-dir", str(tmp_path)])
     assert MARKER_START not in (tmp_path / "results.md").read_text()
     render(speed_dial_results(), tmp_path)
+    assert (tmp_path / "results.md").read_text() == page
+    write_results_files(tmp_path)
+    (tmp_path / "results_speed_dial_segmentation.json").unlink()
+    main(["--render-only", "--output-dir", str(tmp_path)])
+    assert speed_dial_segmentation.MARKER_START not in (tmp_path / "results.md").read_text()
+    speed_dial_segmentation.render(segmentation_dial_results(), tmp_path)
     assert (tmp_path / "results.md").read_text() == page
 
 
