@@ -38,6 +38,7 @@ from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
 from cropr.tools.timing import machine_environment
+from cropr.training.tasks import resolve_aux_ignored_labels
 from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path, seed_spread
 from experiments.results_page import refresh_summary, replace_section
 from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
@@ -61,8 +62,10 @@ RECIPE = (
     "throughput_batch_size",
     "throughput_repeats",
     "bootstrap_resamples",
+    "aux_ignored_labels",
 )
-"""Settings that define a run: seeds stored under other values cannot be continued."""
+"""Settings that define a run: a stored run with other values is superseded, not continued."""
+RUN_KEYS = ("command", "started", "environment", "settings", "seeds", "wall_seconds")
 MARKER_START = "<!-- speed-dial-segmentation:start -->"
 MARKER_END = "<!-- speed-dial-segmentation:end -->"
 
@@ -173,22 +176,19 @@ def recorded_command() -> str:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        key: portable_path(value) if key == "backbone" else value for key, value in vars(args).items() if key in RECIPE
-    }
+    settings = {key: value for key, value in vars(args).items() if key in RECIPE}
+    settings["backbone"] = portable_path(args.backbone)
+    settings["aux_ignored_labels"] = resolve_aux_ignored_labels(args.aux_ignored_labels, builtin_id2label(TASK))
+    return settings
 
 
 def start_run(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """Continue the stored run when its recipe is this one; refuse to mix seeds of two recipes in one file."""
+    """Continue the stored run when its recipe is this one; otherwise move it to `superseded` and start anew."""
     settings = settings_of(args)
-    if results.get("seeds"):
-        differing = [key for key in RECIPE if results["settings"].get(key) != settings[key]]
-        if differing:
-            sys.exit(
-                f"speed_dial_segmentation.py: error: {args.output} holds seeds of another recipe (differing: "
-                f"{', '.join(differing)}); pass those settings to continue it, or another --output"
-            )
+    if results.get("seeds") and all(results["settings"].get(key) == settings[key] for key in RECIPE):
         return
+    if results.get("seeds"):
+        results.setdefault("superseded", []).append({key: results.pop(key) for key in RUN_KEYS})
     results.update(
         command=recorded_command(),
         started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             image_size=args.image_size,
             id2label=builtin_id2label(TASK),
             pruning_rate=max(args.rates),
+            aux_ignored_labels=results["settings"]["aux_ignored_labels"],
         )
         model.eval()
         if prepared is None:
@@ -378,6 +379,51 @@ def plot(results: dict[str, Any], path: Path) -> None:
     )
 
 
+def mean_iou_table(run: dict[str, Any]) -> list[str]:
+    """Markdown rows: a run's mean IoU per selector and rate, median [min, max] over its seeds."""
+    table = summary(run)
+    rates = list(table["cropr"])
+    return [
+        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+        *(
+            f"| {'cropr, calibrated' if selector == 'cropr' else selector} | "
+            + " | ".join(spread(rows[rate]) for rate in rates)
+            + " |"
+            for selector, rows in table.items()
+        ),
+    ]
+
+
+def ignored_classes(settings: dict[str, Any]) -> str:
+    names = builtin_id2label(TASK)
+    ignored = settings["aux_ignored_labels"]
+    return ", ".join(f'"{names[label]}"' for label in ignored) if ignored else "no class"
+
+
+def superseded_section(results: dict[str, Any]) -> list[str]:
+    """The report's appendix: each superseded run's mean IoU, with the settings it differed in."""
+    runs = results.get("superseded", [])
+    if not runs:
+        return []
+    lines = ["## Appendix: superseded runs", ""]
+    for run in runs:
+        changed = [
+            f"{key} {run['settings'].get(key)}"
+            for key in RECIPE
+            if run["settings"].get(key) != results["settings"].get(key)
+        ]
+        lines += [
+            f"Started {run['started']} (`{run['command']}`), differing in: {', '.join(changed)}. The per-patch "
+            f"auxiliary loss skipped {ignored_classes(run['settings'])}. Mean IoU (%), median [min, max] over seeds "
+            f"{', '.join(run['seeds'])}:",
+            "",
+            *mean_iou_table(run),
+            "",
+        ]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     settings, env = results["settings"], results["environment"]
     table = summary(results)
@@ -395,7 +441,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"A frozen DINOv2-S/14 at {settings['image_size']} px with a linear per-patch head trained on its unpruned "
         f"patch features ({settings['num_train']} built-in segmentation scenes, {settings['head_steps']} full-batch "
         f"steps), then its Cropr modules (one query per patch) calibrated without labels on the same images, with the "
-        f"unpruned model's per-patch predictions as targets ({settings['calibration_epochs']} epoch(s), batch "
+        f"unpruned model's per-patch predictions as targets, the per-patch auxiliary loss skipping "
+        f"{ignored_classes(settings)} ({settings['calibration_epochs']} epoch(s), batch "
         f"{settings['batch_size']}, learning rate {settings['calibration_lr']}). The same frozen model then runs at "
         "every rate R (tokens removed after each of the 10 modules, Last Layer Fusion restoring them before the last "
         "block) with the calibrated routers and with each training-free selector. Mean IoU on the same "
@@ -404,14 +451,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Mean IoU (%)",
         "",
-        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
-        "|---|" + "---|" * len(rates),
-        *(
-            f"| {'cropr, calibrated' if selector == 'cropr' else selector} | "
-            + " | ".join(spread(rows[rate]) for rate in rates)
-            + " |"
-            for selector, rows in table.items()
-        ),
+        *mean_iou_table(results),
         "",
         "## Calibrated Cropr minus each selector, paired on the same scenes",
         "",
@@ -448,6 +488,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}` ({results['wall_seconds'] / 60:.0f} min in all, started {results['started']}).",
         "",
+        *superseded_section(results),
     ]
     return "\n".join(lines)
 
@@ -500,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--throughput-batch-size", type=int, default=16, help="batch of the timed forward passes")
     parser.add_argument("--throughput-repeats", type=int, default=3, help="timings per (selector, rate)")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamplings of the eval scenes")
+    parser.add_argument(
+        "--aux-ignored-labels",
+        default="background",
+        help="classes (names or ids, comma-separated, or none) the Cropr modules' per-patch loss skips, as the "
+        "segmentation training script does by default",
+    )
     parser.add_argument("--output", default="docs/results_speed_dial_segmentation.json", help="the results file")
     parser.add_argument("--docs", default="docs", help="where the report, the plot and results.md are written")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

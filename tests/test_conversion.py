@@ -270,6 +270,23 @@ def test_state_dict_conversion_accepts_both_naming_schemes(vit_source, dinov2_so
     assert all(converted_new[name] is converted_old[name] for name in converted_new)
 
 
+def test_segmentation_skips_a_background_class_in_the_auxiliary_loss_unless_told_otherwise(dinov2_source):
+    _, directory = dinov2_source
+    labels = {0: "cat", 1: "Background", 2: "dog"}
+    model, _ = from_backbone(directory, "semantic-segmentation", id2label=labels, pruning_rate=2)
+    assert model.config.aux_ignored_labels == [1]
+    model, _ = from_backbone(directory, "semantic-segmentation", id2label=labels, pruning_rate=2, aux_ignored_labels=[])
+    assert model.config.aux_ignored_labels == []
+    model, _ = from_backbone(
+        directory, "semantic-segmentation", num_labels=3, pruning_rate=2
+    )  # no names: nothing to skip
+    assert not model.config.aux_ignored_labels
+    model, _ = from_backbone(
+        directory, "image-classification", id2label=labels, pruning_rate=2
+    )  # one label per image: no patches
+    assert not model.config.aux_ignored_labels
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Pruned heads train
 # ----------------------------------------------------------------------------------------------------------------------

@@ -583,12 +583,24 @@ def cropr_config_from_backbone(
             kwargs["pooling"] = "avg"
         if kwargs.get("final_layernorm") == "pooled":
             kwargs["final_layernorm"] = "none"
+        if background := background_label_ids(kwargs.get("id2label", {})):
+            kwargs["aux_ignored_labels"] = background
     kwargs.update(cropr_config_overrides)
     config = CroprViTConfig(**kwargs)
     if "pruning_rate" in cropr_config_overrides:
         # An explicit rate that removes nothing is a mistake, not a request for an unpruned model.
         config.check_pruning_rate_is_used()
     return config
+
+
+def background_label_ids(id2label: Mapping[int, str]) -> list[int]:
+    """The ids of the classes named "background" (any case): segmentation's Cropr modules skip them by default.
+
+    Trained on a class that covers most patches, the per-patch queries learn to look at it, and their summed scores
+    then keep its patches and drop the objects: on a frozen DINOv2-S/14 segmenter, calibrated routers fell below
+    random selection that way.
+    """
+    return [int(index) for index, name in id2label.items() if str(name).lower() == "background"]
 
 
 def _check_source_size_fits_patches(source_config: PreTrainedConfig) -> None:
@@ -825,7 +837,9 @@ def from_backbone(
         task (`str`, defaults to `"image-classification"`):
             One of [`CONVERSION_TASKS`]: "image-classification", "multi-label-classification",
             "semantic-segmentation", or "feature-extraction" (the bare `CroprViTModel`). Segmentation gets one Cropr
-            query per patch (`num_queries`) and `last_layer_fusion=True`.
+            query per patch (`num_queries`), `last_layer_fusion=True`, and `aux_ignored_labels` set to the classes
+            of `id2label` named "background" (as the segmentation training script does; pass `aux_ignored_labels=[]`
+            to train the Cropr modules on them too).
         image_size (`int` or `(height, width)`, *optional*):
             Resolution of the converted model; defaults to the size the source's image processor crops to when the
             converted processor crops too (DINOv2 configs say 518 px while their processors crop 224, at which the
@@ -922,6 +936,7 @@ __all__ = [
     "BackboneFamily",
     "CONVERSION_TASKS",
     "SUPPORTED_MODEL_TYPES",
+    "background_label_ids",
     "backbone_family",
     "convert_backbone_state_dict",
     "cropr_config_from_backbone",

@@ -61,6 +61,7 @@ def fake_results() -> dict:
             "throughput_batch_size": 16,
             "throughput_repeats": 3,
             "bootstrap_resamples": 1000,
+            "aux_ignored_labels": [0],
         },
         "seeds": {"0": {**seed(0.0), "throughput": throughput}, "1": seed(0.01)},
     }
@@ -145,7 +146,12 @@ def test_run_stores_each_seed_continues_and_writes_its_section_after_the_speed_d
     report = (docs / "results_speed_dial_segmentation.md").read_text()
     assert "| cropr, calibrated |" in report and "median [min, max] over seeds 0, 1" in report
     assert (docs / "results_speed_dial_segmentation.png").stat().st_size > 0
-    stored = output.read_text()
-    with pytest.raises(SystemExit, match=r"holds seeds of another recipe \(differing: head_steps\)"):
-        speed_dial_segmentation.main([*argv, "--head-steps", "6"])
-    assert output.read_text() == stored
+    assert results["settings"]["aux_ignored_labels"] == [0]  # "background", as the training script skips it
+    assert 'the per-patch auxiliary loss skipping "background"' in report
+    # Another recipe starts a new run; the stored one moves to the appendix, seeds and all.
+    assert speed_dial_segmentation.main([*argv, "--aux-ignored-labels", "none"]) == 0
+    results = json.loads(output.read_text())
+    assert results["settings"]["aux_ignored_labels"] == [] and list(results["seeds"]) == ["0"]
+    assert [list(run["seeds"]) for run in results["superseded"]] == [["0", "1"]]
+    report = (docs / "results_speed_dial_segmentation.md").read_text()
+    assert "## Appendix: superseded runs" in report and "differing in: aux_ignored_labels [0]." in report

@@ -160,9 +160,11 @@ def build_model(
         overrides["drop_path_rate"] = model_args.drop_path_rate
     label_kwargs = {"id2label": labels, "label2id": {name: index for index, name in labels.items()}}
     if task.name == "semantic-segmentation":
+        from ..conversion import background_label_ids
+
         ignored = resolve_aux_ignored_labels(pruning_args.aux_ignored_labels, labels)
         if ignored is None and not model_args.model_name_or_path:
-            ignored = [index for index, name in labels.items() if name.lower() == "background"]
+            ignored = background_label_ids(labels)
         if ignored is not None:
             overrides["aux_ignored_labels"] = ignored
     if model_args.backbone:
