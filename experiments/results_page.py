@@ -53,68 +53,90 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def dial_sentence(
-    model: str,
-    metric: str,
-    table: dict[str, dict[str, dict[str, float]]],
-    seconds: list[float],
-    images: int,
-    noise_verdict: Callable[[str, list[str]], str],
-) -> str:
-    """One sentence: where calibrated Cropr stands against each training-free selector over the pruned rates of a
-    frozen run's `table` (median per selector and rate); `noise_verdict(baseline, rates)` says whether its shortfall
-    at those rates is beyond noise."""
+def dial_comparison(table: dict[str, dict[str, dict[str, float]]], below_noise: Callable[[str, list[str]], list[str]]):
+    """One clause: where calibrated Cropr's median stands against each training-free selector's over the pruned rates
+    of a frozen run's `table`; `below_noise(baseline, rates)` names the rates at which its shortfall is beyond the
+    noise of the eval scenes."""
     rates = [rate for rate in table["cropr"] if rate != "0"]
-    above, below = [], []
+    above, spans, clauses = [], [], []
     for baseline in (name for name in TRAINING_FREE if name in table):
         deltas = {rate: table["cropr"][rate]["median"] - table[baseline][rate]["median"] for rate in rates}
         worse = [rate for rate, delta in deltas.items() if delta < 0]
-        if worse:
-            below.append(
-                f"{baseline}'s at R={', '.join(worse)} (by at most {100 * -min(deltas.values()):.1f} points; "
-                f"{noise_verdict(baseline, worse)})"
-            )
-        else:
-            above.append(f"{baseline}'s ({_points(min(deltas.values()))} to {_points(max(deltas.values()))} points)")
-    parts = []
+        if not worse:
+            above.append(f"{baseline}'s")
+            spans += deltas.values()
+            continue
+        beyond = below_noise(baseline, worse)
+        noise = (
+            f"beyond the noise of the eval scenes at R={', '.join(beyond)}"
+            if beyond
+            else "within the noise of the eval scenes"
+        )
+        clauses.append(
+            f"below {baseline}'s at R={', '.join(worse)} by at most {100 * -min(deltas.values()):.1f} points ({noise})"
+        )
     if above:
-        parts.append(f"at or above {_join(above)} at every pruned rate R={rates[0]}-{rates[-1]}")
-    if below:
-        parts.append(f"below {_join(below)}")
+        clauses.insert(
+            0,
+            f"at or above {_join(above)} at every pruned rate ({_points(min(spans))} to {_points(max(spans))} points)",
+        )
+    return ", and ".join(clauses)
+
+
+def elastic_clause(speed_dial: dict[str, Any]) -> str | None:
+    """The elastic checkpoint against the checkpoints trained at each rate, in a few words; `None` before both ran."""
+    from experiments.speed_dial import elastic_gaps
+
+    gaps = elastic_gaps(speed_dial) if speed_dial.get("fine_tuned", {}).get("runs") else {}
+    if not gaps:
+        return None
+    medians = [gap["median"] for gap in gaps.values()]
+    far = [rate for rate, gap in gaps.items() if gap["median"] < -0.01]
+    if far:
+        return (
+            "on classification, one elastic checkpoint, trained once, is more than 1 point below the one trained at "
+            f"R={', '.join(far)}"
+        )
     return (
-        f"On one frozen {model}, Cropr modules calibrated without labels ({min(seconds) / 60:.1f}-"
-        f"{max(seconds) / 60:.1f} min on {images} images) reach a median {metric} " + ", and ".join(parts) + "."
+        "on classification, one elastic checkpoint, trained once, is within 1 point of the one trained at each rate "
+        f"or above it ({_points(min(medians))} to {_points(max(medians))} points)"
     )
 
 
-def speed_dial_sentence(speed_dial: dict[str, Any]) -> str:
-    """`dial_sentence` of the classification speed dial."""
-    from experiments.speed_dial import noise_verdict, summary
+def frozen_sentence(speed_dial: dict[str, Any] | None, segmentation_dial: dict[str, Any] | None) -> str:
+    """One sentence on the frozen models: calibrated Cropr against the training-free selectors on classification and
+    segmentation, and the elastic checkpoint."""
+    from experiments import speed_dial_segmentation
+    from experiments.speed_dial import below_noise, paired_difference
+    from experiments.speed_dial import summary as speed_dial_summary
 
-    seeds = list(speed_dial["seeds"].values())
-    return dial_sentence(
-        "DINOv2-S/14",
-        "top-1 accuracy",
-        summary(speed_dial),
-        [seed["calibration"]["seconds"] for seed in seeds],
-        seeds[0]["calibration"]["images"],
-        lambda baseline, rates: noise_verdict(speed_dial, baseline, rates),
+    clauses, seconds, images = [], [], set()
+    if speed_dial is not None:
+
+        def classification_below_noise(baseline: str, rates: list[str]) -> list[str]:
+            return below_noise({rate: paired_difference(speed_dial, baseline, rate) for rate in rates})
+
+        table = speed_dial_summary(speed_dial)
+        clauses.append(f"a median top-1 accuracy {dial_comparison(table, classification_below_noise)}")
+    if segmentation_dial is not None:
+
+        def segmentation_below_noise(baseline: str, rates: list[str]) -> list[str]:
+            return speed_dial_segmentation.beyond_noise(segmentation_dial, baseline, rates)[0]
+
+        table = speed_dial_segmentation.summary(segmentation_dial)
+        clauses.append(f"on segmentation a median mean IoU {dial_comparison(table, segmentation_below_noise)}")
+    for run in (speed_dial, segmentation_dial):
+        for seed in (run or {}).get("seeds", {}).values():
+            seconds.append(seed["calibration"]["seconds"])
+            images.add(seed["calibration"]["images"])
+    sentence = (
+        f"On one frozen DINOv2-S/14, Cropr modules calibrated without labels ({min(seconds) / 60:.1f}-"
+        f"{max(seconds) / 60:.1f} min on {_join([str(n) for n in sorted(images)])} images) reach "
+        + "; and ".join(clauses)
     )
-
-
-def segmentation_dial_sentence(segmentation_dial: dict[str, Any]) -> str:
-    """`dial_sentence` of the segmentation speed dial."""
-    from experiments.speed_dial_segmentation import noise_verdict, summary
-
-    seeds = list(segmentation_dial["seeds"].values())
-    return dial_sentence(
-        "DINOv2-S/14 segmenter",
-        "mean IoU",
-        summary(segmentation_dial),
-        [seed["calibration"]["seconds"] for seed in seeds],
-        seeds[0]["calibration"]["images"],
-        lambda baseline, rates: noise_verdict(segmentation_dial, baseline, rates),
-    )
+    if speed_dial is not None and (elastic := elastic_clause(speed_dial)):
+        sentence += f"; {elastic}"
+    return sentence + "."
 
 
 def reproduction_sentence(largest: dict[str, dict[str, Any]]) -> str:
@@ -213,14 +235,8 @@ def summary_section(
     if largest:
         lines += [f"![Metric vs throughput per selector, each task at its largest budget]({LARGEST_BUDGET_PLOT})", ""]
     sentences = []
-    if speed_dial is not None:
-        from experiments.speed_dial import elastic_finding
-
-        sentences.append(speed_dial_sentence(speed_dial))
-        if elastic := elastic_finding(speed_dial):
-            sentences.append(elastic)
-    if segmentation_dial is not None:
-        sentences.append(segmentation_dial_sentence(segmentation_dial))
+    if speed_dial is not None or segmentation_dial is not None:
+        sentences.append(frozen_sentence(speed_dial, segmentation_dial))
     if largest:
         sentences.append(reproduction_sentence(largest))
     lines += [" ".join(sentences), "", *headline_rows(speed_dial, largest, segmentation_dial), ""]

@@ -507,10 +507,15 @@ def paired_cell(difference: dict[str, float]) -> str:
     return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
 
 
+def below_noise(differences: dict[str, dict[str, float]]) -> list[str]:
+    """The rates of `paired_difference`s whose 95% interval lies wholly below zero."""
+    return [rate for rate, difference in differences.items() if difference["high"] < 0]
+
+
 def noise_verdict(results: dict[str, Any], baseline: str, rates: Sequence[str]) -> str:
     """Whether Cropr's paired differences from `baseline` at `rates` are beyond the noise of the eval scenes."""
     differences = {rate: paired_difference(results, baseline, rate) for rate in rates}
-    beyond = [rate for rate, difference in differences.items() if difference["high"] < 0]
+    beyond = below_noise(differences)
     cells = ", ".join(f"R={rate} {paired_cell(difference)}" for rate, difference in differences.items())
     verdict = (
         f"the 95% interval below zero at R={', '.join(beyond)}"

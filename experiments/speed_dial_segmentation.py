@@ -328,14 +328,6 @@ def beyond_noise(results: dict[str, Any], baseline: str, rates: Sequence[str]) -
     ]
 
 
-def noise_verdict(results: dict[str, Any], baseline: str, rates: Sequence[str]) -> str:
-    """Whether calibrated Cropr's shortfall against `baseline` at `rates` is beyond the noise of the eval scenes."""
-    below, _ = beyond_noise(results, baseline, rates)
-    if not below:
-        return "within the noise of the eval scenes by a paired bootstrap"
-    return f"beyond the noise of the eval scenes at R={', '.join(below)} by a paired bootstrap in most seeds"
-
-
 def findings(results: dict[str, Any]) -> list[str]:
     """One line per training-free selector (the median gap per rate, and where it is beyond the scenes' noise in
     most seeds), then the calibration time."""
