@@ -199,6 +199,30 @@ def start_run(results: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
+def evaluate_selectors(variants: dict[str, Any], pixel_values: torch.Tensor, label_maps: torch.Tensor, args, seed: int):
+    """Mean IoU of every (selector, rate), and calibrated Cropr minus each training-free selector at each pruned rate
+    (`bootstrap_difference`, resamples drawn from `seed`)."""
+    scores: dict[str, dict[str, float]] = {selector: {} for selector in variants}
+    differences: dict[str, dict[str, dict[str, float]]] = {selector: {} for selector in SELECTORS[1:]}
+    for rate in args.rates:
+        counts = {}
+        for selector, variant in variants.items():
+            if rate == 0 and selector != "cropr":  # nothing pruned: the same network as the calibrated one
+                scores[selector]["0"] = scores["cropr"]["0"]
+                continue
+            variant.set_pruning_rate(rate)
+            counts[selector] = evaluate_counts(variant, pixel_values, label_maps, args.batch_size)
+            scores[selector][str(rate)] = float(mean_iou(*counts[selector]))
+        if rate == 0:
+            continue
+        for selector in SELECTORS[1:]:
+            differences[selector][str(rate)] = bootstrap_difference(
+                counts["cropr"], counts[selector], args.bootstrap_resamples, seed
+            )
+        log(f"seed {seed} R={rate}: " + ", ".join(f"{s} {row[str(rate)]:.3f}" for s, row in scores.items()))
+    return scores, differences
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Per seed: a head on the unpruned patch features, calibration, then every (selector, rate)."""
     output = Path(args.output)
@@ -251,25 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for selector in SELECTORS[1:]:
             variants[selector] = calibrated.with_token_selector(selector).eval()
         variants["random"].base_model.token_selector.generator = torch.Generator().manual_seed(seed)
-        scores: dict[str, dict[str, float]] = {selector: {} for selector in variants}
-        differences: dict[str, dict[str, dict[str, float]]] = {selector: {} for selector in SELECTORS[1:]}
-        for rate in args.rates:
-            counts = {}
-            for selector, variant in variants.items():
-                if rate == 0 and selector != "cropr":  # nothing pruned: the same network as the calibrated one
-                    continue
-                variant.set_pruning_rate(rate)
-                counts[selector] = evaluate_counts(variant, eval_pixels, eval_maps, args.batch_size)
-                scores[selector][str(rate)] = float(mean_iou(*counts[selector]))
-            if rate == 0:
-                for selector in SELECTORS[1:]:
-                    scores[selector]["0"] = scores["cropr"]["0"]
-                continue
-            for selector in SELECTORS[1:]:
-                differences[selector][str(rate)] = bootstrap_difference(
-                    counts["cropr"], counts[selector], args.bootstrap_resamples, seed
-                )
-            log(f"seed {seed} R={rate}: " + ", ".join(f"{s} {row[str(rate)]:.3f}" for s, row in scores.items()))
+        scores, differences = evaluate_selectors(variants, eval_pixels, eval_maps, args, seed)
         seed_result = {
             "head_loss": head_loss,
             "calibration": {
