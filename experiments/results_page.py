@@ -53,7 +53,9 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def dial_comparison(table: dict[str, dict[str, dict[str, float]]], below_noise: Callable[[str, list[str]], list[str]]):
+def dial_comparison(
+    table: dict[str, dict[str, dict[str, float]]], below_noise: Callable[[str, list[str]], list[str]]
+) -> str:
     """One clause: where calibrated Cropr's median stands against each training-free selector's over the pruned rates
     of a frozen run's `table`; `below_noise(baseline, rates)` names the rates at which its shortfall is beyond the
     noise of the eval scenes."""

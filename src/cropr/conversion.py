@@ -538,10 +538,11 @@ def cropr_config_from_backbone(
 
     Backbone fields come from the source (the vision tower's config for CLIP and SigLIP); `image_size` defaults to
     the source's; `interpolate_pos_encoding` defaults to `True` for DINOv2 and DINOv3 (whose models take any size)
-    and `False` for the others. Segmentation sets one query per patch and Last Layer Fusion. With `source_head` (the
-    source's classifier is kept) the labels come from the source and the pooling and classifier follow that head. An
-    explicit `pruning_rate` that no module would use (the selector is "none", a `pruning_schedule` is given, or the
-    backbone is too shallow for a per-block module) raises a `ValueError`. See [`from_backbone`] for the arguments.
+    and `False` for the others. Segmentation sets one query per patch, Last Layer Fusion and `aux_ignored_labels` (the
+    classes named "background", unless overridden). With `source_head` (the source's classifier is kept) the labels
+    come from the source and the pooling and classifier follow that head. An explicit `pruning_rate` that no module
+    would use (the selector is "none", a `pruning_schedule` is given, or the backbone is too shallow for a per-block
+    module) raises a `ValueError`. See [`from_backbone`] for the arguments.
     """
     family = backbone_family(source_config)
     if task not in CONVERSION_TASKS:
