@@ -38,6 +38,7 @@ from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
 from cropr.tools.timing import machine_environment
+from cropr.training.metrics import IGNORE_INDEX
 from cropr.training.tasks import resolve_aux_ignored_labels
 from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path, seed_spread
 from experiments.results_page import refresh_summary, replace_section
@@ -45,7 +46,6 @@ from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
 from experiments.speed_dial import SELECTORS, draw_dial, log, measure, preprocess, selector_curves, spread
 
 TASK = "segmentation"
-IGNORE_INDEX = 255
 RECIPE = (
     "backbone",
     "image_size",
