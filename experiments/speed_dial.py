@@ -610,7 +610,9 @@ Curve = tuple[str, dict[str, dict[str, float]], dict[str, float], dict[str, Any]
 """(label, median/min/max per rate, images/s per rate, matplotlib style, line style) of one curve of a dial plot."""
 
 
-def selector_curves(table: dict[str, dict[str, dict[str, float]]], throughput: dict[str, dict[str, float]]):
+def selector_curves(
+    table: dict[str, dict[str, dict[str, float]]], throughput: dict[str, dict[str, float]]
+) -> list[Curve]:
     """One curve per selector of a frozen run's `summary`, in the results page's selector styles."""
     from experiments.reproduce import SELECTOR_STYLES
 
