@@ -125,7 +125,7 @@ def frozen_sentence(speed_dial: dict[str, Any] | None, segmentation_dial: dict[s
         def segmentation_below_noise(baseline: str, rates: list[str]) -> list[str]:
             return speed_dial_segmentation.beyond_noise(segmentation_dial, baseline, rates)[0]
 
-        table = speed_dial_segmentation.summary(segmentation_dial)
+        table = speed_dial_summary(segmentation_dial, speed_dial_segmentation.METRIC)
         clauses.append(f"on segmentation a median mean IoU {dial_comparison(table, segmentation_below_noise)}")
     for run in (speed_dial, segmentation_dial):
         for seed in (run or {}).get("seeds", {}).values():
@@ -167,12 +167,16 @@ def reproduction_sentence(largest: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def dial_row(experiment: str, metric: str, table: dict[str, dict[str, dict[str, float]]], throughput) -> str:
-    """The headline row of a frozen speed-dial run at its largest rate; `throughput`: Cropr's images/s per rate."""
+def dial_row(experiment: str, metric_label: str, run: dict[str, Any], metric: str) -> str:
+    """The headline row of a frozen speed-dial run (its per-seed `metric`) at its largest rate."""
+    from experiments.speed_dial import frozen_throughput, summary
+
+    table = summary(run, metric)
+    throughput = frozen_throughput(run)["cropr"]
     rate = list(table["cropr"])[-1]
     name = max((n for n in TRAINING_FREE if n in table), key=lambda n: table[n][rate]["median"])
     return (
-        f"| {experiment}, R={rate} | {metric} | {100 * table['cropr']['0']['median']:.1f} | "
+        f"| {experiment}, R={rate} | {metric_label} | {100 * table['cropr']['0']['median']:.1f} | "
         f"{100 * table['cropr'][rate]['median']:.1f} | {name} {100 * table[name][rate]['median']:.1f} | "
         f"{throughput[rate] / throughput['0']:.2f}x |"
     )
@@ -192,18 +196,9 @@ def headline_rows(
         "|---|---|---|---|---|---|",
     ]
     if speed_dial is not None:
-        from experiments.speed_dial import frozen_throughput, summary
-
-        throughput = frozen_throughput(speed_dial)["cropr"]
-        lines.append(
-            dial_row("speed dial, frozen backbone, calibrated", "top-1 accuracy", summary(speed_dial), throughput)
-        )
+        lines.append(dial_row("speed dial, frozen backbone, calibrated", "top-1 accuracy", speed_dial, "accuracy"))
     if segmentation_dial is not None:
-        from experiments import speed_dial_segmentation
-
-        table = speed_dial_segmentation.summary(segmentation_dial)
-        throughput = speed_dial_segmentation.throughput(segmentation_dial)["cropr"]
-        lines.append(dial_row("speed dial, frozen segmenter, calibrated", "mIoU", table, throughput))
+        lines.append(dial_row("speed dial, frozen segmenter, calibrated", "mIoU", segmentation_dial, "mean_iou"))
     for task_name, task in largest.items():
         rows = task["selectors"]
         free = [name for name in TRAINING_FREE if name in rows]

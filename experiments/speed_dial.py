@@ -75,7 +75,8 @@ FROZEN_RECIPE = (
 """Settings that define the frozen part: a stored run with other values is superseded, not continued."""
 SHARED_SETTINGS = ("backbone", "image_size", "canvas_size", "num_train", "data_seed")
 """Settings that the fine-tuned part must share with the frozen run it is compared with."""
-FROZEN_RUN_KEYS = ("command", "started", "environment", "settings", "seeds", "wall_seconds")
+RUN_KEYS = ("command", "started", "environment", "settings", "seeds", "wall_seconds")
+"""What a stored run of a frozen part holds; a superseded run keeps all of it."""
 ELASTIC = "elastic"
 FINE_TUNED_CURVES = {
     "fixed": "cropr fine-tuned, one checkpoint per rate",
@@ -85,6 +86,8 @@ FINE_TUNED_STYLES = {
     "fixed": {"color": "darkred", "marker": "P", "markersize": 8, "linestyle": ":"},
     ELASTIC: {"color": "tab:orange", "marker": "X", "markersize": 8, "linestyle": "-."},
 }
+METRIC_NAMES = {"accuracy": "Top-1 accuracy", "mean_iou": "Mean IoU"}
+"""How the reports name each per-seed metric of a frozen run."""
 MARKER_START = "<!-- speed-dial:start -->"
 MARKER_END = "<!-- speed-dial:end -->"
 
@@ -168,23 +171,29 @@ def frozen_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def start_frozen_run(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """Continue the stored frozen run when its recipe is this one; otherwise move it to `superseded` and start anew."""
-    settings = frozen_settings(args)
+def start_run(results: dict[str, Any], settings: dict[str, Any], recipe: Sequence[str], command: str) -> bool:
+    """Continue the stored run when its `recipe` settings equal `settings` (returns True); otherwise move a run that
+    has seeds to `superseded` and start anew (returns False)."""
     stored = results.get("settings", {})
-    if "seeds" in results and all(stored.get(key) == settings[key] for key in FROZEN_RECIPE):
-        stored["seeds"] = sorted(set(stored["seeds"]) | set(args.seeds))
-        return
-    if "seeds" in results:
-        results.setdefault("superseded", []).append({key: results.pop(key) for key in FROZEN_RUN_KEYS})
+    if "seeds" in results and all(stored.get(key) == settings[key] for key in recipe):
+        return True
+    if results.get("seeds"):
+        results.setdefault("superseded", []).append({key: results.pop(key) for key in RUN_KEYS})
     results.update(
-        command=recorded_command(),
+        command=command,
         started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         environment=machine_environment(),
         settings=settings,
         seeds={},
         wall_seconds=0.0,
     )
+    return False
+
+
+def start_frozen_run(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """`start_run` of the frozen part; a continued run's settings list the seeds of both runs."""
+    if start_run(results, frozen_settings(args), FROZEN_RECIPE, recorded_command()):
+        results["settings"]["seeds"] = sorted(set(results["settings"]["seeds"]) | set(args.seeds))
 
 
 def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
@@ -475,15 +484,14 @@ def measure(variants: dict[str, CroprViTPreTrainedModel], pixel_values: torch.Te
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
-def summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per selector and rate of a frozen run: median, min and max accuracy over the seeds that ran."""
+def summary(results: dict[str, Any], metric: str = "accuracy") -> dict[str, dict[str, dict[str, float]]]:
+    """Per selector and rate of a frozen run: median, min and max of `metric` (each seed's `metric` entry) over the
+    seeds that ran."""
     seeds = list(results["seeds"].values())
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for selector in seeds[0]["accuracy"]:
-        table[selector] = {}
-        for rate in seeds[0]["accuracy"][selector]:
-            table[selector][rate] = seed_spread([seed["accuracy"][selector][rate] for seed in seeds])
-    return table
+    return {
+        selector: {rate: seed_spread([seed[metric][selector][rate] for seed in seeds]) for rate in rows}
+        for selector, rows in seeds[0][metric].items()
+    }
 
 
 def paired_difference(results: dict[str, Any], baseline: str, rate: str) -> dict[str, float]:
@@ -661,9 +669,11 @@ def draw_dial(curves: list[Curve], path: Path, speed_label: str, metric_label: s
     plt.close(figure)
 
 
-def accuracy_table(run: dict[str, Any], fine_tuned: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[str]:
-    """Markdown rows: a frozen run's accuracy per selector and rate, then the fine-tuned curves' when given."""
-    table = summary(run)
+def selector_table(
+    run: dict[str, Any], metric: str = "accuracy", fine_tuned: dict[str, dict[str, dict[str, Any]]] | None = None
+) -> list[str]:
+    """Markdown rows: a frozen run's `metric` per selector and rate, then the fine-tuned curves' when given."""
+    table = summary(run, metric)
     rates = list(table["cropr"])
     lines = ["| model | " + " | ".join(f"R={rate}" for rate in rates) + " |", "|---|" + "---|" * len(rates)]
     for selector, rows in table.items():
@@ -747,7 +757,11 @@ def fine_tuned_section(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def superseded_section(results: dict[str, Any]) -> list[str]:
+def superseded_section(
+    results: dict[str, Any], recipe: Sequence[str] = FROZEN_RECIPE, metric: str = "accuracy"
+) -> list[str]:
+    """The report's appendix: each superseded run's `metric` per selector and rate (`METRIC_NAMES`), with the
+    `recipe` settings it differed in."""
     runs = results.get("superseded", [])
     if not runs:
         return []
@@ -755,26 +769,37 @@ def superseded_section(results: dict[str, Any]) -> list[str]:
     for run in runs:
         changed = [
             f"{key} {run['settings'].get(key)}"
-            for key in FROZEN_RECIPE
+            for key in recipe
             if run["settings"].get(key) != results["settings"].get(key)
         ]
         lines += [
-            f"Started {run['started']} (`{run['command']}`), differing in: {', '.join(changed)}. Top-1 accuracy (%), "
-            f"median [min, max] over seeds {', '.join(run['seeds'])}:",
+            f"Started {run['started']} (`{run['command']}`), differing in: {', '.join(changed)}. "
+            f"{METRIC_NAMES[metric]} (%), median [min, max] over seeds {', '.join(run['seeds'])}:",
             "",
-            *accuracy_table(run),
+            *selector_table(run, metric),
             "",
         ]
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
-    table = summary(results)
-    seeds = results["seeds"]
+def throughput_table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: images/s per selector and rate, from the seed of a frozen run that was timed."""
     throughput = frozen_throughput(results)
+    rates = list(throughput["cropr"])
+    return [
+        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+        *(
+            f"| {selector} | " + " | ".join(f"{row[r]:.1f}" for r in rates) + " |"
+            for selector, row in throughput.items()
+        ),
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    seeds = results["seeds"]
     timed_seed = next(seed for seed, result in seeds.items() if "throughput" in result)
     settings = results["settings"]
-    rates = list(table["cropr"])
     env = results["environment"]
     has_fine_tuned = bool(results.get("fine_tuned", {}).get("runs"))
     fine_tuned = fine_tuned_table(results, shared_scenes(results)) if has_fine_tuned else None
@@ -818,17 +843,12 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Accuracy (%) at each rate",
         "",
-        *accuracy_table(results, fine_tuned),
+        *selector_table(results, fine_tuned=fine_tuned),
         "",
         *paired_table(results),
         "## Images/s at each rate",
         "",
-        "| selector | " + " | ".join(f"R={r}" for r in rates) + " |",
-        "|---|" + "---|" * len(rates),
-    ]
-    for selector in table:
-        lines.append(f"| {selector} | " + " | ".join(f"{throughput[selector][r]:.1f}" for r in rates) + " |")
-    lines += [
+        *throughput_table(results),
         "",
         "## Calibration",
         "",

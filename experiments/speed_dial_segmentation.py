@@ -37,13 +37,25 @@ from cropr.conversion import from_backbone
 from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
-from cropr.tools.timing import machine_environment
 from cropr.training.metrics import IGNORE_INDEX
 from cropr.training.tasks import resolve_aux_ignored_labels
-from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path, seed_spread
+from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path
 from experiments.results_page import refresh_summary, replace_section
 from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
-from experiments.speed_dial import SELECTORS, draw_dial, log, measure, preprocess, selector_curves, spread
+from experiments.speed_dial import (
+    SELECTORS,
+    draw_dial,
+    frozen_throughput,
+    log,
+    measure,
+    preprocess,
+    selector_curves,
+    selector_table,
+    start_run,
+    summary,
+    superseded_section,
+    throughput_table,
+)
 
 TASK = "segmentation"
 RECIPE = (
@@ -65,7 +77,8 @@ RECIPE = (
     "aux_ignored_labels",
 )
 """Settings that define a run: a stored run with other values is superseded, not continued."""
-RUN_KEYS = ("command", "started", "environment", "settings", "seeds", "wall_seconds")
+METRIC = "mean_iou"
+"""Each seed's entry of mean IoU per selector and rate."""
 MARKER_START = "<!-- speed-dial-segmentation:start -->"
 MARKER_END = "<!-- speed-dial-segmentation:end -->"
 
@@ -182,23 +195,6 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def start_run(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """Continue the stored run when its recipe is this one; otherwise move it to `superseded` and start anew."""
-    settings = settings_of(args)
-    if results.get("seeds") and all(results["settings"].get(key) == settings[key] for key in RECIPE):
-        return
-    if results.get("seeds"):
-        results.setdefault("superseded", []).append({key: results.pop(key) for key in RUN_KEYS})
-    results.update(
-        command=recorded_command(),
-        started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        environment=machine_environment(),
-        settings=settings,
-        seeds={},
-        wall_seconds=0.0,
-    )
-
-
 def evaluate_selectors(variants: dict[str, Any], pixel_values: torch.Tensor, label_maps: torch.Tensor, args, seed: int):
     """Mean IoU of every (selector, rate), and calibrated Cropr minus each training-free selector at each pruned rate
     (`bootstrap_difference`, resamples drawn from `seed`)."""
@@ -227,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Per seed: a head on the unpruned patch features, calibration, then every (selector, rate)."""
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
-    start_run(results, args)
+    start_run(results, settings_of(args), RECIPE, recorded_command())
     todo = [seed for seed in args.seeds if str(seed) not in results["seeds"]]
     if not todo:
         log("every seed is stored already")
@@ -301,15 +297,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
-def summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per selector and rate: median, min and max mean IoU over the seeds that ran."""
-    seeds = list(results["seeds"].values())
-    return {
-        selector: {rate: seed_spread([seed["mean_iou"][selector][rate] for seed in seeds]) for rate in rows}
-        for selector, rows in seeds[0]["mean_iou"].items()
-    }
-
-
 def seeds_beyond_zero(results: dict[str, Any], baseline: str, rate: str) -> tuple[int, int]:
     """How many seeds' bootstrap intervals of calibrated Cropr minus `baseline` at `rate` lie wholly below zero, and
     how many wholly above."""
@@ -337,7 +324,7 @@ def beyond_noise(results: dict[str, Any], baseline: str, rates: Sequence[str]) -
 def findings(results: dict[str, Any]) -> list[str]:
     """One line per training-free selector (the median gap per rate, and where it is beyond the scenes' noise in
     most seeds), then the calibration time."""
-    table = summary(results)
+    table = summary(results, METRIC)
     rates = [rate for rate in table["cropr"] if rate != "0"]
     lines = []
     for baseline in SELECTORS[1:]:
@@ -363,34 +350,14 @@ def findings(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def throughput(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return next(seed["throughput"] for seed in results["seeds"].values() if "throughput" in seed)
-
-
 def plot(results: dict[str, Any], path: Path) -> None:
     draw_dial(
-        selector_curves(summary(results), throughput(results)),
+        selector_curves(summary(results, METRIC), frozen_throughput(results)),
         path,
         speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)",
         metric_label="mean IoU (%)",
         title="Segmentation, DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)",
     )
-
-
-def mean_iou_table(run: dict[str, Any]) -> list[str]:
-    """Markdown rows: a run's mean IoU per selector and rate, median [min, max] over its seeds."""
-    table = summary(run)
-    rates = list(table["cropr"])
-    return [
-        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
-        "|---|" + "---|" * len(rates),
-        *(
-            f"| {'cropr, calibrated' if selector == 'cropr' else selector} | "
-            + " | ".join(spread(rows[rate]) for rate in rates)
-            + " |"
-            for selector, rows in table.items()
-        ),
-    ]
 
 
 def ignored_classes(settings: dict[str, Any]) -> str:
@@ -399,35 +366,9 @@ def ignored_classes(settings: dict[str, Any]) -> str:
     return ", ".join(f'"{names[label]}"' for label in ignored) if ignored else "no class"
 
 
-def superseded_section(results: dict[str, Any]) -> list[str]:
-    """The report's appendix: each superseded run's mean IoU, with the settings it differed in."""
-    runs = results.get("superseded", [])
-    if not runs:
-        return []
-    lines = ["## Appendix: superseded runs", ""]
-    for run in runs:
-        changed = [
-            f"{key} {run['settings'].get(key)}"
-            for key in RECIPE
-            if run["settings"].get(key) != results["settings"].get(key)
-        ]
-        lines += [
-            f"Started {run['started']} (`{run['command']}`), differing in: {', '.join(changed)}. The per-patch "
-            f"auxiliary loss skipped {ignored_classes(run['settings'])}. Mean IoU (%), median [min, max] over seeds "
-            f"{', '.join(run['seeds'])}:",
-            "",
-            *mean_iou_table(run),
-            "",
-        ]
-    return lines
-
-
 def markdown(results: dict[str, Any]) -> str:
     settings, env = results["settings"], results["environment"]
-    table = summary(results)
-    rates = list(table["cropr"])
-    pruned = [rate for rate in rates if rate != "0"]
-    speeds = throughput(results)
+    pruned = [rate for rate in summary(results, METRIC)["cropr"] if rate != "0"]
     lines = [
         "# One segmentation model, many speeds: calibrated Cropr vs training-free selectors",
         "",
@@ -449,7 +390,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Mean IoU (%)",
         "",
-        *mean_iou_table(results),
+        *selector_table(results, METRIC),
         "",
         "## Calibrated Cropr minus each selector, paired on the same scenes",
         "",
@@ -467,12 +408,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Images/s at each rate",
         "",
-        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
-        "|---|" + "---|" * len(rates),
-        *(
-            f"| {selector} | " + " | ".join(f"{speeds[selector][rate]:.1f}" for rate in rates) + " |"
-            for selector in speeds
-        ),
+        *throughput_table(results),
         "",
         f"Batch {settings['throughput_batch_size']}, median of {settings['throughput_repeats']} interleaved timings "
         f"(seed 0). CPU: {env['cpu_model']} ({env['cpu_cores_available']} cores, torch threads "
@@ -486,7 +422,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}` ({results['wall_seconds'] / 60:.0f} min in all, started {results['started']}).",
         "",
-        *superseded_section(results),
+        *superseded_section(results, RECIPE, METRIC),
     ]
     return "\n".join(lines)
 
