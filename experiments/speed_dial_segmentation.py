@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers import set_seed
 
 from cropr.calibration import calibrate, unpruned
-from cropr.conversion import from_backbone
+from cropr.conversion import background_label_ids, from_backbone
 from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
@@ -79,6 +79,10 @@ RECIPE = (
 """Settings that define a run: a stored run with other values is superseded, not continued."""
 METRIC = "mean_iou"
 """Each seed's entry of mean IoU per selector and rate."""
+PATCH_KINDS = ("background", "edge", "inside")
+"""What a patch of an eval scene shows ([`patch_kinds`])."""
+INSIDE_SHARE = 0.75
+"""A patch with at least this share of garment pixels is inside a garment; with fewer (but some), on its edge."""
 MARKER_START = "<!-- speed-dial-segmentation:start -->"
 MARKER_END = "<!-- speed-dial-segmentation:end -->"
 
@@ -140,18 +144,33 @@ def scene_counts(logits: torch.Tensor, label_maps: torch.Tensor, num_labels: int
     return intersections.numpy(), unions.numpy()
 
 
+def patch_kinds(label_maps: torch.Tensor, grid: tuple[int, int], background: Sequence[int]) -> torch.Tensor:
+    """What each patch shows, `(N, patches)`: `PATCH_KINDS` index 0 for background only (no garment pixel), 1 for an
+    edge (a garment on part of it, under `INSIDE_SHARE` of its pixels), 2 for a garment's inside (at least that)."""
+    garment = ~torch.isin(label_maps, torch.tensor([*background, IGNORE_INDEX]))
+    share = F.adaptive_avg_pool2d(garment[:, None].float(), grid).flatten(1)
+    return torch.where(share == 0, 0, torch.where(share < INSIDE_SHARE, 1, 2))
+
+
+def kind_counts(kinds: torch.Tensor) -> list[int]:
+    """How many of `kinds` are of each of `PATCH_KINDS`."""
+    return torch.bincount(kinds.flatten(), minlength=len(PATCH_KINDS)).tolist()
+
+
 @torch.no_grad()
 def evaluate_counts(model, pixel_values: torch.Tensor, label_maps: torch.Tensor, batch_size: int):
-    """`scene_counts` of every eval scene."""
-    counts = [
-        scene_counts(
-            model(pixel_values[start : start + batch_size]).logits,
-            label_maps[start : start + batch_size],
-            model.config.num_labels,
-        )
-        for start in range(0, len(pixel_values), batch_size)
-    ]
-    return np.concatenate([c[0] for c in counts]), np.concatenate([c[1] for c in counts])
+    """`scene_counts` of every eval scene, and the patches the last pruning module keeps, `(N, K)` indices in
+    raster order (`None` unpruned)."""
+    counts, last_kept = [], []
+    prefix = model.config.num_prefix_tokens
+    for start in range(0, len(pixel_values), batch_size):
+        batch = slice(start, start + batch_size)
+        output = model(pixel_values[batch], output_kept_indices=True)
+        counts.append(scene_counts(output.logits, label_maps[batch], model.config.num_labels))
+        if output.kept_indices:
+            last_kept.append(output.kept_indices[-1][:, prefix:] - prefix)
+    intersections, unions = np.concatenate([c[0] for c in counts]), np.concatenate([c[1] for c in counts])
+    return (intersections, unions), (torch.cat(last_kept) if last_kept else None)
 
 
 def mean_iou(intersections: np.ndarray, unions: np.ndarray) -> np.ndarray:
@@ -195,10 +214,14 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def evaluate_selectors(variants: dict[str, Any], pixel_values: torch.Tensor, label_maps: torch.Tensor, args, seed: int):
-    """Mean IoU of every (selector, rate), and calibrated Cropr minus each training-free selector at each pruned rate
-    (`bootstrap_difference`, resamples drawn from `seed`)."""
+def evaluate_selectors(
+    variants: dict[str, Any], pixel_values: torch.Tensor, label_maps: torch.Tensor, kinds: torch.Tensor, args, seed: int
+):
+    """Mean IoU of every (selector, rate); calibrated Cropr minus each training-free selector at each pruned rate
+    (`bootstrap_difference`, resamples drawn from `seed`); and at each pruned rate `kind_counts` of the patches the
+    last module keeps, whose `patch_kinds` are `kinds`."""
     scores: dict[str, dict[str, float]] = {selector: {} for selector in variants}
+    kept_kinds: dict[str, dict[str, list[int]]] = {selector: {} for selector in variants}
     differences: dict[str, dict[str, dict[str, float]]] = {selector: {} for selector in SELECTORS[1:]}
     for rate in args.rates:
         counts = {}
@@ -207,8 +230,10 @@ def evaluate_selectors(variants: dict[str, Any], pixel_values: torch.Tensor, lab
                 scores[selector]["0"] = scores["cropr"]["0"]
                 continue
             variant.set_pruning_rate(rate)
-            counts[selector] = evaluate_counts(variant, pixel_values, label_maps, args.batch_size)
+            counts[selector], last_kept = evaluate_counts(variant, pixel_values, label_maps, args.batch_size)
             scores[selector][str(rate)] = float(mean_iou(*counts[selector]))
+            if last_kept is not None:
+                kept_kinds[selector][str(rate)] = kind_counts(kinds.gather(1, last_kept))
         if rate == 0:
             continue
         for selector in SELECTORS[1:]:
@@ -216,7 +241,7 @@ def evaluate_selectors(variants: dict[str, Any], pixel_values: torch.Tensor, lab
                 counts["cropr"], counts[selector], args.bootstrap_resamples, seed
             )
         log(f"seed {seed} R={rate}: " + ", ".join(f"{s} {row[str(rate)]:.3f}" for s, row in scores.items()))
-    return scores, differences
+    return scores, differences, kept_kinds
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with torch.no_grad():
                 grid = tuple(model(train_pixels[:1]).logits.shape[-2:])
             prepared = patch_features(model, train_pixels, args.batch_size), patch_labels(train_maps, grid)
+            eval_kinds = patch_kinds(eval_maps, grid, background_label_ids(builtin_id2label(TASK)))
         head_loss = train_patch_head(model, *prepared, seed, args.head_steps, args.head_lr)
         log(f"seed {seed}: head trained (loss {head_loss:.3f}); calibrating the Cropr modules without labels")
         calibration = calibrate(
@@ -271,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for selector in SELECTORS[1:]:
             variants[selector] = calibrated.with_token_selector(selector).eval()
         variants["random"].base_model.token_selector.generator = torch.Generator().manual_seed(seed)
-        scores, differences = evaluate_selectors(variants, eval_pixels, eval_maps, args, seed)
+        scores, differences, kept_kinds = evaluate_selectors(variants, eval_pixels, eval_maps, eval_kinds, args, seed)
         seed_result = {
             "head_loss": head_loss,
             "calibration": {
@@ -283,6 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "mean_iou": scores,
             "cropr_minus": differences,
+            "patch_kinds": kind_counts(eval_kinds),
+            "last_module_kept": kept_kinds,
         }
         if not any("throughput" in stored for stored in results["seeds"].values()):
             seed_result["throughput"] = measure(variants, eval_pixels[: args.throughput_batch_size], args)
@@ -321,6 +349,53 @@ def beyond_noise(results: dict[str, Any], baseline: str, rates: Sequence[str]) -
     ]
 
 
+def kept_shares(results: dict[str, Any], selector: str, rate: str) -> list[float]:
+    """The share of each of `PATCH_KINDS` among the patches the last module keeps at `rate`, in percent, pooled
+    over seeds (every seed runs on the same eval scenes)."""
+    counts = np.sum([run["last_module_kept"][selector][rate] for run in results["seeds"].values()], axis=0)
+    return (100 * counts / counts.sum()).tolist()
+
+
+def shares_text(shares: Sequence[float]) -> str:
+    return " / ".join(f"{share:.0f}" for share in shares)
+
+
+def kept_kinds_section(results: dict[str, Any]) -> list[str]:
+    """The report's section on what the last module keeps (a run stored before it was recorded has none)."""
+    if not all("last_module_kept" in run for run in results["seeds"].values()):
+        return []
+    totals = np.asarray(next(iter(results["seeds"].values()))["patch_kinds"])
+    pruned = [rate for rate in summary(results, METRIC)["cropr"] if rate != "0"]
+    return [
+        "## What the last module keeps",
+        "",
+        f"Each patch of the eval scenes shows background only (no garment pixel), a garment's edge (garment pixels on "
+        f"under {INSIDE_SHARE:.0%} of it) or a garment's inside (at least that): "
+        f"{shares_text(100 * totals / totals.sum())} % of the {totals.sum()} patches. Cells: the share of the patches "
+        "that the last Cropr module keeps that are background / edge / inside (%), pooled over seeds.",
+        "",
+        "| selector | " + " | ".join(f"R={rate}" for rate in pruned) + " |",
+        "|---|" + "---|" * len(pruned),
+        *(
+            f"| {selector} | " + " | ".join(shares_text(kept_shares(results, selector, r)) for r in pruned) + " |"
+            for selector in SELECTORS
+        ),
+        "",
+    ]
+
+
+def kept_kinds_finding(results: dict[str, Any], rate: str) -> list[str]:
+    """One line comparing what calibrated Cropr's and variance's last modules keep at `rate`."""
+    if not all("last_module_kept" in run for run in results["seeds"].values()):
+        return []
+    cropr, variance = kept_shares(results, "cropr", rate), kept_shares(results, "variance", rate)
+    return [
+        f"- At R={rate}, {cropr[1] + cropr[2]:.0f}% of the patches that calibrated Cropr's last module keeps show a "
+        f"garment, {variance[1] + variance[2]:.0f}% of variance's: {cropr[1]:.0f}% edges and {cropr[2]:.0f}% insides "
+        f"against {variance[1]:.0f}% and {variance[2]:.0f}%."
+    ]
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """One line per training-free selector (the median gap per rate, and where it is beyond the scenes' noise in
     most seeds), then the calibration time."""
@@ -342,6 +417,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             + ", ".join(f"R={r} {d:+.1f}" for r, d in zip(rates, deltas, strict=True))
             + f" points; {verdict}."
         )
+    lines += kept_kinds_finding(results, rates[-1])
     seconds = [seed["calibration"]["seconds"] for seed in results["seeds"].values()]
     lines.append(
         f"- Calibration on {results['settings']['num_train']} images took {min(seconds) / 60:.1f} to "
@@ -406,6 +482,7 @@ def markdown(results: dict[str, Any]) -> str:
             for baseline in SELECTORS[1:]
         ),
         "",
+        *kept_kinds_section(results),
         "## Images/s at each rate",
         "",
         *throughput_table(results),

@@ -15,7 +15,9 @@ from experiments.speed_dial_segmentation import (
     MARKER_END,
     MARKER_START,
     bootstrap_difference,
+    kind_counts,
     mean_iou,
+    patch_kinds,
     patch_labels,
     scene_counts,
 )
@@ -42,7 +44,17 @@ def fake_results() -> dict:
             for selector in ("random", "variance", "attention")
         }
         calibration = {"seconds": 90.0, "steps": 125, "images": 2000, "first_loss": 2.0, "last_loss": 1.5}
-        return {"head_loss": 0.3, "calibration": calibration, "mean_iou": mean_iou, "cropr_minus": cropr_minus}
+        # The last module's kept patches per kind (background, edge, inside) of 10 eval patches: 3, 5, 2.
+        kept = {"cropr": [0, 2, 2], "random": [1, 2, 1], "variance": [0, 4, 0], "attention": [2, 1, 1]}
+        last_module_kept = {selector: {"1": counts, "2": counts} for selector, counts in kept.items()}
+        return {
+            "head_loss": 0.3,
+            "calibration": calibration,
+            "mean_iou": mean_iou,
+            "cropr_minus": cropr_minus,
+            "patch_kinds": [3, 5, 2],
+            "last_module_kept": last_module_kept,
+        }
 
     throughput = {selector: {rate: 10.0 + int(rate) for rate in ("0", "1", "2")} for selector in scores}
     return {
@@ -77,10 +89,38 @@ def test_findings_say_where_the_gap_is_beyond_the_scenes_noise():
         "R=1 +0.0, R=2 -10.0 points; below it at R=2 beyond the noise of the eval scenes (the "
         "bootstrap interval in most seeds)."
     )
-    assert lines[3] == "- Calibration on 2000 images took 1.5 to 1.5 min per seed."
+    assert lines[3] == (
+        "- At R=2, 100% of the patches that calibrated Cropr's last module keeps show a garment, 100% of variance's: "
+        "50% edges and 50% insides against 100% and 0%."
+    )
+    assert lines[4] == "- Calibration on 2000 images took 1.5 to 1.5 min per seed."
     report = speed_dial_segmentation.markdown(fake_results())
     assert "| cropr, calibrated | 50.5 [50.0, 51.0] | 45.5 [45.0, 46.0] | 30.5 [30.0, 31.0] |" in report
     assert "| variance | +0.0 (0 below, 0 above) | -10.0 (2 below, 0 above) |" in report
+    assert "30 / 50 / 20 % of the 10 patches" in report
+    assert "| attention | 50 / 25 / 25 | 50 / 25 / 25 |" in report
+
+
+def test_a_run_stored_before_the_kept_patches_were_recorded_renders_without_them():
+    results = fake_results()
+    for run in results["seeds"].values():
+        del run["last_module_kept"]
+    assert not any("show a garment" in line for line in speed_dial_segmentation.findings(results))
+    assert "What the last module keeps" not in speed_dial_segmentation.markdown(results)
+
+
+def test_patch_kinds_tell_background_edges_and_insides_apart():
+    label_map = torch.zeros(1, 4, 6, dtype=torch.long)
+    label_map[0, :, 2:4] = 3  # a garment on all of the middle patch's pixels
+    label_map[0, 0, 4] = 5  # and on a quarter of the right one's
+    label_map[0, 1, 0] = 255  # an ignored pixel is no garment
+    kinds = patch_kinds(label_map, (1, 3), background=[0])
+    assert kinds.tolist() == [[0, 2, 1]]
+    assert kind_counts(kinds) == [1, 1, 1]
+    # A share of exactly 3/4 is inside; the background class is whichever the caller names.
+    label_map[0, :3, 0:2] = 7
+    assert patch_kinds(label_map, (1, 3), background=[0]).tolist() == [[2, 2, 1]]
+    assert patch_kinds(label_map, (1, 3), background=[0, 3]).tolist() == [[2, 0, 1]]
 
 
 def test_scene_counts_give_the_mean_iou_of_the_training_metrics():
@@ -141,6 +181,9 @@ def test_run_stores_each_seed_continues_and_writes_its_section_after_the_speed_d
     difference = seed["cropr_minus"]["variance"]["1"]
     assert difference["mean"] == pytest.approx(seed["mean_iou"]["cropr"]["1"] - seed["mean_iou"]["variance"]["1"])
     assert difference["low"] <= difference["high"]
+    # 6 eval scenes of 4x4 patches; at R=1 the last of the 3 modules (4 blocks) keeps 16 - 3 of each scene's.
+    assert sum(seed["patch_kinds"]) == 6 * 16
+    assert all(set(rows) == {"1"} and sum(rows["1"]) == 6 * 13 for rows in seed["last_module_kept"].values())
     page = (docs / "results.md").read_text()
     assert page.index(SPEED_DIAL_END) < page.index(MARKER_START) < page.index(MARKER_END) < page.index("the rest")
     report = (docs / "results_speed_dial_segmentation.md").read_text()
