@@ -372,7 +372,7 @@ def kept_kinds_section(results: dict[str, Any]) -> list[str]:
         f"Each patch of the eval scenes shows background only (no garment pixel), a garment's edge (garment pixels on "
         f"under {INSIDE_SHARE:.0%} of it) or a garment's inside (at least that): "
         f"{shares_text(100 * totals / totals.sum())} % of the {totals.sum()} patches. Cells: the share of the patches "
-        "that the last Cropr module keeps that are background / edge / inside (%), pooled over seeds.",
+        "that the last pruning module keeps that are background / edge / inside (%), pooled over seeds.",
         "",
         "| selector | " + " | ".join(f"R={rate}" for rate in pruned) + " |",
         "|---|" + "---|" * len(pruned),
@@ -390,9 +390,9 @@ def kept_kinds_finding(results: dict[str, Any], rate: str) -> list[str]:
         return []
     cropr, variance = kept_shares(results, "cropr", rate), kept_shares(results, "variance", rate)
     return [
-        f"- At R={rate}, {cropr[1] + cropr[2]:.0f}% of the patches that calibrated Cropr's last module keeps show a "
-        f"garment, {variance[1] + variance[2]:.0f}% of variance's: {cropr[1]:.0f}% edges and {cropr[2]:.0f}% insides "
-        f"against {variance[1]:.0f}% and {variance[2]:.0f}%."
+        f"- At R={rate}, the patches that the last pruning module keeps are {cropr[1]:.0f}% garment edges and "
+        f"{cropr[2]:.0f}% garment insides with calibrated Cropr, {variance[1]:.0f}% and {variance[2]:.0f}% with "
+        f"variance (background: {cropr[0]:.0f}% and {variance[0]:.0f}%)."
     ]
 
 

@@ -90,8 +90,8 @@ def test_findings_say_where_the_gap_is_beyond_the_scenes_noise():
         "bootstrap interval in most seeds)."
     )
     assert lines[3] == (
-        "- At R=2, 100% of the patches that calibrated Cropr's last module keeps show a garment, 100% of variance's: "
-        "50% edges and 50% insides against 100% and 0%."
+        "- At R=2, the patches that the last pruning module keeps are 50% garment edges and 50% garment insides with "
+        "calibrated Cropr, 100% and 0% with variance (background: 0% and 0%)."
     )
     assert lines[4] == "- Calibration on 2000 images took 1.5 to 1.5 min per seed."
     report = speed_dial_segmentation.markdown(fake_results())
@@ -105,7 +105,7 @@ def test_a_run_stored_before_the_kept_patches_were_recorded_renders_without_them
     results = fake_results()
     for run in results["seeds"].values():
         del run["last_module_kept"]
-    assert not any("show a garment" in line for line in speed_dial_segmentation.findings(results))
+    assert not any("garment edges" in line for line in speed_dial_segmentation.findings(results))
     assert "What the last module keeps" not in speed_dial_segmentation.markdown(results)
 
 
