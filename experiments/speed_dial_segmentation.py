@@ -7,7 +7,8 @@ the training images, with the unpruned model's per-patch predictions as targets;
 every pruning rate with the calibrated routers and with the random, variance and attention selectors, Last Layer
 Fusion restoring every token before the last block. Each (selector, rate) is evaluated per seed on the same eval
 scenes (mean IoU), compared with calibrated Cropr by a bootstrap over the scenes, and timed (seed 0) interleaved with
-all others on one eval batch.
+all others on one eval batch. What the last module keeps is recorded too: how many of its patches show background, a
+garment's edge or a garment's inside.
 
 Each finished seed is stored in a JSON file and skipped on the next run, so an interrupted run continues where it
 stopped; the markdown report and the plot are written from that file, and a section of `docs/results.md` names the
@@ -367,7 +368,7 @@ def kept_kinds_section(results: dict[str, Any]) -> list[str]:
     totals = np.asarray(next(iter(results["seeds"].values()))["patch_kinds"])
     pruned = [rate for rate in summary(results, METRIC)["cropr"] if rate != "0"]
     return [
-        "## What the last module keeps",
+        "## What the last pruning module keeps",
         "",
         f"Each patch of the eval scenes shows background only (no garment pixel), a garment's edge (garment pixels on "
         f"under {INSIDE_SHARE:.0%} of it) or a garment's inside (at least that): "
@@ -385,7 +386,7 @@ def kept_kinds_section(results: dict[str, Any]) -> list[str]:
 
 
 def kept_kinds_finding(results: dict[str, Any], rate: str) -> list[str]:
-    """One line comparing what calibrated Cropr's and variance's last modules keep at `rate`."""
+    """One line comparing what calibrated Cropr's and variance's last pruning modules keep at `rate`."""
     if not all("last_module_kept" in run for run in results["seeds"].values()):
         return []
     cropr, variance = kept_shares(results, "cropr", rate), kept_shares(results, "variance", rate)
@@ -398,7 +399,7 @@ def kept_kinds_finding(results: dict[str, Any], rate: str) -> list[str]:
 
 def findings(results: dict[str, Any]) -> list[str]:
     """One line per training-free selector (the median gap per rate, and where it is beyond the scenes' noise in
-    most seeds), then the calibration time."""
+    most seeds), then what the last module keeps at the largest rate, then the calibration time."""
     table = summary(results, METRIC)
     rates = [rate for rate in table["cropr"] if rate != "0"]
     lines = []
