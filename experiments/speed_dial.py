@@ -669,41 +669,55 @@ def draw_dial(curves: list[Curve], path: Path, speed_label: str, metric_label: s
     plt.close(figure)
 
 
+def rate_table(corner: str, rates: Sequence[str], rows: dict[str, Sequence[str]]) -> list[str]:
+    """Markdown rows of a table with one column per pruning rate: the header (`corner` above the row names), then
+    each row's name and cells."""
+    return [
+        f"| {corner} | " + " | ".join(f"R={rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+        *(f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()),
+    ]
+
+
+def frozen_pruned_rates(results: dict[str, Any], metric: str = "accuracy") -> list[str]:
+    """The rates of a frozen run but R=0, as its seeds' `metric` entries key them."""
+    return [rate for rate in next(iter(results["seeds"].values()))[metric]["cropr"] if rate != "0"]
+
+
 def selector_table(
     run: dict[str, Any], metric: str = "accuracy", fine_tuned: dict[str, dict[str, dict[str, Any]]] | None = None
 ) -> list[str]:
     """Markdown rows: a frozen run's `metric` per selector and rate, then the fine-tuned curves' when given."""
     table = summary(run, metric)
     rates = list(table["cropr"])
-    lines = ["| model | " + " | ".join(f"R={rate}" for rate in rates) + " |", "|---|" + "---|" * len(rates)]
-    for selector, rows in table.items():
-        name = "cropr, calibrated" if selector == "cropr" else selector
-        lines.append(f"| {name} | " + " | ".join(spread(rows[r]) for r in rates) + " |")
-    for curve, rows in (fine_tuned or {}).items():
-        if rows:
-            cells = [spread(rows[r]) if r in rows else "-" for r in rates]
-            lines.append(f"| {FINE_TUNED_CURVES[curve]} | " + " | ".join(cells) + " |")
-    return lines
+    rows = {
+        ("cropr, calibrated" if selector == "cropr" else selector): [spread(row[r]) for r in rates]
+        for selector, row in table.items()
+    }
+    for curve, row in (fine_tuned or {}).items():
+        if row:
+            rows[FINE_TUNED_CURVES[curve]] = [spread(row[r]) if r in row else "-" for r in rates]
+    return rate_table("model", rates, rows)
 
 
 def paired_table(results: dict[str, Any]) -> list[str]:
     """The report's section: calibrated Cropr minus each training-free selector, paired on the same scenes."""
-    rates = [rate for rate in summary(results)["cropr"] if rate != "0"]
+    rates = frozen_pruned_rates(results)
     num_scenes = len(next(iter(results["seeds"].values()))["correct"]["cropr"][rates[0]])
-    lines = [
+    rows = {
+        baseline: [paired_cell(paired_difference(results, baseline, rate)) for rate in rates]
+        for baseline in SELECTORS[1:]
+    }
+    return [
         "## Calibrated Cropr minus each selector, paired on the same scenes",
         "",
         f"Per eval scene, Cropr's hit minus the selector's, averaged over the seeds; the mean over the {num_scenes} "
         "scenes in points, and its 95% interval (1.96 standard errors over the scenes). An interval that holds zero "
         "is a difference these scenes cannot tell from noise.",
         "",
-        "| calibrated cropr minus | " + " | ".join(f"R={rate}" for rate in rates) + " |",
-        "|---|" + "---|" * len(rates),
+        *rate_table("calibrated cropr minus", rates, rows),
+        "",
     ]
-    for baseline in SELECTORS[1:]:
-        cells = [paired_cell(paired_difference(results, baseline, rate)) for rate in rates]
-        lines.append(f"| {baseline} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
 
 
 def fine_tuned_section(results: dict[str, Any]) -> list[str]:
@@ -786,14 +800,9 @@ def throughput_table(results: dict[str, Any]) -> list[str]:
     """Markdown rows: images/s per selector and rate, from the seed of a frozen run that was timed."""
     throughput = frozen_throughput(results)
     rates = list(throughput["cropr"])
-    return [
-        "| selector | " + " | ".join(f"R={rate}" for rate in rates) + " |",
-        "|---|" + "---|" * len(rates),
-        *(
-            f"| {selector} | " + " | ".join(f"{row[r]:.1f}" for r in rates) + " |"
-            for selector, row in throughput.items()
-        ),
-    ]
+    return rate_table(
+        "selector", rates, {selector: [f"{row[r]:.1f}" for r in rates] for selector, row in throughput.items()}
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -42,14 +42,16 @@ from cropr.training.metrics import IGNORE_INDEX
 from cropr.training.tasks import resolve_aux_ignored_labels
 from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path
 from experiments.results_page import refresh_summary, replace_section
-from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
 from experiments.speed_dial import (
+    FROZEN_RECIPE,
     SELECTORS,
     draw_dial,
+    frozen_pruned_rates,
     frozen_throughput,
     log,
     measure,
     preprocess,
+    rate_table,
     selector_curves,
     selector_table,
     start_run,
@@ -57,26 +59,10 @@ from experiments.speed_dial import (
     superseded_section,
     throughput_table,
 )
+from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
 
 TASK = "segmentation"
-RECIPE = (
-    "backbone",
-    "image_size",
-    "canvas_size",
-    "num_train",
-    "num_eval",
-    "data_seed",
-    "rates",
-    "batch_size",
-    "head_steps",
-    "head_lr",
-    "calibration_epochs",
-    "calibration_lr",
-    "throughput_batch_size",
-    "throughput_repeats",
-    "bootstrap_resamples",
-    "aux_ignored_labels",
-)
+RECIPE = (*FROZEN_RECIPE, "bootstrap_resamples", "aux_ignored_labels")
 """Settings that define a run: a stored run with other values is superseded, not continued."""
 METRIC = "mean_iou"
 """Each seed's entry of mean IoU per selector and rate."""
@@ -350,6 +336,11 @@ def beyond_noise(results: dict[str, Any], baseline: str, rates: Sequence[str]) -
     ]
 
 
+def records_kept_patches(results: dict[str, Any]) -> bool:
+    """Whether every seed of a run recorded what the last module keeps (a run stored before the record has not)."""
+    return all("last_module_kept" in run for run in results["seeds"].values())
+
+
 def kept_shares(results: dict[str, Any], selector: str, rate: str) -> list[float]:
     """The share of each of `PATCH_KINDS` among the patches the last module keeps at `rate`, in percent, pooled
     over seeds (every seed runs on the same eval scenes)."""
@@ -362,11 +353,12 @@ def shares_text(shares: Sequence[float]) -> str:
 
 
 def kept_kinds_section(results: dict[str, Any]) -> list[str]:
-    """The report's section on what the last module keeps (a run stored before it was recorded has none)."""
-    if not all("last_module_kept" in run for run in results["seeds"].values()):
+    """The report's section on what the last module keeps, when the run recorded it."""
+    if not records_kept_patches(results):
         return []
     totals = np.asarray(next(iter(results["seeds"].values()))["patch_kinds"])
-    pruned = [rate for rate in summary(results, METRIC)["cropr"] if rate != "0"]
+    pruned = frozen_pruned_rates(results, METRIC)
+    rows = {selector: [shares_text(kept_shares(results, selector, rate)) for rate in pruned] for selector in SELECTORS}
     return [
         "## What the last pruning module keeps",
         "",
@@ -375,19 +367,14 @@ def kept_kinds_section(results: dict[str, Any]) -> list[str]:
         f"{shares_text(100 * totals / totals.sum())} % of the {totals.sum()} patches. Cells: the share of the patches "
         "that the last pruning module keeps that are background / edge / inside (%), pooled over seeds.",
         "",
-        "| selector | " + " | ".join(f"R={rate}" for rate in pruned) + " |",
-        "|---|" + "---|" * len(pruned),
-        *(
-            f"| {selector} | " + " | ".join(shares_text(kept_shares(results, selector, r)) for r in pruned) + " |"
-            for selector in SELECTORS
-        ),
+        *rate_table("selector", pruned, rows),
         "",
     ]
 
 
 def kept_kinds_finding(results: dict[str, Any], rate: str) -> list[str]:
     """One line comparing what calibrated Cropr's and variance's last pruning modules keep at `rate`."""
-    if not all("last_module_kept" in run for run in results["seeds"].values()):
+    if not records_kept_patches(results):
         return []
     cropr, variance = kept_shares(results, "cropr", rate), kept_shares(results, "variance", rate)
     return [
@@ -445,7 +432,7 @@ def ignored_classes(settings: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     settings, env = results["settings"], results["environment"]
-    pruned = [rate for rate in summary(results, METRIC)["cropr"] if rate != "0"]
+    pruned = frozen_pruned_rates(results, METRIC)
     lines = [
         "# One segmentation model, many speeds: calibrated Cropr vs training-free selectors",
         "",
@@ -476,11 +463,10 @@ def markdown(results: dict[str, Any]) -> str:
         "Cells: the median difference over seeds in points, and in how many seeds the interval lies wholly below and "
         "wholly above zero.",
         "",
-        "| calibrated cropr minus | " + " | ".join(f"R={rate}" for rate in pruned) + " |",
-        "|---|" + "---|" * len(pruned),
-        *(
-            f"| {baseline} | " + " | ".join(difference_cell(results, baseline, rate) for rate in pruned) + " |"
-            for baseline in SELECTORS[1:]
+        *rate_table(
+            "calibrated cropr minus",
+            pruned,
+            {baseline: [difference_cell(results, baseline, rate) for rate in pruned] for baseline in SELECTORS[1:]},
         ),
         "",
         *kept_kinds_section(results),
