@@ -8,10 +8,11 @@ import torch
 from conftest import build_tiny
 from PIL import Image
 from transformers import SegformerImageProcessorPil, ViTImageProcessorPil, pipeline
+from transformers.utils import logging as transformers_logging
 
 import cropr.calibration as calibration
-from cropr import CroprViTForImageClassification
-from cropr.calibration import STATE_FILE, calibrate, calibration_targets
+from cropr import CroprViTForImageClassification, CroprViTModel
+from cropr.calibration import STATE_FILE, calibrate, calibration_targets, load_for_calibration
 from cropr.cli import main as cli_main
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTLayer
 
@@ -184,8 +185,13 @@ def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(
     source = tiny_vit_backbone(tmp_path / "vit")
     output_dir = tmp_path / "calibrated"
     argv = ["calibrate", str(source), "--images", str(image_folder), "--output-dir", str(output_dir)]
+    capsys.readouterr()
     assert cli_main([*argv, "--max-steps", "2", "--batch-size", "8", "--pruning-rate", "3", "--quiet"]) == 0
-    assert "Calibrated 2 steps on 24 images" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "Calibrated 2 steps on 24 images" in printed.out
+    assert "Stripped CroprViTModel checkpoint" in printed.out
+    assert "it/s" not in printed.err  # --quiet silences transformers' loading and saving bars too, for this run only
+    assert transformers_logging.is_progress_bar_enabled()
     extractor = pipeline("image-feature-extraction", model=str(output_dir))
     features = np.asarray(extractor(Image.open(image_folder / "00.png")))
     assert features.shape == (1, 17, 32)
@@ -196,7 +202,8 @@ def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(
 
 
 def test_a_hub_classifier_keeps_its_head_and_learns_from_it(image_folder, tmp_path):
-    """A source image classifier calibrated without labels: its own head gives the targets and stays as it was."""
+    """A source image classifier calibrated without labels, as an image classifier unless told otherwise: its own
+    head gives the targets and stays as it was."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     config = ViTConfig(
@@ -212,11 +219,12 @@ def test_a_hub_classifier_keeps_its_head_and_learns_from_it(image_folder, tmp_pa
     source = ViTForImageClassification(config).eval()
     source.save_pretrained(tmp_path / "vit-classifier")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit-classifier")
+    backbone, _, _ = load_for_calibration(tmp_path / "vit-classifier", "feature-extraction", pruning_rate=3)
+    assert isinstance(backbone, CroprViTModel)
     result = calibrate(
         str(tmp_path / "vit-classifier"),
         image_folder,
         tmp_path / "calibrated",
-        task="image-classification",
         max_steps=2,
         batch_size=8,
         pruning_rate=3,

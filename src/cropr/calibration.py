@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.image_processing_base import ImageProcessingMixin
+from transformers.utils import logging as transformers_logging
 
 from .data.formats import IMAGE_COLUMNS
 from .data.images import to_rgb
@@ -143,9 +144,10 @@ def load_for_calibration(
     apply to it ([`with_training_modules`]).
 
     `source` is a CroprViT model or checkpoint (its head is kept), or a source that `from_backbone` converts: as
-    "feature-extraction" (the default; targets: the pooled embedding), or as "image-classification" when it is an
-    image classifier whose head `from_backbone` keeps (`ViTForImageClassification`, `Dinov2ForImageClassification`,
-    `CLIPForImageClassification`, ...); any other converted head would be untrained, with no predictions to learn.
+    "image-classification" when it is an image classifier whose head `from_backbone` keeps
+    (`ViTForImageClassification`, `Dinov2ForImageClassification`, `CLIPForImageClassification`, ...; the default
+    for such a source), or as "feature-extraction" (the default for any other; targets: the pooled embedding); any
+    other converted head would be untrained, with no predictions to learn.
     `overrides` are `pruning_rate` / `pruning_schedule`, and for a source to convert any other
     `from_backbone` option.
     """
@@ -157,9 +159,12 @@ def load_for_calibration(
         model = _model_class(CroprViTConfig.from_pretrained(source)).from_pretrained(source)
         image_processor = image_processor if image_processor is not None else source
     else:
-        from .conversion import from_backbone
+        from .conversion import from_backbone, source_classifier
 
-        task = task or "feature-extraction"
+        if task is None:
+            from_pretrained_kwargs = overrides.get("from_pretrained_kwargs") or {}
+            keeps_head = source_classifier(source, **from_pretrained_kwargs) is not None
+            task = "image-classification" if keeps_head else "feature-extraction"
         if task not in ("feature-extraction", "image-classification"):
             raise ValueError(
                 f"{source} is not a CroprViT checkpoint: converted, its {task} head would be untrained, so its "
@@ -340,8 +345,9 @@ def calibrate(
         images: a folder of image files, a `datasets.Dataset`, or a dataset name / folder (its train split).
         output_dir: where the stripped checkpoint, its image processor and `calibration.json` are saved (and the
             state to resume from while it runs); `None` saves nothing.
-        task: for a source to convert, "feature-extraction" (the default) or "image-classification" (an image
-            classifier, its own head kept); checked against a CroprViT source's head.
+        task: for a source to convert, "image-classification" (an image classifier, its own head kept; the default
+            when the source is one) or "feature-extraction" (the default for a backbone); checked against a CroprViT
+            source's head.
         image_processor: the model's image processor, when `source` is a model object.
         label_column: learn from this column's labels (class ids, multi-hot rows or segmentation maps) instead of
             the model's own predictions.
@@ -522,8 +528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--task",
         choices=["feature-extraction", "image-classification", "multi-label-classification", "semantic-segmentation"],
-        help="checked against a CroprViT source; a source to convert is a feature-extraction model (default) or "
-        "an image classifier with its own head",
+        help="checked against a CroprViT source; a source to convert is calibrated as an image classifier with "
+        "its own head when it is one, else as a feature-extraction model",
     )
     parser.add_argument("--label-column", help="learn from this column's labels instead of the model's predictions")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the images (fractions allowed)")
@@ -546,6 +552,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@contextlib.contextmanager
+def without_transformers_progress_bars() -> Iterator[None]:
+    """transformers' own bars (loading and saving weights) off, as they were afterwards."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`cropr calibrate`: prints where the calibrated checkpoint went and the auxiliary loss before and after."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -554,26 +572,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("pruning_rate", "pruning_schedule", "image_size")
         if getattr(args, name) is not None
     }
-    result = calibrate(
-        args.source,
-        args.images,
-        args.output_dir,
-        task=args.task,
-        label_column=args.label_column,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        save_steps=args.save_steps,
-        resume=args.resume,
-        progress=not args.quiet,
-        **overrides,
-    )
+    with without_transformers_progress_bars() if args.quiet else contextlib.nullcontext():
+        result = calibrate(
+            args.source,
+            args.images,
+            args.output_dir,
+            task=args.task,
+            label_column=args.label_column,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            save_steps=args.save_steps,
+            resume=args.resume,
+            progress=not args.quiet,
+            **overrides,
+        )
     print(
         f"Calibrated {result.steps} steps on {result.num_images} images in {result.seconds:.0f} s: auxiliary loss "
-        f"{result.first_loss:.4f} -> {result.last_loss:.4f}. Stripped checkpoint and image processor saved to "
-        f"{result.output_dir}"
+        f"{result.first_loss:.4f} -> {result.last_loss:.4f}. Stripped {type(result.model).__name__} checkpoint and "
+        f"image processor saved to {result.output_dir}"
     )
     return 0
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -635,21 +635,33 @@ def _label_kwargs(task: str, num_labels: int | None, id2label: Mapping[int | str
     return {"num_labels": num_labels}
 
 
+def _classifier_head(config: PreTrainedConfig, architectures: Sequence[str]) -> SourceHead | None:
+    """The kept-head kind of a model of one of `architectures` with `config`, `None` for no image classifier
+    CroprViT keeps (or one without labels)."""
+    if config.num_labels < 1:
+        return None
+    return next((head for head in backbone_family(config).heads if head.model_class.__name__ in architectures), None)
+
+
+def source_classifier(source: str | os.PathLike | PreTrainedModel, **from_pretrained_kwargs) -> SourceHead | None:
+    """The image classifier of `source` (a Hub id, a folder or a model object) that `from_backbone` keeps for
+    "image-classification", or `None` when the source has none that CroprViT keeps; reads only the config."""
+    if isinstance(source, PreTrainedModel):
+        return _classifier_head(source.config, [type(source).__name__])
+    config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
+    return _classifier_head(config, config.architectures or [])
+
+
 def _load_source(
     source: str | os.PathLike | PreTrainedModel, load_head: bool, **from_pretrained_kwargs
 ) -> tuple[PreTrainedModel, SourceHead | None]:
     """The source model and its kept-head kind ([`SourceHead`], `None` when it has no image classifier CroprViT keeps
     or `load_head` is off, and then only the base model is read), after checking the architecture from the config."""
     if isinstance(source, PreTrainedModel):
-        family = backbone_family(source.config)
-        head = next((head for head in family.heads if type(source) is head.model_class), None)
-        return source, head if source.config.num_labels > 0 else None
+        return source, source_classifier(source)
     config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs)
     family = backbone_family(config)
-    architectures = config.architectures or []
-    head = next((head for head in family.heads if head.model_class.__name__ in architectures), None)
-    if not load_head or config.num_labels < 1:
-        head = None
+    head = _classifier_head(config, config.architectures or []) if load_head else None
     # transformers renames the parameters of checkpoints saved by older versions while loading, and drops a head
     # prefix (`vit.`, `dinov2.`) when a ViTFor* / Dinov2For* checkpoint is loaded into the base model, or the other
     # towers of a CLIP / SigLIP checkpoint when it is loaded into the vision tower (whose config is `vision_config`).
@@ -944,6 +956,7 @@ __all__ = [
     "from_backbone",
     "load_backbone_weights",
     "resize_position_embeddings",
+    "source_classifier",
     "vision_config",
     "SourceHead",
     "zero_absent_biases",
