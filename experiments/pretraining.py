@@ -416,6 +416,7 @@ so that the first run fine-tunes a CroprViT from pretrained weights without down
 
 ```python
 import cropr
+
 model, processor = cropr.from_backbone(cropr.pretrained.BACKBONE_DIR, "image-classification", num_labels=10)
 ```
 
