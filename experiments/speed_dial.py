@@ -78,6 +78,10 @@ SHARED_SETTINGS = ("backbone", "image_size", "canvas_size", "num_train", "data_s
 RUN_KEYS = ("command", "started", "environment", "settings", "seeds", "wall_seconds")
 """What a stored run of a frozen part holds; a superseded run keeps all of it."""
 ELASTIC = "elastic"
+RETIME_HELP = (
+    "time every (selector, rate) of the stored frozen run again (--throughput-repeats interleaved timings each) and "
+    "rewrite the docs; trains and evaluates nothing (pass the stored run's settings)"
+)
 FINE_TUNED_CURVES = {
     "fixed": "cropr fine-tuned, one checkpoint per rate",
     ELASTIC: "cropr fine-tuned elastic, one checkpoint",
@@ -196,6 +200,46 @@ def start_frozen_run(results: dict[str, Any], args: argparse.Namespace) -> None:
         results["settings"]["seeds"] = sorted(set(results["settings"]["seeds"]) | set(args.seeds))
 
 
+def frozen_classifier(args: argparse.Namespace) -> tuple[CroprViTPreTrainedModel, Any]:
+    """The backbone converted for the frozen part (eval mode), with its image processor; head and Cropr modules as
+    initialised."""
+    model, processor = from_backbone(
+        args.backbone,
+        "image-classification",
+        image_size=args.image_size,
+        id2label=builtin_id2label(TASK),
+        pooling="cls",
+        pruning_rate=max(args.rates),
+    )
+    return model.eval(), processor
+
+
+def check_retime(results: dict[str, Any], settings: dict[str, Any], recipe: Sequence[str]) -> None:
+    """Exit with a message unless there is a stored run to time again with these settings (the timing repeats
+    aside)."""
+    if not results.get("seeds"):
+        sys.exit("error: --retime needs a stored run in --output; there is none")
+    differing = [
+        key for key in recipe if key != "throughput_repeats" and results["settings"].get(key) != settings[key]
+    ]
+    if differing:
+        sys.exit(f"error: --retime times the stored run; pass its settings ({', '.join(differing)} differ)")
+
+
+def run_retime(args: argparse.Namespace) -> dict[str, Any]:
+    """Time every (selector, rate) of the stored frozen run again ([`retime`]) and rewrite the docs."""
+    results = load(Path(args.output))
+    check_retime(results, frozen_settings(args), FROZEN_RECIPE)
+    model, processor = frozen_classifier(args)
+    dataset = load_builtin_task(
+        TASK, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
+    )
+    pixel_values = preprocess(processor, dataset["validation"]["image"][: args.throughput_batch_size])
+    retime(results, model, pixel_values, args, recorded_command())
+    save(results, args)
+    return results
+
+
 def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
     """The frozen part: per seed, a head on the unpruned features, calibration, then every (selector, rate)."""
     results = load(Path(args.output))
@@ -204,7 +248,6 @@ def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
     if not todo:
         log("frozen part: every seed is stored already")
         return results
-    labels_map = builtin_id2label(TASK)
     dataset = load_builtin_task(
         TASK, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
     )
@@ -212,15 +255,7 @@ def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
     for seed in todo:
         started = time.time()
         set_seed(seed)
-        model, processor = from_backbone(
-            args.backbone,
-            "image-classification",
-            image_size=args.image_size,
-            id2label=labels_map,
-            pooling="cls",
-            pruning_rate=max(args.rates),
-        )
-        model.eval()
+        model, processor = frozen_classifier(args)
         if features is None:
             log(f"preprocessing {len(dataset['train'])} training and {len(dataset['validation'])} eval scenes")
             train_pixels = preprocess(processor, dataset["train"]["image"])
@@ -248,10 +283,7 @@ def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
             f"seed {seed}: calibrated in {calibration.seconds:.0f} s, aux loss {calibration.first_loss:.4f} -> "
             f"{calibration.last_loss:.4f}"
         )
-        variants = {"cropr": calibrated}
-        for selector in SELECTORS[1:]:
-            variants[selector] = calibrated.with_token_selector(selector).eval()
-        variants["random"].base_model.token_selector.generator = torch.Generator().manual_seed(seed)
+        variants = selector_variants(calibrated, seed)
         correct: dict[str, dict[str, str]] = {selector: {} for selector in variants}
         for rate in args.rates:
             for selector, variant in variants.items():
@@ -459,6 +491,56 @@ def run_calibration_timing(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def selector_variants(calibrated: CroprViTPreTrainedModel, seed: int) -> dict[str, CroprViTPreTrainedModel]:
+    """The frozen model with each of `SELECTORS`, on the same weights, in eval mode; the random one draws from
+    `seed`."""
+    variants = {"cropr": calibrated}
+    for selector in SELECTORS[1:]:
+        variants[selector] = calibrated.with_token_selector(selector).eval()
+    variants["random"].base_model.token_selector.generator = torch.Generator().manual_seed(seed)
+    return variants
+
+
+def retime(
+    results: dict[str, Any], model: CroprViTPreTrainedModel, pixel_values: torch.Tensor, args, command: str
+) -> None:
+    """Time every (selector, rate) of a stored run again (`args.throughput_repeats` interleaved timings each) and
+    replace its images/s with them; trains and evaluates nothing.
+
+    `model` is the run's frozen model built anew with Cropr modules left as initialised: the work of a forward pass
+    does not depend on the routers' weights (one product with the aggregated query and a sort, whatever it holds),
+    so it runs what the calibrated model runs, without calibrating again.
+    """
+    load_before = os.getloadavg()
+    throughput = measure(selector_variants(model.strip_training_modules().eval(), 0), pixel_values, args)
+    results["seeds"][timed_seed(results)]["throughput"] = throughput
+    results["settings"]["throughput_repeats"] = args.throughput_repeats
+    results["retimed"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
+def timing_sentence(results: dict[str, Any]) -> str:
+    """How the images/s of a frozen run were measured."""
+    settings = results["settings"]
+    timed = (
+        f"batch {settings['throughput_batch_size']}, median of {settings['throughput_repeats']} interleaved timings "
+        "per (selector, rate)"
+    )
+    retimed = results.get("retimed")
+    if retimed is None:
+        return f"Images/s: {timed}, on seed {timed_seed(results)}'s models."
+    return (
+        f"Images/s: {timed}, measured on {retimed['date']} (load average {retimed['load_average_before'][0]:.1f} "
+        f"before, {retimed['load_average_after'][0]:.1f} after) by `{retimed['command']}`, on the same frozen "
+        "model built anew, its Cropr modules as initialised: the routers' weights do not change the work of a "
+        "forward pass."
+    )
+
+
 def measure(variants: dict[str, CroprViTPreTrainedModel], pixel_values: torch.Tensor, args) -> dict[str, dict]:
     """Images/s of every (selector, rate), all timed interleaved on one batch (the rate is set before each call,
     which costs microseconds against a forward pass of milliseconds)."""
@@ -533,9 +615,14 @@ def noise_verdict(results: dict[str, Any], baseline: str, rates: Sequence[str]) 
     return f"paired on the same scenes: {cells} points, {verdict}"
 
 
+def timed_seed(results: dict[str, Any]) -> str:
+    """The one seed of a frozen run whose entry holds the images/s."""
+    return next(seed for seed, result in results["seeds"].items() if "throughput" in result)
+
+
 def frozen_throughput(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Images/s per selector and rate, from the one seed of the frozen run that was timed."""
-    return next(seed["throughput"] for seed in results["seeds"].values() if "throughput" in seed)
+    return results["seeds"][timed_seed(results)]["throughput"]
 
 
 def shared_scenes(results: dict[str, Any]) -> int:
@@ -608,7 +695,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     draw_dial(
         curves,
         path,
-        speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)",
+        speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU)",
         metric_label="top-1 accuracy (%)",
         title="DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)",
     )
@@ -807,7 +894,6 @@ def throughput_table(results: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
-    timed_seed = next(seed for seed, result in seeds.items() if "throughput" in result)
     settings = results["settings"]
     env = results["environment"]
     has_fine_tuned = bool(results.get("fine_tuned", {}).get("runs"))
@@ -835,8 +921,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['batch_size']}). The same weights run at every rate R (tokens removed after each of the 10 "
         "per-block modules, Last Layer Fusion) with the calibrated routers and with the training-free selectors; "
         f"top-1 accuracy on {settings['num_eval']} eval scenes, median [min, max] over seeds "
-        f"{', '.join(seeds)}; images/s from seed {timed_seed}, every (selector, rate) timed interleaved at "
-        f"batch {settings['throughput_batch_size']}."
+        f"{', '.join(seeds)}. {timing_sentence(results)}"
         + (" Cropr fine-tuned end to end, below, is evaluated on the same scenes." if has_fine_tuned else ""),
         "",
         *([not_measured, ""] if not_measured else []),
@@ -997,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-epochs", type=float, default=1.0)
     parser.add_argument("--calibration-lr", type=float, default=5e-3)
     parser.add_argument("--throughput-batch-size", type=int, default=16)
-    parser.add_argument("--throughput-repeats", type=int, default=3)
+    parser.add_argument("--throughput-repeats", type=int, default=21)
     parser.add_argument(
         "--parts",
         nargs="+",
@@ -1024,6 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--render-only", action="store_true", help="write the docs from --output, run nothing")
+    parser.add_argument("--retime", action="store_true", help=RETIME_HELP)
     return parser
 
 
@@ -1034,6 +1120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not Path(args.backbone).exists():
         sys.exit(f"speed_dial.py: error: backbone {args.backbone} not found; pass --backbone")
+    if args.retime:
+        run_retime(args)
+        return 0
     if not pruned_rates(args.rates):
         sys.exit("speed_dial.py: error: --rates needs at least one rate above 0")
     if "fine-tuned" in args.parts and not 0.0 <= elastic_min_fraction(args) < 1.0:

@@ -44,7 +44,9 @@ from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_p
 from experiments.results_page import refresh_summary, replace_section
 from experiments.speed_dial import (
     FROZEN_RECIPE,
+    RETIME_HELP,
     SELECTORS,
+    check_retime,
     draw_dial,
     frozen_pruned_rates,
     frozen_throughput,
@@ -52,12 +54,15 @@ from experiments.speed_dial import (
     measure,
     preprocess,
     rate_table,
+    retime,
     selector_curves,
     selector_table,
+    selector_variants,
     start_run,
     summary,
     superseded_section,
     throughput_table,
+    timing_sentence,
 )
 from experiments.speed_dial import MARKER_END as SPEED_DIAL_END
 
@@ -231,6 +236,36 @@ def evaluate_selectors(
     return scores, differences, kept_kinds
 
 
+def frozen_segmenter(args: argparse.Namespace) -> tuple[CroprViTForSemanticSegmentation, Any]:
+    """The backbone converted for the run (eval mode), with its image processor; head and Cropr modules as
+    initialised."""
+    model, processor = from_backbone(
+        args.backbone,
+        "semantic-segmentation",
+        image_size=args.image_size,
+        id2label=builtin_id2label(TASK),
+        pruning_rate=max(args.rates),
+        aux_ignored_labels=settings_of(args)["aux_ignored_labels"],
+    )
+    return model.eval(), processor
+
+
+def run_retime(args: argparse.Namespace) -> dict[str, Any]:
+    """Time every (selector, rate) of the stored run again ([`retime`]) and rewrite the docs."""
+    output = Path(args.output)
+    results = json.loads(output.read_text()) if output.is_file() else {}
+    check_retime(results, settings_of(args), RECIPE)
+    model, processor = frozen_segmenter(args)
+    dataset = load_builtin_task(
+        TASK, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
+    )
+    pixel_values = preprocess(processor, dataset["validation"]["image"][: args.throughput_batch_size])
+    retime(results, model, pixel_values, args, recorded_command())
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    render(results, Path(args.docs))
+    return results
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Per seed: a head on the unpruned patch features, calibration, then every (selector, rate)."""
     output = Path(args.output)
@@ -247,15 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for seed in todo:
         started = time.time()
         set_seed(seed)
-        model, processor = from_backbone(
-            args.backbone,
-            "semantic-segmentation",
-            image_size=args.image_size,
-            id2label=builtin_id2label(TASK),
-            pruning_rate=max(args.rates),
-            aux_ignored_labels=results["settings"]["aux_ignored_labels"],
-        )
-        model.eval()
+        model, processor = frozen_segmenter(args)
         if prepared is None:
             log(f"preprocessing {len(dataset['train'])} training and {len(dataset['validation'])} eval scenes")
             train_pixels = preprocess(processor, dataset["train"]["image"])
@@ -280,10 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress=not args.quiet,
         )
         calibrated = calibration.model.eval()
-        variants = {"cropr": calibrated}
-        for selector in SELECTORS[1:]:
-            variants[selector] = calibrated.with_token_selector(selector).eval()
-        variants["random"].base_model.token_selector.generator = torch.Generator().manual_seed(seed)
+        variants = selector_variants(calibrated, seed)
         scores, differences, kept_kinds = evaluate_selectors(variants, eval_pixels, eval_maps, eval_kinds, args, seed)
         seed_result = {
             "head_loss": head_loss,
@@ -418,7 +442,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     draw_dial(
         selector_curves(summary(results, METRIC), frozen_throughput(results)),
         path,
-        speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU, seed 0)",
+        speed_label=f"eval images/s (batch {results['settings']['throughput_batch_size']}, shared CPU)",
         metric_label="mean IoU (%)",
         title="Segmentation, DINOv2-S/14 at every pruning rate (median, bars: min-max over seeds)",
     )
@@ -474,8 +498,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *throughput_table(results),
         "",
-        f"Batch {settings['throughput_batch_size']}, median of {settings['throughput_repeats']} interleaved timings "
-        f"(seed 0). CPU: {env['cpu_model']} ({env['cpu_cores_available']} cores, torch threads "
+        f"{timing_sentence(results)} CPU: {env['cpu_model']} ({env['cpu_cores_available']} cores, torch threads "
         f"{env['torch_threads']}), shared with other jobs (load average {env['load_average'][0]:.1f} at the start).",
         "",
         "## Findings",
@@ -537,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-epochs", type=float, default=1.0, help="passes over the training scenes")
     parser.add_argument("--calibration-lr", type=float, default=5e-3, help="learning rate of the calibration")
     parser.add_argument("--throughput-batch-size", type=int, default=16, help="batch of the timed forward passes")
-    parser.add_argument("--throughput-repeats", type=int, default=3, help="timings per (selector, rate)")
+    parser.add_argument("--throughput-repeats", type=int, default=21, help="timings per (selector, rate)")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamplings of the eval scenes")
     parser.add_argument(
         "--aux-ignored-labels",
@@ -549,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", default="docs", help="where the report, the plot and results.md are written")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--render-only", action="store_true", help="write the docs from --output, run nothing")
+    parser.add_argument("--retime", action="store_true", help=RETIME_HELP)
     return parser
 
 
@@ -561,5 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"speed_dial_segmentation.py: error: backbone {args.backbone} not found; pass --backbone")
     if not [rate for rate in args.rates if rate > 0]:
         sys.exit("speed_dial_segmentation.py: error: --rates needs at least one rate above 0")
+    if args.retime:
+        run_retime(args)
+        return 0
     run(args)
     return 0

@@ -60,6 +60,7 @@ def fake_results() -> dict:
             "calibration_epochs": 1.0,
             "batch_size": 16,
             "throughput_batch_size": 16,
+            "throughput_repeats": 3,
         },
         "seeds": {
             "0": {"accuracy": accuracy, "correct": correct, "calibration": calibration, "throughput": throughput}
@@ -215,6 +216,36 @@ def test_fine_tuned_part_stores_each_checkpoint_and_skips_the_stored_ones(tmp_pa
     with pytest.raises(SystemExit, match=r"3 fine-tuned checkpoints stored .* another recipe \(differing: budgets\)"):
         speed_dial.main([*argv, "--fine-tune-epochs", "2"])
     assert output.read_text() == stored
+
+
+def test_retime_times_every_selector_and_rate_of_the_stored_run_again_and_changes_nothing_else(tmp_path, tiny_backbone):
+    output = tmp_path / "speed_dial.json"
+    argv = [
+        "--backbone", str(tiny_backbone), "--image-size", "32", "--canvas-size", "56", "--num-train", "8",
+        "--num-eval", "6", "--rates", "0", "1", "2", "--throughput-batch-size", "2", "--quiet",
+        "--output", str(output), "--docs", str(tmp_path),
+    ]  # fmt: skip
+    stored = fake_results()
+    stored["settings"] = speed_dial.frozen_settings(build_parser().parse_args([*argv, "--throughput-repeats", "3"]))
+    output.write_text(json.dumps(stored))
+    assert speed_dial.main([*argv, "--throughput-repeats", "2", "--retime"]) == 0
+    results = json.loads(output.read_text())
+    throughput = results["seeds"]["0"].pop("throughput")
+    assert sorted(throughput) == sorted(speed_dial.SELECTORS)
+    assert all(
+        sorted(row) == ["0", "1", "2"] and all(value > 0 for value in row.values()) for row in throughput.values()
+    )
+    assert throughput != stored["seeds"]["0"].pop("throughput")  # measured, not the stored 10-12 images/s
+    assert results["seeds"] == stored["seeds"] and results["settings"]["throughput_repeats"] == 2
+    assert set(results["retimed"]) == {"date", "command", "load_average_before", "load_average_after"}
+    report = (tmp_path / "results_speed_dial.md").read_text()
+    assert "median of 2 interleaved timings per (selector, rate), measured on " in report
+    assert "on seed 0's models" in speed_dial.markdown(fake_results())  # a run never timed again says whose
+    with pytest.raises(SystemExit, match=r"pass its settings \(num_eval differ\)"):
+        speed_dial.main([*argv, "--num-eval", "7", "--retime"])
+    output.unlink()
+    with pytest.raises(SystemExit, match="needs a stored run"):
+        speed_dial.main([*argv, "--retime"])
 
 
 def test_calibration_time_part_records_one_timed_calibration_at_its_size(tmp_path, tiny_backbone):

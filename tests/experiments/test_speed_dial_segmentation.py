@@ -201,3 +201,13 @@ def test_run_stores_each_seed_continues_and_writes_its_section_after_the_speed_d
     assert [list(run["seeds"]) for run in results["superseded"]] == [["0", "1"]]
     report = (docs / "results_speed_dial_segmentation.md").read_text()
     assert "## Appendix: superseded runs" in report and "differing in: aux_ignored_labels [0]." in report
+    # --retime measures the images/s of the stored run again, and keeps its scores.
+    before = json.loads(output.read_text())
+    retimed = [*argv, "--aux-ignored-labels", "none", "--throughput-repeats", "2", "--retime"]
+    assert speed_dial_segmentation.main(retimed) == 0
+    results = json.loads(output.read_text())
+    assert results["settings"]["throughput_repeats"] == 2 and results["retimed"]["command"]
+    assert results["seeds"]["0"]["mean_iou"] == before["seeds"]["0"]["mean_iou"]
+    assert sorted(results["seeds"]["0"]["throughput"]) == sorted(before["seeds"]["0"]["throughput"])
+    report = (docs / "results_speed_dial_segmentation.md").read_text()
+    assert "median of 2 interleaved timings per (selector, rate), measured on " in report
