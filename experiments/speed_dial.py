@@ -219,9 +219,7 @@ def check_retime(results: dict[str, Any], settings: dict[str, Any], recipe: Sequ
     aside)."""
     if not results.get("seeds"):
         sys.exit("error: --retime needs a stored run in --output; there is none")
-    differing = [
-        key for key in recipe if key != "throughput_repeats" and results["settings"].get(key) != settings[key]
-    ]
+    differing = [key for key in recipe if key != "throughput_repeats" and results["settings"].get(key) != settings[key]]
     if differing:
         sys.exit(f"error: --retime times the stored run; pass its settings ({', '.join(differing)} differ)")
 
@@ -518,6 +516,7 @@ def retime(
     results["retimed"] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command,
+        "environment": machine_environment(),
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
     }
@@ -533,11 +532,12 @@ def timing_sentence(results: dict[str, Any]) -> str:
     retimed = results.get("retimed")
     if retimed is None:
         return f"Images/s: {timed}, on seed {timed_seed(results)}'s models."
+    env = retimed["environment"]
     return (
-        f"Images/s: {timed}, measured on {retimed['date']} (load average {retimed['load_average_before'][0]:.1f} "
-        f"before, {retimed['load_average_after'][0]:.1f} after) by `{retimed['command']}`, on the same frozen "
-        "model built anew, its Cropr modules as initialised: the routers' weights do not change the work of a "
-        "forward pass."
+        f"Images/s: {timed}, measured on {retimed['date']} on {env['cpu_model']} ({env['cpu_cores_available']} "
+        f"cores, torch threads {env['torch_threads']}; load average {retimed['load_average_before'][0]:.1f} before, "
+        f"{retimed['load_average_after'][0]:.1f} after) by `{retimed['command']}`, on the same frozen model built "
+        "anew, its Cropr modules as initialised: the routers' weights do not change the work of a forward pass."
     )
 
 

@@ -498,8 +498,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *throughput_table(results),
         "",
-        f"{timing_sentence(results)} CPU: {env['cpu_model']} ({env['cpu_cores_available']} cores, torch threads "
-        f"{env['torch_threads']}), shared with other jobs (load average {env['load_average'][0]:.1f} at the start).",
+        f"{timing_sentence(results)} The run's CPU: {env['cpu_model']} ({env['cpu_cores_available']} cores, torch "
+        f"threads {env['torch_threads']}), shared with other jobs (load average {env['load_average'][0]:.1f} at the "
+        "start).",
         "",
         "## Findings",
         "",

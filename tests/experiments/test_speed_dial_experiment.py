@@ -237,7 +237,7 @@ def test_retime_times_every_selector_and_rate_of_the_stored_run_again_and_change
     )
     assert throughput != stored["seeds"]["0"].pop("throughput")  # measured, not the stored 10-12 images/s
     assert results["seeds"] == stored["seeds"] and results["settings"]["throughput_repeats"] == 2
-    assert set(results["retimed"]) == {"date", "command", "load_average_before", "load_average_after"}
+    assert set(results["retimed"]) == {"date", "command", "environment", "load_average_before", "load_average_after"}
     report = (tmp_path / "results_speed_dial.md").read_text()
     assert "median of 2 interleaved timings per (selector, rate), measured on " in report
     assert "on seed 0's models" in speed_dial.markdown(fake_results())  # a run never timed again says whose
