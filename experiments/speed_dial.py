@@ -228,12 +228,7 @@ def run_retime(args: argparse.Namespace) -> dict[str, Any]:
     """Time every (selector, rate) of the stored frozen run again ([`retime`]) and rewrite the docs."""
     results = load(Path(args.output))
     check_retime(results, frozen_settings(args), FROZEN_RECIPE)
-    model, processor = frozen_classifier(args)
-    dataset = load_builtin_task(
-        TASK, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
-    )
-    pixel_values = preprocess(processor, dataset["validation"]["image"][: args.throughput_batch_size])
-    retime(results, model, pixel_values, args, recorded_command())
+    retime(results, *frozen_classifier(args), TASK, args, recorded_command())
     save(results, args)
     return results
 
@@ -499,16 +494,18 @@ def selector_variants(calibrated: CroprViTPreTrainedModel, seed: int) -> dict[st
     return variants
 
 
-def retime(
-    results: dict[str, Any], model: CroprViTPreTrainedModel, pixel_values: torch.Tensor, args, command: str
-) -> None:
-    """Time every (selector, rate) of a stored run again (`args.throughput_repeats` interleaved timings each) and
-    replace its images/s with them; trains and evaluates nothing.
+def retime(results: dict[str, Any], model: CroprViTPreTrainedModel, processor, task: str, args, command: str) -> None:
+    """Time every (selector, rate) of a stored run again (`args.throughput_repeats` interleaved timings each, on the
+    first eval scenes of the built-in `task`) and replace its images/s with them; trains and evaluates nothing.
 
     `model` is the run's frozen model built anew with Cropr modules left as initialised: the work of a forward pass
     does not depend on the routers' weights (one product with the aggregated query and a sort, whatever it holds),
     so it runs what the calibrated model runs, without calibrating again.
     """
+    dataset = load_builtin_task(
+        task, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
+    )
+    pixel_values = preprocess(processor, dataset["validation"]["image"][: args.throughput_batch_size])
     load_before = os.getloadavg()
     throughput = measure(selector_variants(model.strip_training_modules().eval(), 0), pixel_values, args)
     results["seeds"][timed_seed(results)]["throughput"] = throughput

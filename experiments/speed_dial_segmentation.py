@@ -255,12 +255,7 @@ def run_retime(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
     check_retime(results, settings_of(args), RECIPE)
-    model, processor = frozen_segmenter(args)
-    dataset = load_builtin_task(
-        TASK, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
-    )
-    pixel_values = preprocess(processor, dataset["validation"]["image"][: args.throughput_batch_size])
-    retime(results, model, pixel_values, args, recorded_command())
+    retime(results, *frozen_segmenter(args), TASK, args, recorded_command())
     output.write_text(json.dumps(results, indent=2) + "\n")
     render(results, Path(args.docs))
     return results
