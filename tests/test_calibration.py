@@ -221,6 +221,8 @@ def test_a_hub_classifier_keeps_its_head_and_learns_from_it(image_folder, tmp_pa
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit-classifier")
     backbone, _, _ = load_for_calibration(tmp_path / "vit-classifier", "feature-extraction", pruning_rate=3)
     assert isinstance(backbone, CroprViTModel)
+    from_object, processor, _ = load_for_calibration(source, pruning_rate=3)  # a model object converts as a folder does
+    assert isinstance(from_object, CroprViTForImageClassification) and isinstance(processor, ViTImageProcessorPil)
     result = calibrate(
         str(tmp_path / "vit-classifier"),
         image_folder,

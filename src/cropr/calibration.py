@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, PreTrainedModel
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import logging as transformers_logging
 
@@ -135,7 +135,7 @@ def _image_files(folder: Path) -> list[Path]:
 # The model to calibrate
 # ----------------------------------------------------------------------------------------------------------------------
 def load_for_calibration(
-    source: str | os.PathLike | CroprViTPreTrainedModel,
+    source: str | os.PathLike | PreTrainedModel,
     task: str | None = None,
     image_processor: ImageProcessingMixin | str | None = None,
     **overrides: Any,
@@ -143,7 +143,8 @@ def load_for_calibration(
     """The model whose Cropr modules [`calibrate`] trains, its image processor, and the schedule overrides left to
     apply to it ([`with_training_modules`]).
 
-    `source` is a CroprViT model or checkpoint (its head is kept), or a source that `from_backbone` converts: as
+    `source` is a CroprViT model or checkpoint (its head is kept), or a source that `from_backbone` converts (a Hub
+    id, a folder or a transformers model object): as
     "image-classification" when it is an image classifier whose head `from_backbone` keeps
     (`ViTForImageClassification`, `Dinov2ForImageClassification`, `CLIPForImageClassification`, ...; the default
     for such a source), or as "feature-extraction" (the default for any other; targets: the pooled embedding); any
@@ -153,7 +154,10 @@ def load_for_calibration(
     """
     if isinstance(source, CroprViTPreTrainedModel):
         model = source
-    elif AutoConfig.from_pretrained(source).model_type == CroprViTConfig.model_type:
+    elif (
+        not isinstance(source, PreTrainedModel)
+        and AutoConfig.from_pretrained(source).model_type == CroprViTConfig.model_type
+    ):
         from .cli import _model_class
 
         model = _model_class(CroprViTConfig.from_pretrained(source)).from_pretrained(source)
@@ -320,7 +324,7 @@ def _label_tensor(model: CroprViTPreTrainedModel, labels: list, image_processor,
 # The run
 # ----------------------------------------------------------------------------------------------------------------------
 def calibrate(
-    source: str | os.PathLike | CroprViTPreTrainedModel,
+    source: str | os.PathLike | PreTrainedModel,
     images: str | os.PathLike | Any,
     output_dir: str | os.PathLike | None = None,
     *,
@@ -340,15 +344,16 @@ def calibrate(
     """Train the Cropr modules (queries, aggregators, auxiliary heads) of a frozen model on `images`.
 
     Args:
-        source: a CroprViT model or checkpoint (folder or Hub id), or a backbone or image classifier that
-            `from_backbone` converts (see [`load_for_calibration`]).
+        source: a CroprViT model or checkpoint (folder or Hub id), or a backbone or image classifier (folder, Hub id
+            or model object) that `from_backbone` converts (see [`load_for_calibration`]).
         images: a folder of image files, a `datasets.Dataset`, or a dataset name / folder (its train split).
         output_dir: where the stripped checkpoint, its image processor and `calibration.json` are saved (and the
             state to resume from while it runs); `None` saves nothing.
         task: for a source to convert, "image-classification" (an image classifier, its own head kept; the default
             when the source is one) or "feature-extraction" (the default for a backbone); checked against a CroprViT
             source's head.
-        image_processor: the model's image processor, when `source` is a model object.
+        image_processor: the image processor to use: needed for a CroprViT model object; a source to convert gets
+            the one `from_backbone` builds unless given.
         label_column: learn from this column's labels (class ids, multi-hot rows or segmentation maps) instead of
             the model's own predictions.
         epochs, max_steps: passes over the images (fractions allowed), or a number of steps that overrides them.
