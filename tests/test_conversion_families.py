@@ -224,7 +224,12 @@ def test_convert_command_keeps_the_head(dinov2_classifier, tmp_path, capsys):
 
     output = tmp_path / "converted"
     assert main(["convert", str(dinov2_classifier), "--pruning-rate", "2", "--output-dir", str(output)]) == 0
-    assert "the source's classifier is kept: 3 labels, pooling 'cls_patch_mean'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the source's classifier is kept: 3 labels, pooling 'cls_patch_mean'" in printed
+    assert f"its Cropr modules are untrained: calibrate them (`cropr calibrate {output} --images DIR" in printed
+    argv = ["convert", str(dinov2_classifier), "--pruning-rate", "2", "--token-selector", "random"]
+    assert main([*argv, "--output-dir", str(output)]) == 0
+    assert "untrained" not in capsys.readouterr().out  # nothing to train
     assert CroprViTForImageClassification.from_pretrained(output).config.id2label == LABELS
     argv = ["convert", str(dinov2_classifier), "--num-labels", "4", "--keep-head", "--output-dir", str(output)]
     assert main(argv) == 1

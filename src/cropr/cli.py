@@ -34,7 +34,12 @@ from huggingface_hub.errors import StrictDataclassError
 
 from .conversion import CONVERSION_TASKS, from_backbone
 from .models.cropr_vit import modeling_cropr_vit
-from .models.cropr_vit.configuration_cropr_vit import POOLING_MODES, TOKEN_SELECTORS, CroprViTConfig
+from .models.cropr_vit.configuration_cropr_vit import (
+    LEARNED_SELECTORS,
+    POOLING_MODES,
+    TOKEN_SELECTORS,
+    CroprViTConfig,
+)
 from .models.cropr_vit.modeling_cropr_vit import CroprViTModel, CroprViTPreTrainedModel
 from .presets import PRESETS, preset_config
 from .tools.argtypes import (
@@ -335,6 +340,12 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"  tokens per block {config.token_counts()}, FLOP ceiling {config.flop_ceiling():.2f}x")
     if not config.classifier_norm:
         print(f"  the source's classifier is kept: {config.num_labels} labels, pooling {config.pooling!r}")
+    if config.pruning_blocks and config.token_selector in LEARNED_SELECTORS:
+        # Runnable as saved (a kept classifier even predicts), but its routers would keep arbitrary tokens.
+        print(
+            "  its Cropr modules are untrained: calibrate them (`cropr calibrate "
+            f"{args.output_dir} --images DIR --output-dir ...`, no labels needed) or fine-tune before use"
+        )
     return 0
 
 
