@@ -294,7 +294,12 @@ def test_a_checkpoint_is_timed_at_each_pruning_rate(tmp_path, capsys):
     (entry,) = report["inference"]
     assert entry["variants"]["R=0"]["speedup"] == 1.0 and entry["variants"]["R=5"]["throughput"] > 0
     assert "R=5" in capsys.readouterr().out
-    assert parse_args([str(tmp_path / "checkpoint"), "--device", "cpu"]).pruning_rates == [0, 3]
+    build_tiny("classification", pruning_rate=3).save_pretrained(tmp_path / "per-block")
+    assert parse_args([str(tmp_path / "per-block"), "--device", "cpu"]).pruning_rates == [0, 3]
+    # Saved at an explicit schedule, a checkpoint has no rate of its own to time by default.
+    with pytest.raises(SystemExit):
+        parse_args([str(tmp_path / "checkpoint"), "--device", "cpu"])
+    assert "runs the explicit pruning schedule [3, 2, 0, 0], which is no per-block rate" in capsys.readouterr().err
 
 
 def test_a_rate_the_checkpoint_cannot_run_fails_in_one_line(tmp_path, capsys):

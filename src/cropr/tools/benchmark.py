@@ -973,7 +973,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument(
         "--pruning-rates",
         type=int_list(0),
-        help="with CHECKPOINT: comma list of pruning rates to time it at (default: 0 and its own rate)",
+        help="with CHECKPOINT: comma list of pruning rates to time it at (default: 0 and its own rate; required for "
+        "a checkpoint saved at an explicit schedule)",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -1100,7 +1101,8 @@ def check_checkpoint_options(options: BenchmarkOptions) -> None:
     checkpoint's own).
 
     Raises:
-        ValueError: for a missing checkpoint, a dtype or device this machine cannot run.
+        ValueError: for a missing checkpoint, a dtype or device this machine cannot run, or no rates given for a
+            checkpoint saved at an explicit schedule (it has no rate of its own).
     """
     from ..cli import CliError, load_checkpoint_config
 
@@ -1114,6 +1116,12 @@ def check_checkpoint_options(options: BenchmarkOptions) -> None:
     if check_device(options.device).type == "cpu" and "fp16" in options.dtypes:
         raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU.")
     if not options.pruning_rates:
+        if config.pruning_schedule is not None:
+            # Its `pruning_rate` is not what it runs, so "0 and its own rate" would time another schedule.
+            raise ValueError(
+                f"{options.checkpoint} runs the explicit pruning schedule {list(config.pruning_schedule)}, which is no "
+                "per-block rate: pass --pruning-rates (e.g. 0,8,16) to time it at per-block rates."
+            )
         options.pruning_rates = sorted({0, config.pruning_rate})
 
 

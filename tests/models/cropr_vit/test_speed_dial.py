@@ -125,3 +125,17 @@ def test_from_pretrained_and_pipeline_take_the_rate(tmp_path):
     unpruned = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=0)
     assert sorted(unpruned.cropr_vit.token_selector.routers) == ["0", "1"]
     torch.testing.assert_close(unpruned.set_pruning_rate(3)(x).logits, model(x).logits, rtol=0, atol=1e-6)
+
+
+def test_a_rate_asked_for_replaces_a_saved_schedule(tmp_path):
+    """A checkpoint saved at an explicit schedule runs at the per-block rate `from_pretrained` is given, as
+    `set_pruning_rate` would set it, not at its saved schedule with the rate left unused."""
+    model = trained_tiny().set_pruning_schedule([3, 0, 0, 0])
+    model.save_pretrained(tmp_path)
+    loaded = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=2).eval()
+    assert loaded.config.pruning_schedule is None and loaded.config.effective_pruning_schedule == [3, 2, 0, 0]
+    x = pixels()
+    torch.testing.assert_close(loaded(x).logits, model.set_pruning_rate(2)(x).logits, rtol=0, atol=1e-6)
+    kept = CroprViTForImageClassification.from_pretrained(tmp_path, pruning_rate=2, pruning_schedule=[1, 1, 0, 0])
+    assert kept.config.effective_pruning_schedule == [1, 1, 0, 0]  # an explicit schedule still wins
+    assert CroprViTForImageClassification.from_pretrained(tmp_path).config.pruning_schedule == [3, 0, 0, 0]

@@ -183,8 +183,9 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
             the last two with Last Layer Fusion); the first removes one more when a CLS token is present.
         pruning_schedule (`list[int]`, *optional*):
             Explicit tokens removed after each block (one entry per block, 0 = no module there); overrides
-            `pruning_rate`. A stage schedule such as "50 after blocks 6, 12, 18" of a 24-block model is
-            `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
+            `pruning_rate`, except that `from_pretrained(path, pruning_rate=R)` without a schedule replaces a saved
+            one with the per-block schedule of rate R. A stage schedule such as "50 after blocks 6, 12, 18" of a
+            24-block model is `[0]*5 + [50] + [0]*5 + [50] + [0]*5 + [50] + [0]*6`.
         router_blocks (`list[int]`, *optional*):
             Blocks followed by a Cropr module (learned selectors); `None` means the blocks the schedule prunes after.
             Set when a model runs a lighter schedule than its modules serve (`set_pruning_rate(0)`, or
@@ -356,6 +357,10 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
                 "`scripts/convert_backbone.py`)."
             )
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        if "pruning_rate" in kwargs:
+            # A rate asked for is the schedule to run (the speed dial), also over a checkpoint saved with an explicit
+            # schedule, which would otherwise take precedence and leave the rate unused.
+            kwargs.setdefault("pruning_schedule", None)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
         config._keep_routers_for_lighter_schedule(config_dict, kwargs)
         config.check_values()
