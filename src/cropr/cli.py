@@ -153,15 +153,11 @@ def _apply_overrides(config: CroprViTConfig, args: argparse.Namespace) -> CroprV
     }
     if not overrides:
         return config
-    # Rebuilding (rather than setting attributes) validates the new schedule against the new image size.
-    updated = CroprViTConfig.from_dict({**config.to_dict(), **overrides})
+    # Rebuilding (rather than setting attributes) validates the new schedule against the new image size; a rate
+    # replaces an explicit schedule, as it does in `from_pretrained`.
+    updated = CroprViTConfig.from_dict(config.to_dict(), **overrides)
     if "pruning_rate" in overrides and updated.token_selector == "none":
         raise CliError("--pruning-rate has no effect with the token selector 'none' (nothing is pruned)")
-    if "pruning_rate" in overrides and updated.pruning_schedule is not None:
-        raise CliError(
-            f"--pruning-rate has no effect: the config's explicit `pruning_schedule` {updated.pruning_schedule} "
-            "sets every module's count"
-        )
     return updated
 
 
