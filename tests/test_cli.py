@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny, tiny_config_kwargs
+from conftest import REPO_ROOT, tiny_config_kwargs
 from PIL import Image
 
 from cropr import CroprViTConfig, CroprViTForImageClassification
@@ -92,12 +92,6 @@ def test_info_preset_with_override_as_json(capsys):
     assert summary["token_counts"][:3] == [197, 188, 180]
     assert summary["last_layer_fusion"] is False
     assert summary["parameters_stripped"] < summary["parameters_full"]
-
-
-def test_info_rate_replaces_a_saved_schedule_as_from_pretrained_does(tmp_path, capsys):
-    build_tiny("classification", pruning_schedule=[3, 0, 0, 0]).save_pretrained(tmp_path)
-    assert main(["info", str(tmp_path), "--pruning-rate", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["token_counts"] == [17, 14, 12, 17]
 
 
 def test_info_checkpoint_and_config_file(checkpoint, capsys):

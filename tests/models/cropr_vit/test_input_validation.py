@@ -4,6 +4,7 @@ Covers pixel values through every head, resolutions (the "keep ratios" policy of
 each head, and conflicting training-script arguments.
 """
 
+import json
 import warnings
 
 import pytest
@@ -384,19 +385,18 @@ def test_another_label_set_needs_ignore_mismatched_sizes(variance_checkpoint):
 # ----------------------------------------------------------------------------------------------------------------------
 # `cropr info` overrides that would be ignored
 # ----------------------------------------------------------------------------------------------------------------------
-def test_cli_info_refuses_a_pruning_rate_it_would_ignore(tmp_path, capsys):
+def test_cli_info_refuses_a_pruning_rate_it_would_ignore_and_applies_one_over_a_saved_schedule(tmp_path, capsys):
     from cropr.cli import main
 
+    capsys.readouterr()
+    assert main(["info", "tiny", "--token-selector", "none", "--pruning-rate", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cropr: error: --pruning-rate has no effect") and "token selector 'none'" in err, err
+    assert main(["info", "tiny", "--token-selector", "none"]) == 0
+    # A rate replaces an explicit schedule, as `from_pretrained(path, pruning_rate=R)` does.
     stage_config = tmp_path / "stage.json"
     CroprViTConfig(**tiny_config_kwargs(pruning_schedule=[4, 4, 0, 0])).to_json_file(stage_config)
-    cases = [
-        (["info", "tiny", "--token-selector", "none", "--pruning-rate", "2"], "token selector 'none'"),
-        (["info", str(stage_config), "--pruning-rate", "2"], "explicit `pruning_schedule` [4, 4, 0, 0]"),
-    ]
-    for argv, fragment in cases:
-        capsys.readouterr()
-        assert main(argv) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("cropr: error: --pruning-rate has no effect") and fragment in err, err
-    assert main(["info", "tiny", "--token-selector", "none"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(stage_config), "--pruning-rate", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_counts"] == [17, 14, 12, 17]
     assert main(["info", str(stage_config), "--image-size", "64"]) == 0
