@@ -12,7 +12,13 @@ from transformers.utils import logging as transformers_logging
 
 import cropr.calibration as calibration
 from cropr import CroprViTForImageClassification, CroprViTModel
-from cropr.calibration import STATE_FILE, calibrate, calibration_targets, load_for_calibration
+from cropr.calibration import (
+    STATE_FILE,
+    calibrate,
+    calibration_targets,
+    load_for_calibration,
+    with_training_modules,
+)
 from cropr.cli import main as cli_main
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTLayer
 
@@ -97,6 +103,15 @@ def test_targets_come_from_the_unpruned_model(head):
     else:
         expected, other = unpruned.logits.softmax(-1), pruned.logits.softmax(-1)
     assert torch.allclose(targets, expected, atol=1e-6) and not torch.allclose(targets, other, atol=1e-4)
+
+
+def test_a_rate_asked_for_replaces_a_saved_schedule():
+    """As `from_pretrained(path, pruning_rate=R)` reads it: the rate is what the calibrated modules serve."""
+    scheduled = with_training_modules(tiny("classification"), {"pruning_schedule": [3, 0, 0, 0]})
+    assert sorted(scheduled.base_model.token_selector.routers) == ["0"]
+    variant = with_training_modules(scheduled, {"pruning_rate": 2})
+    assert variant.config.pruning_schedule is None and variant.config.effective_pruning_schedule == [3, 2, 0, 0]
+    assert sorted(variant.base_model.token_selector.routers) == ["0", "1"]
 
 
 def test_labels_replace_the_predictions_when_given():

@@ -209,15 +209,15 @@ def with_training_modules(
     """A copy of `model` with full Cropr modules, its own where it has them and fresh ones elsewhere (a stripped
     model has only their aggregated queries), and the schedule `overrides`. A bare backbone's auxiliary heads
     predict the pooled embedding, so they get one output per feature."""
-    overrides = overrides or {}
-    config_dict = {**model.config.to_dict(), **overrides, "inference_only": False}
-    if overrides:
-        config_dict["router_blocks"] = None
+    # As overrides of `from_dict`, the schedule is read as `from_pretrained` reads it (a rate replaces a saved
+    # explicit schedule), with modules exactly where it prunes.
+    overrides = {**overrides, "router_blocks": None} if overrides else {}
+    config_dict = {**model.config.to_dict(), "inference_only": False}
     if isinstance(model, CroprViTModel):
         config_dict.pop("id2label", None)
         config_dict.pop("label2id", None)
         config_dict["num_labels"] = model.config.hidden_size
-    variant = type(model)(CroprViTConfig.from_dict(config_dict))
+    variant = type(model)(CroprViTConfig.from_dict(config_dict, **overrides))
     own = variant.state_dict()
     fitting = {key: value for key, value in model.state_dict().items() if key in own and own[key].shape == value.shape}
     variant.load_state_dict(fitting, strict=False)
