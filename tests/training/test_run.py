@@ -1,3 +1,4 @@
+import logging
 import math
 import os
 import re
@@ -86,6 +87,15 @@ def test_eval_only_run_does_not_train(tmp_path):
     argv = TINY_RUN + ["--output_dir", str(tmp_path / "eval"), "--do_eval"]
     results = run("image-classification", argv + ["--model_name_or_path", str(tmp_path / "trained")])
     assert results["train"] == {}
+
+
+def test_fine_tuning_a_stripped_checkpoint_says_that_its_routers_do_not_learn(tmp_path, caplog):
+    run("image-classification", TINY_RUN + ["--output_dir", str(tmp_path / "trained")])
+    assert "inference-only checkpoint" not in caplog.text
+    argv = TINY_RUN + ["--output_dir", str(tmp_path / "again"), "--model_name_or_path", str(tmp_path / "trained")]
+    with caplog.at_level(logging.WARNING, logger="cropr.training.run"):
+        run("image-classification", argv)
+    assert "trained is an inference-only checkpoint" in caplog.text and "do not learn" in caplog.text
 
 
 def test_bad_arguments_fail_with_a_clear_message(tmp_path):

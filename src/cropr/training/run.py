@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, set_seed
 
-from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
+from ..models.cropr_vit.configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
 from ..tools.timing import measure_throughput
 from . import metrics
 from .arguments import (
@@ -105,6 +105,12 @@ def run(task_name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.config.token_counts(),
         model.config.flop_ceiling(),
     )
+    if do_train and model.config.inference_only and model.config.token_selector in LEARNED_SELECTORS:
+        logger.warning(
+            "%s is an inference-only checkpoint (saved after `strip_training_modules()`): its Cropr modules keep "
+            "their routing and do not learn; fine-tune the full training checkpoint to train them too",
+            model_args.model_name_or_path,
+        )
     train_transform = make_transforms(task, processor, augment=True, seed=training_args.seed, label_format=label_format)
     eval_transform = make_transforms(task, processor, augment=False, seed=training_args.seed, label_format=label_format)
     train_dataset = TrainingSplit(dataset["train"], train_transform)
