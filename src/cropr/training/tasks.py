@@ -178,6 +178,15 @@ def build_model(
             model_args.backbone, task.name, image_size=image_size, id2label=labels, center_crop=False, **overrides
         )
     if model_args.model_name_or_path:
+        saved_labels = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        ).num_labels
+        if saved_labels != len(labels) and not model_args.ignore_mismatched_sizes:
+            raise RunError(
+                f"--model_name_or_path {model_args.model_name_or_path} predicts {saved_labels} labels and the data "
+                f"has {len(labels)}: pass --ignore_mismatched_sizes to train new heads for them (the classifier and "
+                "the Cropr modules' auxiliary heads)"
+            )
         auto_class = (
             AutoModelForSemanticSegmentation
             if task.name == "semantic-segmentation"
