@@ -17,7 +17,7 @@ from cropr import (
     CroprViTForImageClassification,
     CroprViTModel,
 )
-from cropr.training.arguments import ModelArguments, PruningArguments
+from cropr.training.arguments import ModelArguments, PruningArguments, RunError
 from cropr.training.run import run
 from cropr.training.tasks import TASKS, build_model
 
@@ -373,7 +373,7 @@ def test_fine_tuning_a_checkpoint_keeps_its_own_pruning_settings(variance_checkp
 
 def test_another_label_set_needs_ignore_mismatched_sizes(variance_checkpoint):
     task, labels = TASKS["image-classification"], {index: str(index) for index in range(3)}
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+    with pytest.raises(RunError, match="predicts 5 labels and the data has 3: pass --ignore_mismatched_sizes"):
         build_model(task, ModelArguments(model_name_or_path=str(variance_checkpoint)), PruningArguments(), labels, 56)
     model_args = ModelArguments(model_name_or_path=str(variance_checkpoint), ignore_mismatched_sizes=True)
     model, _ = build_model(task, model_args, PruningArguments(), labels, 56)
