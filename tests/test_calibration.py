@@ -134,6 +134,25 @@ def test_twenty_steps_on_tiny_data_lower_the_auxiliary_loss(image_folder):
     assert result.last_loss < 0.5 * result.first_loss
 
 
+def test_a_segmenter_that_sees_only_skipped_classes_is_refused_and_nothing_is_saved(image_folder, tmp_path):
+    """Its routers would learn nothing, and saving would replace the source's with untrained ones."""
+    torch.manual_seed(0)
+    model = build_tiny("segmentation", aux_ignored_labels=[0]).eval()
+    with torch.no_grad():
+        model.decode_head.linear.bias[0] = 100.0  # background everywhere
+    with pytest.raises(ValueError, match=r"No patch of the 24 images had a target .* nothing is saved"):
+        calibrate(
+            model,
+            image_folder,
+            tmp_path / "calibrated",
+            image_processor=processor_for("segmentation"),
+            max_steps=2,
+            batch_size=8,
+            progress=False,
+        )
+    assert not (tmp_path / "calibrated" / "model.safetensors").exists()
+
+
 def test_the_saved_checkpoint_reloads_and_runs_in_a_pipeline(image_folder, tmp_path):
     output_dir = tmp_path / "calibrated"
     result = calibrate(

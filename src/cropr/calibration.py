@@ -406,6 +406,14 @@ def calibrate(
                 _save_state(state_path, settings, routers, optimizer, step + 1, losses)
     bar.close()
     seconds = time.perf_counter() - started
+    if all(loss == 0.0 for loss in losses):
+        # Only a segmenter's loss is exactly 0, when every patch is masked out; saving would replace the source's
+        # routers with untrained ones.
+        raise ValueError(
+            f"No patch of the {len(data)} images had a target the Cropr modules learn (each was predicted as a class "
+            f"of `aux_ignored_labels` {model.config.aux_ignored_labels}, or labelled with the ignore index), so "
+            "nothing was calibrated and nothing is saved: calibrate on images in which the model finds objects."
+        )
 
     model.eval().strip_training_modules().requires_grad_(True)
     if isinstance(model, CroprViTModel):  # the auxiliary heads that needed one output per feature are gone
