@@ -368,6 +368,11 @@ def calibrate(
 
     Returns:
         A [`CalibrationResult`]; its model is stripped, in eval mode, backbone and head as they were.
+
+    Raises:
+        ValueError: for invalid settings or a source it cannot calibrate (before any step), and after the run when
+            no patch had a target to learn (a segmenter that predicted only `aux_ignored_labels` classes on the
+            images); nothing is saved then.
     """
     if batch_size < 1 or save_steps < 1:
         raise ValueError(f"`batch_size` and `save_steps` must be >= 1, got {batch_size} and {save_steps}")
