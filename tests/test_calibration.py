@@ -120,6 +120,19 @@ def test_labels_replace_the_predictions_when_given():
     assert torch.equal(targets, torch.eye(5)[[0, 3, 1, 4]])
 
 
+@pytest.mark.parametrize(
+    ("head", "labels", "message"),
+    [
+        ("classification", torch.tensor([0, 3, 1, 7]), r"class ids in \[0, 4\], got values in \[0, 7\]"),
+        ("segmentation", torch.full((4, 32, 32), 9), r"class ids in \[0, 4\] or the ignore index 255, got \[9\]"),
+        ("base", torch.tensor([0, 1, 2, 3]), "a bare backbone has no classes to learn labels of"),
+    ],
+)
+def test_labels_the_model_cannot_learn_are_refused_by_name(head, labels, message):
+    with pytest.raises(ValueError, match=message):
+        calibration_targets(tiny(head), pixels(), labels)
+
+
 def test_twenty_steps_on_tiny_data_lower_the_auxiliary_loss(image_folder):
     result = calibrate(
         tiny("classification"),

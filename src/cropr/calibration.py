@@ -48,6 +48,8 @@ from .models.cropr_vit.modeling_cropr_vit import (
     CroprViTForSemanticSegmentation,
     CroprViTModel,
     CroprViTPreTrainedModel,
+    check_classification_labels,
+    check_segmentation_labels,
 )
 from .tools.argtypes import DefaultsHelpFormatter, bounded_int, output_dir, parse_image_size, parse_schedule
 
@@ -250,9 +252,17 @@ def calibration_targets(
     multi-hot rows, or segmentation maps). The mask, for segmentation, drops the patches whose target class is in
     `aux_ignored_labels` (or whose label is the ignore index); `None` elsewhere.
     """
+    config, kind = model.config, problem_type(model)
+    if labels is not None:
+        # Checked as the model's own loss checks them: a bad label fails here by name, not inside `one_hot`.
+        if kind == "embedding":
+            raise ValueError("a bare backbone has no classes to learn labels of: calibrate it without a label column")
+        if kind == "segmentation":
+            check_segmentation_labels(labels, pixel_values, config.num_labels, config.semantic_loss_ignore_index)
+        else:
+            check_classification_labels(labels, kind, config.num_labels, len(pixel_values))
     with unpruned(model):
         output = model(pixel_values, output_hidden_states=True)
-    config, kind = model.config, problem_type(model)
     if kind == "embedding":
         return output.hidden_states, output.pooler_output, None
     if kind == "segmentation":
