@@ -114,6 +114,11 @@ def test_a_rate_asked_for_replaces_a_saved_schedule():
     assert sorted(variant.base_model.token_selector.routers) == ["0", "1"]
 
 
+def test_a_schedule_without_modules_is_refused_before_any_step(image_folder):
+    with pytest.raises(ValueError, match=r"prunes after no block, so there is no Cropr module to calibrate"):
+        calibrate(tiny("classification"), image_folder, image_processor=processor_for("classification"), pruning_rate=0)
+
+
 def test_labels_replace_the_predictions_when_given():
     model = tiny("classification")
     _, targets, _ = calibration_targets(model, pixels(), torch.tensor([0, 3, 1, 4]))

@@ -393,6 +393,11 @@ def calibrate(
     data = CalibrationImages(images, label_column)
     source_model, image_processor, overrides = load_for_calibration(source, task, image_processor, **overrides)
     model = with_training_modules(source_model, overrides)
+    if not model.config.blocks_with_routers:
+        raise ValueError(
+            f"the schedule {model.config.effective_pruning_schedule} prunes after no block, so there is no Cropr "
+            "module to calibrate: calibrate at the heaviest rate you will run; `set_pruning_rate` turns it down later"
+        )
     source_num_labels = source_model.config.num_labels
     del source_model
     steps_per_epoch = math.ceil(len(data) / batch_size)
