@@ -217,8 +217,9 @@ def test_an_interrupted_calibration_resumes_where_it_stopped(image_folder, tmp_p
     with pytest.raises(KeyboardInterrupt):
         calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings)
     monkeypatch.setattr(calibration, "_step", step)
-    with pytest.raises(ValueError, match="other settings"):
-        calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **{**settings, "seed": 1})
+    for other in ({"seed": 1}, {"learning_rate": 1e-2}, {"pruning_rate": 2}):
+        with pytest.raises(ValueError, match="other settings"):
+            calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings, **other)
 
 
 def tiny_vit_backbone(path):

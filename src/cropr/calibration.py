@@ -409,7 +409,17 @@ def calibrate(
     for parameter in trainable:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
-    settings = {"num_images": len(data), "batch_size": batch_size, "total_steps": total_steps, "seed": seed}
+    # Everything that shapes the run: resuming another one (other rate, learning rate, labels, source) is refused.
+    settings = {
+        "source": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
+        "pruning_schedule": model.config.effective_pruning_schedule,
+        "label_column": label_column,
+        "num_images": len(data),
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "total_steps": total_steps,
+        "seed": seed,
+    }
     state_path = Path(output_dir) / STATE_FILE if output_dir is not None else None
     start, losses = 0, []
     if resume and state_path is not None and state_path.is_file():
