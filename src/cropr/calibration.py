@@ -146,11 +146,11 @@ def load_for_calibration(
     apply to it ([`with_training_modules`]).
 
     `source` is a CroprViT model or checkpoint (its head is kept), or a source that `from_backbone` converts (a Hub
-    id, a folder or a transformers model object): as
-    "image-classification" when it is an image classifier whose head `from_backbone` keeps
-    (`ViTForImageClassification`, `Dinov2ForImageClassification`, `CLIPForImageClassification`, ...; the default
-    for such a source), or as "feature-extraction" (the default for any other; targets: the pooled embedding); any
-    other converted head would be untrained, with no predictions to learn.
+    id, a folder or a transformers model object): as "image-classification" when it is an image classifier whose
+    head `from_backbone` keeps (`ViTForImageClassification`, `Dinov2ForImageClassification`,
+    `CLIPForImageClassification`, ...; the default for such a source), or as "feature-extraction" (the default for
+    any other; targets: the pooled embedding); any other converted head would be untrained, with no predictions to
+    learn.
     `overrides` are `pruning_rate` / `pruning_schedule`, and for a source to convert any other
     `from_backbone` option.
     """
