@@ -295,11 +295,15 @@ def test_a_checkpoint_is_timed_at_each_pruning_rate(tmp_path, capsys):
     assert entry["variants"]["R=0"]["speedup"] == 1.0 and entry["variants"]["R=5"]["throughput"] > 0
     assert "R=5" in capsys.readouterr().out
     build_tiny("classification", pruning_rate=3).save_pretrained(tmp_path / "per-block")
-    assert parse_args([str(tmp_path / "per-block"), "--device", "cpu"]).pruning_rates == [0, 3]
-    # Saved at an explicit schedule, a checkpoint has no rate of its own to time by default.
-    with pytest.raises(SystemExit):
-        parse_args([str(tmp_path / "checkpoint"), "--device", "cpu"])
-    assert "runs the explicit pruning schedule [3, 2, 0, 0], which is no per-block rate" in capsys.readouterr().err
+    options = parse_args([str(tmp_path / "per-block"), "--device", "cpu"])
+    assert (options.pruning_rates, options.saved_schedule) == ([0, 3], False)
+    # Saved at an explicit schedule, a checkpoint is timed by default at that schedule, not at its unused rate.
+    assert main([str(tmp_path / "checkpoint"), *QUICK_RATES, "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert list(report["rates"]) == ["R=0", "saved"]
+    assert report["rates"]["saved"]["pruning_schedule"] == [3, 2, 0, 0]
+    assert report["rates"]["saved"]["token_counts"] == [17, 14, 12, 17]
+    assert "saved" in capsys.readouterr().out
 
 
 def test_a_rate_the_checkpoint_cannot_run_fails_in_one_line(tmp_path, capsys):

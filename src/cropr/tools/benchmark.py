@@ -133,6 +133,7 @@ class BenchmarkOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     pruning_rates: list[int] = field(default_factory=list)
+    saved_schedule: bool = False
     device: str = "cpu"
     dtypes: list[str] = field(default_factory=lambda: ["fp32"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -771,8 +772,13 @@ def run_benchmark(options: BenchmarkOptions) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # One checkpoint at several pruning rates
 # ----------------------------------------------------------------------------------------------------------------------
-def rate_variants(checkpoint: str, rates: Sequence[int]) -> dict[int, nn.Module]:
-    """The checkpoint's model (eval mode) once per pruning rate, each a copy run at that rate.
+SAVED_SCHEDULE = "saved"
+"""The name of a checkpoint's variant at the explicit schedule it was saved with."""
+
+
+def rate_variants(checkpoint: str, rates: Sequence[int], saved_schedule: bool = False) -> dict[str, nn.Module]:
+    """The checkpoint's model (eval mode) once per pruning rate, each a copy run at that rate, named "R=<rate>"; and
+    with `saved_schedule`, the model as saved, named [`SAVED_SCHEDULE`].
 
     Raises:
         ValueError: for a rate the checkpoint cannot run (a schedule that removes every patch, or that needs a Cropr
@@ -780,13 +786,15 @@ def rate_variants(checkpoint: str, rates: Sequence[int]) -> dict[int, nn.Module]
     """
     from ..cli import load_checkpoint
 
-    model = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint).eval()
     variants = {}
     for rate in rates:
         try:
-            variants[rate] = copy.deepcopy(model).set_pruning_rate(rate).eval()
+            variants[f"R={rate}"] = copy.deepcopy(model).set_pruning_rate(rate).eval()
         except ValueError as error:
             raise ValueError(f"--pruning-rates {rate}: {error}") from None
+    if saved_schedule:
+        variants[SAVED_SCHEDULE] = model
     return variants
 
 
@@ -799,13 +807,12 @@ def benchmark_pruning_rates(options: BenchmarkOptions) -> dict[str, Any]:
     elif options.threads:
         torch.set_num_threads(options.threads)
     rates = sorted(set(options.pruning_rates))
-    variants = rate_variants(options.checkpoint, rates)
-    configs = {rate: model.config for rate, model in variants.items()}
-    config = configs[rates[0]]
-    for model in variants.values():
+    steps_by_name = rate_variants(options.checkpoint, rates, options.saved_schedule)
+    baseline = next(iter(steps_by_name))
+    config = steps_by_name[baseline].config
+    for model in steps_by_name.values():
         model.to(device)
     height, width = config.image_size_hw
-    steps_by_name = {f"R={rate}": model for rate, model in variants.items()}
     entries = []
     for dtype_name in options.dtypes:
         for batch_size in options.batch_sizes:
@@ -822,20 +829,22 @@ def benchmark_pruning_rates(options: BenchmarkOptions) -> dict[str, Any]:
                 steps, device, options.warmup, options.repeats, options.min_time, progress=progress
             )
             results = {name: timing_summary(samples[name], batch_size) for name in steps}
-            slowest = results[f"R={rates[0]}"]["throughput"]
+            slowest = results[baseline]["throughput"]
             for result in results.values():
                 result["speedup"] = result["throughput"] / slowest
             entries.append({"dtype": dtype_name, "batch_size": batch_size, "variants": results})
+    saved = f" and its saved schedule {list(config.pruning_schedule or [])}" if options.saved_schedule else ""
     return {
         "checkpoint": str(options.checkpoint),
-        "description": f"{options.checkpoint} at pruning rates {rates}",
+        "description": f"{options.checkpoint} at pruning rates {rates}{saved}",
         "rates": {
-            f"R={rate}": {
-                "pruning_rate": rate,
-                "token_counts": rate_config.token_counts(),
-                "flop_ceiling": rate_config.flop_ceiling(),
+            name: {
+                "pruning_rate": None if name == SAVED_SCHEDULE else model.config.pruning_rate,
+                "pruning_schedule": model.config.effective_pruning_schedule,
+                "token_counts": model.config.token_counts(),
+                "flop_ceiling": model.config.flop_ceiling(),
             }
-            for rate, rate_config in configs.items()
+            for name, model in steps_by_name.items()
         },
         "options": asdict(options),
         "environment": environment(options, device),
@@ -973,8 +982,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
     parser.add_argument(
         "--pruning-rates",
         type=int_list(0),
-        help="with CHECKPOINT: comma list of pruning rates to time it at (default: 0 and its own rate; required for "
-        "a checkpoint saved at an explicit schedule)",
+        help="with CHECKPOINT: comma list of pruning rates to time it at (default: 0 and its own rate, or its saved "
+        "schedule when it has an explicit one)",
     )
     parser.add_argument("--preset", default="vit-b16", choices=sorted(PRESETS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -1097,12 +1106,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkOptions:
 
 
 def check_checkpoint_options(options: BenchmarkOptions) -> None:
-    """Check a checkpoint timing request before any model loads, and fill in the default rates (0 and the
-    checkpoint's own).
+    """Check a checkpoint timing request before any model loads, and fill in the default: 0 and the checkpoint's own
+    rate, or its saved schedule when it was saved at an explicit one.
 
     Raises:
-        ValueError: for a missing checkpoint, a dtype or device this machine cannot run, or no rates given for a
-            checkpoint saved at an explicit schedule (it has no rate of its own).
+        ValueError: for a missing checkpoint, a dtype or device this machine cannot run.
     """
     from ..cli import CliError, load_checkpoint_config
 
@@ -1116,13 +1124,10 @@ def check_checkpoint_options(options: BenchmarkOptions) -> None:
     if check_device(options.device).type == "cpu" and "fp16" in options.dtypes:
         raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU.")
     if not options.pruning_rates:
-        if config.pruning_schedule is not None:
-            # Its `pruning_rate` is not what it runs, so "0 and its own rate" would time another schedule.
-            raise ValueError(
-                f"{options.checkpoint} runs the explicit pruning schedule {list(config.pruning_schedule)}, which is no "
-                "per-block rate: pass --pruning-rates (e.g. 0,8,16) to time it at per-block rates."
-            )
-        options.pruning_rates = sorted({0, config.pruning_rate})
+        # Saved at an explicit schedule (as the training scripts save a model converted from a backbone), a
+        # checkpoint's `pruning_rate` is not what it runs: time that schedule itself.
+        options.saved_schedule = config.pruning_schedule is not None
+        options.pruning_rates = [0] if options.saved_schedule else sorted({0, config.pruning_rate})
 
 
 def format_markdown(report: dict[str, Any], command: str) -> str:
