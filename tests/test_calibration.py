@@ -105,7 +105,7 @@ def test_targets_come_from_the_unpruned_model(head):
     assert torch.allclose(targets, expected, atol=1e-6) and not torch.allclose(targets, other, atol=1e-4)
 
 
-def test_a_rate_asked_for_replaces_a_saved_schedule():
+def test_a_calibration_rate_replaces_a_saved_schedule():
     """As `from_pretrained(path, pruning_rate=R)` reads it: the rate is what the calibrated modules serve."""
     scheduled = with_training_modules(tiny("classification"), {"pruning_schedule": [3, 0, 0, 0]})
     assert sorted(scheduled.base_model.token_selector.routers) == ["0"]
