@@ -502,10 +502,11 @@ def retime(results: dict[str, Any], model: CroprViTPreTrainedModel, processor, t
     does not depend on the routers' weights (one product with the aggregated query and a sort, whatever it holds),
     so it runs what the calibrated model runs, without calibrating again.
     """
+    # The eval scenes do not depend on the number of training scenes: render only the timed batch.
     dataset = load_builtin_task(
-        task, num_train=args.num_train, num_eval=args.num_eval, image_size=args.canvas_size, seed=args.data_seed
+        task, num_train=1, num_eval=args.throughput_batch_size, image_size=args.canvas_size, seed=args.data_seed
     )
-    pixel_values = preprocess(processor, dataset["validation"]["image"][: args.throughput_batch_size])
+    pixel_values = preprocess(processor, dataset["validation"]["image"])
     load_before = os.getloadavg()
     throughput = measure(selector_variants(model.strip_training_modules().eval(), 0), pixel_values, args)
     results["seeds"][timed_seed(results)]["throughput"] = throughput

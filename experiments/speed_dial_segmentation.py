@@ -50,6 +50,7 @@ from experiments.speed_dial import (
     draw_dial,
     frozen_pruned_rates,
     frozen_throughput,
+    load,
     log,
     measure,
     preprocess,
@@ -252,19 +253,22 @@ def frozen_segmenter(args: argparse.Namespace) -> tuple[CroprViTForSemanticSegme
 
 def run_retime(args: argparse.Namespace) -> dict[str, Any]:
     """Time every (selector, rate) of the stored run again ([`retime`]) and rewrite the docs."""
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.is_file() else {}
+    results = load(Path(args.output))
     check_retime(results, settings_of(args), RECIPE)
     retime(results, *frozen_segmenter(args), TASK, args, recorded_command())
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    render(results, Path(args.docs))
+    save(results, args)
     return results
+
+
+def save(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Store the results and write the docs from them."""
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    render(results, Path(args.docs))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Per seed: a head on the unpruned patch features, calibration, then every (selector, rate)."""
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.is_file() else {}
+    results = load(Path(args.output))
     start_run(results, settings_of(args), RECIPE, recorded_command())
     todo = [seed for seed in args.seeds if str(seed) not in results["seeds"]]
     if not todo:
@@ -322,8 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seed_result["throughput"] = measure(variants, eval_pixels[: args.throughput_batch_size], args)
         results["seeds"][str(seed)] = seed_result
         results["wall_seconds"] += time.time() - started
-        output.write_text(json.dumps(results, indent=2) + "\n")
-        render(results, Path(args.docs))
+        save(results, args)
         log(f"seed {seed} done; results in {args.output}")
     return results
 
