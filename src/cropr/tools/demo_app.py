@@ -65,16 +65,20 @@ def launch(checkpoint: str, port: int | None = None) -> None:
 
 
 def slider_settings(checkpoint: DemoCheckpoint) -> dict[str, Any]:
-    """Range, value and label of the pruning-rate slider for `checkpoint` (fixed when it has no single rate)."""
+    """Range, value and label of the pruning-rate slider for `checkpoint` (fixed when it has no rate to change)."""
     allowed = checkpoint.rate_range()
     if allowed is None:
         return dict(minimum=0, maximum=1, value=0, interactive=False, label="Pruning rate (fixed schedule)")
+    if checkpoint.trained_rate is not None:
+        saved = f"trained with {checkpoint.trained_rate}"
+    else:
+        saved = f"saved with a per-block schedule removing about as many tokens as R={checkpoint.nearest_rate()}"
     return dict(
         minimum=allowed[0],
         maximum=allowed[1],
-        value=checkpoint.trained_rate,
+        value=checkpoint.nearest_rate(),
         interactive=True,
-        label=f"Pruning rate R: tokens cropped after each block (trained with {checkpoint.trained_rate})",
+        label=f"Pruning rate R: tokens cropped after each block ({saved})",
     )
 
 
