@@ -143,8 +143,8 @@ class DemoCheckpoint:
         return sorted(set(range(config.num_per_block_modules)) - set(config.blocks_with_routers))
 
     def nearest_rate(self) -> int | None:
-        """The rate of `rate_range` that removes as many tokens as the saved schedule, or the fewer of two as near
-        (the saved rate for a checkpoint saved at one); `None` without a range."""
+        """The rate of `rate_range` that removes about as many tokens as the saved schedule (the lower of two equally
+        near; the saved rate for a checkpoint saved at one); `None` without a range."""
         allowed = self.rate_range()
         if allowed is None:
             return None
