@@ -26,7 +26,7 @@ from transformers import ViTConfig
 
 from cropr import CroprViTConfig
 from cropr.data import load_builtin_task
-from cropr.tools.demo import DEFAULT_CHECKPOINT
+from cropr.tools.demo import DEFAULT_CHECKPOINT, DemoCheckpoint
 from cropr.tools.visualization import LEGEND_HEIGHT, MARGIN
 
 CHROMIUM = os.environ.get("CROPR_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -86,6 +86,7 @@ def test_demo_page_in_chromium(tmp_path):
         build_tiny("classification", id2label=NAMES).strip_training_modules().save_pretrained(checkpoint)
         ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
     config = CroprViTConfig.from_pretrained(checkpoint)
+    start_rate = DemoCheckpoint(str(checkpoint)).nearest_rate()
     before = snapshot(cwd)
 
     scene = tmp_path / "scene.png"
@@ -114,7 +115,7 @@ def test_demo_page_in_chromium(tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(STEP_TIMEOUT_MS)
             page.goto(url)
-            check_page(page, config, scene, not_an_image, tmp_path, sync_api)
+            check_page(page, config, start_rate, scene, not_an_image, tmp_path, sync_api)
             check_other_checkpoint(page, tmp_path / "vit")
             browser.close()
     finally:
@@ -126,22 +127,25 @@ def test_demo_page_in_chromium(tmp_path):
     assert not list(tmp.glob("cropr-demo-*"))
 
 
-def check_page(page, config: CroprViTConfig, scene: Path, not_an_image: Path, tmp_path: Path, sync_api) -> None:
+def check_page(
+    page, config: CroprViTConfig, start_rate: int, scene: Path, not_an_image: Path, tmp_path: Path, sync_api
+) -> None:
     names = set(config.id2label.values())
     report, status = page.locator("#report"), page.locator("#status")
     heatmap = page.locator("#heatmap img")
 
-    # A built-in example: the pruned model's prediction and its heat-map at the trained rate.
+    # A built-in example: the pruned model's prediction and its heat-map at the rate the slider starts at (the
+    # trained rate, or the one nearest a saved per-block schedule).
     page.locator("#example input").click()
     page.get_by_role("option", name="astronaut").click()
-    report.get_by_text(f"R = {config.pruning_rate}").wait_for()
-    assert page.locator("#on-label").get_by_text(f"Pruning on (R = {config.pruning_rate}): top 5").is_visible()
+    report.get_by_text(f"R = {start_rate}").wait_for()
+    assert page.locator("#on-label").get_by_text(f"Pruning on (R = {start_rate}): top 5").is_visible()
 
-    # An upload; then the slider, to half the trained rate.
+    # An upload; then the slider, to half that rate.
     page.locator("#upload input[type=file]").set_input_files(scene)
     page.locator('#upload td[aria-label="scene.png"]').wait_for()
     report.get_by_text("ms").first.wait_for()
-    rate = max(1, config.pruning_rate // 2)
+    rate = max(1, start_rate // 2)
     before = heatmap.get_attribute("src")
     page.locator("#rate input[type=range]").fill(str(rate))
     report.get_by_text(f"R = {rate}").wait_for()
@@ -150,7 +154,7 @@ def check_page(page, config: CroprViTConfig, scene: Path, not_an_image: Path, tm
         text = page.locator(side).inner_text()
         assert "%" in text and any(name in text for name in names), text
     assert page.locator("#on-label").get_by_text(f"Pruning on (R = {rate}): top 5").is_visible()
-    expected = CroprViTConfig.from_dict({**config.to_dict(), "pruning_rate": rate}).token_counts()
+    expected = CroprViTConfig.from_dict(config.to_dict(), pruning_rate=rate).token_counts()
     rows = report.locator("tbody tr")
     assert rows.count() == config.num_hidden_layers
     for block, tokens in enumerate(expected):
