@@ -111,16 +111,21 @@ def test_rates_outside_the_range_and_fixed_schedules_are_refused(classification,
 def test_a_schedule_with_a_module_after_every_block_of_a_rate_gets_the_rates(tmp_path):
     """What the training scripts save from a backbone: an explicit schedule pruning after every module's block."""
     model = build_tiny("classification", pruning_schedule=[3, 4, 0, 0]).strip_training_modules()
-    checkpoint = DemoCheckpoint(save_checkpoint(model, tmp_path))
+    saved_as_rate = build_tiny("classification", pruning_schedule=[4, 3, 0, 0]).strip_training_modules()
+    checkpoint = DemoCheckpoint(save_checkpoint(model, tmp_path / "saved"))
     assert checkpoint.rate_range() == (0, 7) and checkpoint.trained_rate is None
     assert checkpoint.at_rate(None) is checkpoint.model
     # R=3 removes 3 + 1 (the CLS token's share) + 3 = 7 tokens, as the saved schedule does.
     assert checkpoint.nearest_rate() == 3
     assert checkpoint.at_rate(3).config.effective_pruning_schedule == [4, 3, 0, 0]
+    assert checkpoint.at_rate(2).config.effective_pruning_schedule == [3, 2, 0, 0]
     assert checkpoint.at_rate(0).config.effective_pruning_schedule == [0, 0, 0, 0]
     settings = slider_settings(checkpoint)
     assert (settings["minimum"], settings["maximum"], settings["value"], settings["interactive"]) == (0, 7, 3, True)
     assert "per-block schedule removing about as many tokens as R=3" in settings["label"]
+    # A saved schedule that is a rate's own runs on the loaded model at that rate: no second copy of the weights.
+    same = DemoCheckpoint(save_checkpoint(saved_as_rate, tmp_path / "same"))
+    assert same.nearest_rate() == 3 and same.at_rate(3) is same.model
 
 
 def test_a_stripped_checkpoint_that_would_gain_routers_reports_why(tmp_path):

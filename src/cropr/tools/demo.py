@@ -151,17 +151,18 @@ class DemoCheckpoint:
         if self.trained_rate is not None:
             return self.trained_rate
         saved = sum(self.config.effective_pruning_schedule)
+        return min(range(allowed[0], allowed[1] + 1), key=lambda rate: abs(sum(self._schedule_at(rate)) - saved))
+
+    def _schedule_at(self, rate: int) -> list[int]:
+        """The tokens removed after each block at pruning `rate` (`effective_pruning_schedule`)."""
         candidate = copy.deepcopy(self.config)
         candidate.pruning_schedule = None
-
-        def removed(rate: int) -> int:
-            candidate.pruning_rate = rate
-            return sum(candidate.effective_pruning_schedule)
-
-        return min(range(allowed[0], allowed[1] + 1), key=lambda rate: abs(removed(rate) - saved))
+        candidate.pruning_rate = rate
+        return candidate.effective_pruning_schedule
 
     def at_rate(self, rate: int | None) -> CroprViTPreTrainedModel:
-        """The model pruning `rate` tokens after each block (`None`: the schedule the checkpoint was saved with)."""
+        """The model pruning `rate` tokens after each block (`None`: the schedule the checkpoint was saved with); the
+        loaded model itself where that rate runs its saved schedule."""
         if rate is None or rate == self.trained_rate:
             return self.model
         allowed = self.rate_range()
@@ -174,6 +175,8 @@ class DemoCheckpoint:
             )
         if not allowed[0] <= rate <= allowed[1]:
             raise DemoError(f"The pruning rate must be in {allowed[0]}..{allowed[1]} for this model, got {rate}.")
+        if self._schedule_at(rate) == self.config.effective_pruning_schedule:
+            return self.model
         if rate not in self._variants:
             try:
                 model = self.model_class.from_pretrained(self.source, pruning_rate=rate).eval()
