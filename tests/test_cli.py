@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_config_kwargs
+from conftest import REPO_ROOT, build_tiny, tiny_config_kwargs
 from PIL import Image
 
 from cropr import CroprViTConfig, CroprViTForImageClassification
@@ -103,6 +103,25 @@ def test_info_checkpoint_and_config_file(checkpoint, capsys):
     assert summary["token_counts"] == model.config.token_counts()
     assert main(["info", str(checkpoint / "config.json")]) == 0
     assert "17 13 10 17" in capsys.readouterr().out
+
+
+def test_info_reports_the_rates_a_checkpoint_runs(tmp_path, capsys):
+    checkpoint = tmp_path / "schedule"
+    build_tiny("classification", pruning_schedule=[3, 4, 0, 0]).strip_training_modules().save_pretrained(checkpoint)
+    assert main(["info", str(checkpoint), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["pruning_rate"], summary["pruning_rate_range"], summary["nearest_pruning_rate"]) == (
+        None,
+        [0, 7],
+        3,
+    )
+    assert main(["info", str(checkpoint)]) == 0
+    assert "0..7 (from_pretrained(path, pruning_rate=R)); this schedule removes about as many tokens as R=3" in (
+        capsys.readouterr().out
+    )
+    build_tiny("classification", pruning_schedule=[3, 0, 0, 0]).save_pretrained(tmp_path / "fixed")
+    assert main(["info", str(tmp_path / "fixed")]) == 0
+    assert "none: it runs this schedule only (no Cropr module after blocks [1])" in capsys.readouterr().out
 
 
 def test_visualize_end_to_end(checkpoint, image_path, tmp_path, capsys):

@@ -169,6 +169,7 @@ def config_summary(config: CroprViTConfig, source: str) -> dict[str, Any]:
     with torch.device("meta"):
         model = model_class(copy.deepcopy(config))
     full, stripped = parameter_counts(model)
+    rate_range = config.pruning_rate_range()
     return {
         "source": source,
         "architecture": model_class.__name__,
@@ -188,6 +189,10 @@ def config_summary(config: CroprViTConfig, source: str) -> dict[str, Any]:
         "gmacs_unpruned": config.flops(pruned=False) / 1e9,
         "gmacs_pruned": config.flops(pruned=True) / 1e9,
         "flop_ceiling": config.flop_ceiling(),
+        "pruning_rate": None if config.pruning_schedule is not None else config.pruning_rate,
+        "pruning_rate_range": None if rate_range is None else list(rate_range),
+        "nearest_pruning_rate": config.nearest_pruning_rate(),
+        "blocks_lacking_rate_modules": config.blocks_lacking_rate_modules(),
         "parameters_full": full,
         "parameters_stripped": stripped,
     }
@@ -215,6 +220,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("dropped after block", " ".join(map(str, summary["effective_pruning_schedule"]))),
         ("GMACs (backbone)", f"unpruned {summary['gmacs_unpruned']:.4g}, pruned {summary['gmacs_pruned']:.4g}"),
         ("FLOP ceiling", f"{summary['flop_ceiling']:.2f}x"),
+        ("pruning rates", _rates_text(summary)),
         (
             "parameters",
             f"full {summary['parameters_full']:,}, stripped {summary['parameters_stripped']:,} "
@@ -223,6 +229,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width_ = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width_}}  {value}" for name, value in rows)
+
+
+def _rates_text(summary: dict[str, Any]) -> str:
+    """Which per-block rates the model runs (the speed dial), for `format_summary`."""
+    if summary["pruning_rate_range"] is None:
+        lacking = summary["blocks_lacking_rate_modules"]
+        return "none: it runs this schedule only" + (f" (no Cropr module after blocks {lacking})" if lacking else "")
+    low, high = summary["pruning_rate_range"]
+    text = f"{low}..{high} (from_pretrained(path, pruning_rate=R))"
+    if summary["pruning_rate"] is None:  # an explicit schedule
+        text += f"; this schedule removes about as many tokens as R={summary['nearest_pruning_rate']}"
+    return text
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -399,9 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser(
         "info",
-        help="schedule, token counts, GMACs, FLOP ceiling and parameters of a model",
+        help="schedule, token counts, GMACs, FLOP ceiling, pruning rates and parameters of a model",
         description="Report the pruning schedule, the tokens each block sees, analytic GMACs (unpruned and pruned), "
-        "the FLOP ceiling and the parameter counts (full and stripped) of a checkpoint, a config or a preset.",
+        "the FLOP ceiling, the pruning rates its Cropr modules run and the parameter counts (full and stripped) of a "
+        "checkpoint, a config or a preset.",
     )
     info.add_argument("source", help=f"checkpoint folder, config JSON file, or preset name ({', '.join(PRESETS)})")
     info.add_argument("--image-size", type=parse_image_size, help="override the input size: 224 or 224x320")

@@ -102,7 +102,9 @@ def test_rates_outside_the_range_and_fixed_schedules_are_refused(classification,
     checkpoint = DemoCheckpoint(save_checkpoint(fixed, tmp_path))
     assert checkpoint.rate_range() is None and checkpoint.trained_rate is None
     assert checkpoint.at_rate(None) is checkpoint.model
-    with pytest.raises(DemoError, match=r"fixed schedule .*no Cropr module after blocks \[1\], where a pruning rate"):
+    with pytest.raises(
+        DemoError, match=r"only its saved schedule .*no Cropr module after blocks \[1\], where a pruning"
+    ):
         checkpoint.at_rate(2)
     assert slider_settings(checkpoint)["interactive"] is False
     assert slider_settings(checkpoint)["label"] == "Pruning rate (fixed schedule)"
@@ -128,12 +130,15 @@ def test_a_schedule_with_a_module_after_every_block_of_a_rate_gets_the_rates(tmp
     assert same.nearest_rate() == 3 and same.at_rate(3) is same.model
 
 
-def test_a_stripped_checkpoint_that_would_gain_routers_reports_why(tmp_path):
+def test_a_checkpoint_without_modules_for_the_rates_offers_none(tmp_path):
+    """Saved at rate 0 without Cropr modules: any other rate would need routers it does not have."""
     unpruned = build_tiny("classification", pruning_rate=0).strip_training_modules()
     checkpoint = DemoCheckpoint(save_checkpoint(unpruned, tmp_path))
-    assert checkpoint.rate_range() == (0, 7)
-    with pytest.raises(DemoError, match="at pruning rate 2: The config asks for Cropr routers after blocks"):
+    assert checkpoint.rate_range() is None and checkpoint.nearest_rate() is None
+    assert checkpoint.at_rate(None) is checkpoint.model
+    with pytest.raises(DemoError, match=r"runs only its saved schedule .*no Cropr module after blocks \[0, 1\]"):
         checkpoint.at_rate(2)
+    assert slider_settings(checkpoint)["interactive"] is False
 
 
 def test_slider_follows_the_checkpoint(classification):

@@ -6,7 +6,6 @@ images safely, and comparing one image with pruning off and on (predictions, hea
 
 from __future__ import annotations
 
-import copy
 import functools
 import statistics
 import uuid
@@ -23,7 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from ..data.images import SAMPLE_PHOTOS, sample_photo, to_rgb
 from ..models.cropr_vit import modeling_cropr_vit
-from ..models.cropr_vit.configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
+from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
 from .timing import interleaved_timings
 from .visualization import drop_block_map, model_view, panel_size, render_pruning_heatmap
@@ -122,43 +121,13 @@ class DemoCheckpoint:
         return self.config.pruning_rate
 
     def rate_range(self) -> tuple[int, int] | None:
-        """The pruning rates this checkpoint can run at, `(0, highest)`; `None` when it has none: the selector
-        `"none"`, a backbone too shallow for a per-block module, or an explicit `pruning_schedule` whose Cropr modules
-        miss a block that a per-block rate prunes after.
-        """
-        config = self.config
-        modules = config.num_per_block_modules
-        if config.token_selector == "none" or modules == 0 or self._missing_rate_modules():
-            return None
-        # At rate R the modules remove R tokens each, plus the CLS token once (`effective_pruning_schedule`), and
-        # one patch must remain (`check_values`).
-        return 0, (config.num_patches - 1 - config.num_prefix_tokens) // modules
-
-    def _missing_rate_modules(self) -> list[int]:
-        """Blocks after which a per-block rate prunes but a checkpoint saved with an explicit schedule has no Cropr
-        module (none for a checkpoint saved at a rate, whose other rates `at_rate` checks on loading)."""
-        config = self.config
-        if config.pruning_schedule is None or config.token_selector not in LEARNED_SELECTORS:
-            return []
-        return sorted(set(range(config.num_per_block_modules)) - set(config.blocks_with_routers))
+        """The pruning rates this checkpoint can run at, `(0, highest)`, or `None` (`pruning_rate_range`)."""
+        return self.config.pruning_rate_range()
 
     def nearest_rate(self) -> int | None:
-        """The rate of `rate_range` that removes about as many tokens as the saved schedule (the lower of two equally
-        near; the saved rate for a checkpoint saved at one); `None` without a range."""
-        allowed = self.rate_range()
-        if allowed is None:
-            return None
-        if self.trained_rate is not None:
-            return self.trained_rate
-        saved = sum(self.config.effective_pruning_schedule)
-        return min(range(allowed[0], allowed[1] + 1), key=lambda rate: abs(sum(self._schedule_at(rate)) - saved))
-
-    def _schedule_at(self, rate: int) -> list[int]:
-        """The tokens removed after each block at pruning `rate` (`effective_pruning_schedule`)."""
-        candidate = copy.deepcopy(self.config)
-        candidate.pruning_schedule = None
-        candidate.pruning_rate = rate
-        return candidate.effective_pruning_schedule
+        """The rate the slider starts at: the trained one, or the one nearest a saved schedule
+        (`nearest_pruning_rate`)."""
+        return self.config.nearest_pruning_rate()
 
     def at_rate(self, rate: int | None) -> CroprViTPreTrainedModel:
         """The model pruning `rate` tokens after each block (`None`: the schedule the checkpoint was saved with); the
@@ -167,15 +136,18 @@ class DemoCheckpoint:
             return self.model
         allowed = self.rate_range()
         if allowed is None:
-            missing = self._missing_rate_modules()
-            why = f": it has no Cropr module after blocks {missing}, where a pruning rate prunes" if missing else ""
+            schedule, missing = self.config.effective_pruning_schedule, self.config.blocks_lacking_rate_modules()
+            if missing:
+                raise DemoError(
+                    f"{self.source!r} runs only its saved schedule ({schedule}): it has no Cropr module after blocks "
+                    f"{missing}, where a pruning rate prunes."
+                )
             raise DemoError(
-                f"{self.source!r} prunes with a fixed schedule ({self.config.effective_pruning_schedule}); it has no "
-                f"pruning rate to change{why}."
+                f"{self.source!r} prunes with a fixed schedule ({schedule}); it has no pruning rate to change."
             )
         if not allowed[0] <= rate <= allowed[1]:
             raise DemoError(f"The pruning rate must be in {allowed[0]}..{allowed[1]} for this model, got {rate}.")
-        if self._schedule_at(rate) == self.config.effective_pruning_schedule:
+        if self.config.schedule_at_rate(rate) == self.config.effective_pruning_schedule:
             return self.model
         if rate not in self._variants:
             try:

@@ -4,7 +4,7 @@ and `pipeline(..., model_kwargs={"pruning_rate": R})` run a trained model at ano
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, tiny_config_kwargs
 from PIL import Image
 from transformers import ViTImageProcessorPil, pipeline
 
@@ -85,6 +85,37 @@ def test_a_schedule_needing_a_module_the_model_lacks_fails_naming_the_blocks_tha
     assert torch.equal(model(x).logits, expected)
     model.set_pruning_schedule([5, 0, 0, 0])
     assert model(x, output_kept_indices=True).kept_indices[0].shape[1] == 1 + 16 - 5
+
+
+@pytest.mark.parametrize(
+    ("schedule", "selector", "rate_range", "nearest", "lacking"),
+    [
+        (None, "cropr", (0, 7), 3, []),  # the tiny preset's own rate
+        ([3, 4, 0, 0], "cropr", (0, 7), 3, []),  # 7 tokens, as R=3 removes (3 + the CLS token's share, then 3)
+        ([5, 4, 0, 0], "cropr", (0, 7), 4, []),  # 9 tokens: R=4 removes 9
+        ([3, 0, 0, 0], "cropr", None, None, [1]),  # no module after block 1, where every rate prunes
+        ([3, 0, 0, 0], "variance", (0, 7), 1, []),  # no modules needed; 3 tokens, as R=1 removes
+        ([3, 5, 0, 0], "cropr", (0, 7), 3, []),  # 8 tokens: R=3 removes 7 and R=4 removes 9, the lower wins
+        (None, "none", None, None, []),
+    ],
+)
+def test_the_config_reports_the_rates_its_modules_run(schedule, selector, rate_range, nearest, lacking):
+    config = CroprViTConfig(**tiny_config_kwargs(pruning_schedule=schedule, token_selector=selector))
+    assert config.pruning_rate_range() == rate_range
+    assert config.nearest_pruning_rate() == nearest
+    assert config.blocks_lacking_rate_modules() == lacking
+    if rate_range is not None:  # every rate of the range builds
+        for rate in rate_range:
+            assert CroprViTConfig.from_dict(config.to_dict(), pruning_rate=rate).effective_pruning_schedule == (
+                config.schedule_at_rate(rate)
+            )
+
+
+def test_a_config_at_rate_0_without_modules_runs_no_other_rate():
+    config = CroprViTConfig(**tiny_config_kwargs(pruning_rate=0))
+    assert config.pruning_rate_range() is None and config.blocks_lacking_rate_modules() == [0, 1]
+    kept = CroprViTConfig.from_dict(CroprViTConfig(**tiny_config_kwargs()).to_dict(), pruning_rate=0)
+    assert kept.pruning_rate_range() == (0, 7)  # turned down from R=3, it keeps its modules
 
 
 def test_selectors_without_modules_take_any_schedule():

@@ -445,6 +445,45 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
         two with Last Layer Fusion)."""
         return max(self.num_hidden_layers - (2 if self.last_layer_fusion else 1), 0)
 
+    def pruning_rate_range(self) -> tuple[int, int] | None:
+        """The per-block pruning rates (`from_pretrained(path, pruning_rate=R)`, `set_pruning_rate`) that this model's
+        own Cropr modules run, `(0, highest)`; `None` where no rate is: the selector `"none"`, a backbone too shallow
+        for a per-block module, or Cropr modules missing after a block that a rate prunes after
+        ([`blocks_lacking_rate_modules`])."""
+        modules = self.num_per_block_modules
+        if self.token_selector == "none" or modules == 0 or self.blocks_lacking_rate_modules():
+            return None
+        # At rate R the modules remove R tokens each, plus the CLS token once (`effective_pruning_schedule`), and one
+        # patch must remain (`check_values`).
+        return 0, (self.num_patches - 1 - self.num_prefix_tokens) // modules
+
+    def blocks_lacking_rate_modules(self) -> list[int]:
+        """Blocks after which every per-block rate above 0 prunes but that have no Cropr module (none for the
+        selectors without parameters)."""
+        if self.token_selector not in LEARNED_SELECTORS:
+            return []
+        return sorted(set(range(self.num_per_block_modules)) - set(self.blocks_with_routers))
+
+    def schedule_at_rate(self, pruning_rate: int) -> list[int]:
+        """`effective_pruning_schedule` at per-block rate `pruning_rate`, whatever schedule this config has."""
+        candidate = copy.deepcopy(self)
+        candidate.pruning_schedule = None
+        candidate.pruning_rate = pruning_rate
+        return candidate.effective_pruning_schedule
+
+    def nearest_pruning_rate(self) -> int | None:
+        """The rate of `pruning_rate_range` that removes about as many tokens as this config's schedule (the lower of
+        two equally near): its own `pruning_rate` unless an explicit `pruning_schedule` is set; `None` without a
+        range."""
+        allowed = self.pruning_rate_range()
+        if allowed is None:
+            return None
+        if self.pruning_schedule is None:
+            return self.pruning_rate
+        removed = sum(self.effective_pruning_schedule)
+        rates = range(allowed[0], allowed[1] + 1)
+        return min(rates, key=lambda rate: abs(sum(self.schedule_at_rate(rate)) - removed))
+
     @property
     def pruning_blocks(self) -> list[int]:
         """Indices of the blocks followed by a pruning module."""
