@@ -104,8 +104,8 @@ def test_the_config_reports_the_rates_its_modules_run(schedule, selector, rate_r
     assert config.pruning_rate_range() == rate_range
     assert config.nearest_pruning_rate() == nearest
     assert config.blocks_lacking_rate_modules() == lacking
-    if rate_range is not None:  # every rate of the range builds
-        for rate in rate_range:
+    if rate_range is not None:  # every rate of the range builds, at the schedule `schedule_at_rate` names
+        for rate in range(rate_range[0], rate_range[1] + 1):
             assert CroprViTConfig.from_dict(config.to_dict(), pruning_rate=rate).effective_pruning_schedule == (
                 config.schedule_at_rate(rate)
             )
