@@ -67,6 +67,7 @@ def photo():
         {"image_size": 40},
         {"image_size": 40, "last_layer_fusion": False},
         {"image_size": 40, "use_cls_token": False},
+        {"num_register_tokens": 4},
     ],
 )
 def test_rate_range_ends_at_the_highest_rate_the_config_accepts(overrides, tmp_path):

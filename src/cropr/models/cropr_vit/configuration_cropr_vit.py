@@ -453,9 +453,9 @@ class CroprViTConfig(BackboneConfigMixin, PreTrainedConfig):
         modules = self.num_per_block_modules
         if self.token_selector == "none" or modules == 0 or self.blocks_lacking_rate_modules():
             return None
-        # At rate R the modules remove R tokens each, plus the CLS token once (`effective_pruning_schedule`), and one
-        # patch must remain (`check_values`).
-        return 0, (self.num_patches - 1 - self.num_prefix_tokens) // modules
+        # At rate R the modules remove R tokens each, plus the CLS token's share once (`effective_pruning_schedule`),
+        # and one patch must remain (`check_values`).
+        return 0, (self.num_patches - 1 - int(self.use_cls_token)) // modules
 
     def blocks_lacking_rate_modules(self) -> list[int]:
         """Blocks after which every per-block rate above 0 prunes but that have no Cropr module (none for the
