@@ -243,6 +243,7 @@ def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(
     printed = capsys.readouterr()
     assert "Calibrated 2 steps on 24 images" in printed.out
     assert "Stripped CroprViTModel checkpoint" in printed.out
+    assert printed.out.rstrip().endswith("; it runs pruning rates 0..7 (pruning_rate=R)")  # 16 patches, 2 modules
     # --quiet silences transformers' loading and saving bars too, for this run only.
     assert "Loading weights" not in printed.err and "Writing model shards" not in printed.err
     assert transformers_logging.is_progress_bar_enabled()

@@ -632,10 +632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             **overrides,
         )
+    rates = result.model.config.pruning_rate_range()
+    dial = f"; it runs pruning rates {rates[0]}..{rates[1]} (pruning_rate=R)" if rates is not None else ""
     print(
         f"Calibrated {result.steps} steps on {result.num_images} images in {result.seconds:.0f} s: auxiliary loss "
         f"{result.first_loss:.4f} -> {result.last_loss:.4f}. Stripped {type(result.model).__name__} checkpoint and "
-        f"image processor saved to {result.output_dir}"
+        f"image processor saved to {result.output_dir}{dial}"
     )
     return 0
 
