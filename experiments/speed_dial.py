@@ -200,34 +200,40 @@ def start_frozen_run(results: dict[str, Any], args: argparse.Namespace) -> None:
         results["settings"]["seeds"] = sorted(set(results["settings"]["seeds"]) | set(args.seeds))
 
 
-def frozen_classifier(args: argparse.Namespace) -> tuple[CroprViTPreTrainedModel, Any]:
-    """The backbone converted for the frozen part (eval mode), with its image processor; head and Cropr modules as
-    initialised."""
+def frozen_model(args: argparse.Namespace, task: str, builtin_task: str, **options: Any):
+    """The backbone converted as a `task` model for a frozen run, labelled with the built-in task's classes and pruning
+    at the run's highest rate (eval mode), with its image processor; head and Cropr modules as initialised."""
     model, processor = from_backbone(
         args.backbone,
-        "image-classification",
+        task,
         image_size=args.image_size,
-        id2label=builtin_id2label(TASK),
-        pooling="cls",
+        id2label=builtin_id2label(builtin_task),
         pruning_rate=max(args.rates),
+        **options,
     )
     return model.eval(), processor
 
 
-def check_retime(results: dict[str, Any], settings: dict[str, Any], recipe: Sequence[str]) -> None:
-    """Exit with a message unless there is a stored run to time again with these settings (the timing repeats
+def frozen_classifier(args: argparse.Namespace) -> tuple[CroprViTPreTrainedModel, Any]:
+    """The frozen part's classifier ([`frozen_model`]), reading the CLS token."""
+    return frozen_model(args, "image-classification", TASK, pooling="cls")
+
+
+def stored_run_to_retime(output: Path, settings: dict[str, Any], recipe: Sequence[str]) -> dict[str, Any]:
+    """The stored run in `output`; exit with a message unless there is one with these settings (the timing repeats
     aside)."""
+    results = load(output)
     if not results.get("seeds"):
         sys.exit("error: --retime needs a stored run in --output; there is none")
     differing = [key for key in recipe if key != "throughput_repeats" and results["settings"].get(key) != settings[key]]
     if differing:
         sys.exit(f"error: --retime times the stored run; pass its settings ({', '.join(differing)} differ)")
+    return results
 
 
 def run_retime(args: argparse.Namespace) -> dict[str, Any]:
     """Time every (selector, rate) of the stored frozen run again ([`retime`]) and rewrite the docs."""
-    results = load(Path(args.output))
-    check_retime(results, frozen_settings(args), FROZEN_RECIPE)
+    results = stored_run_to_retime(Path(args.output), frozen_settings(args), FROZEN_RECIPE)
     retime(results, *frozen_classifier(args), TASK, args, recorded_command())
     save(results, args)
     return results

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers import set_seed
 
 from cropr.calibration import calibrate, unpruned
-from cropr.conversion import background_label_ids, from_backbone
+from cropr.conversion import background_label_ids
 from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
@@ -46,8 +46,8 @@ from experiments.speed_dial import (
     FROZEN_RECIPE,
     RETIME_HELP,
     SELECTORS,
-    check_retime,
     draw_dial,
+    frozen_model,
     frozen_pruned_rates,
     frozen_throughput,
     load,
@@ -60,6 +60,7 @@ from experiments.speed_dial import (
     selector_table,
     selector_variants,
     start_run,
+    stored_run_to_retime,
     summary,
     superseded_section,
     throughput_table,
@@ -238,23 +239,14 @@ def evaluate_selectors(
 
 
 def frozen_segmenter(args: argparse.Namespace) -> tuple[CroprViTForSemanticSegmentation, Any]:
-    """The backbone converted for the run (eval mode), with its image processor; head and Cropr modules as
-    initialised."""
-    model, processor = from_backbone(
-        args.backbone,
-        "semantic-segmentation",
-        image_size=args.image_size,
-        id2label=builtin_id2label(TASK),
-        pruning_rate=max(args.rates),
-        aux_ignored_labels=settings_of(args)["aux_ignored_labels"],
-    )
-    return model.eval(), processor
+    """The run's segmenter ([`frozen_model`]), its per-patch auxiliary loss skipping `--aux-ignored-labels`."""
+    aux_ignored_labels = settings_of(args)["aux_ignored_labels"]
+    return frozen_model(args, "semantic-segmentation", TASK, aux_ignored_labels=aux_ignored_labels)
 
 
 def run_retime(args: argparse.Namespace) -> dict[str, Any]:
     """Time every (selector, rate) of the stored run again ([`retime`]) and rewrite the docs."""
-    results = load(Path(args.output))
-    check_retime(results, settings_of(args), RECIPE)
+    results = stored_run_to_retime(Path(args.output), settings_of(args), RECIPE)
     retime(results, *frozen_segmenter(args), TASK, args, recorded_command())
     save(results, args)
     return results
