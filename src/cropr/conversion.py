@@ -495,16 +495,22 @@ def convert_backbone_state_dict(
         converted[key] = resize_position_embeddings(
             converted[key], source_grid, target_grid, family.positioned_prefix_tokens, antialias=family.antialias
         )
-    return converted
+    return complete_attention_biases(converted)
 
 
-def zero_absent_biases(state_dict: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict:
-    """`state_dict` with zeros for each bias of `target` whose layer's weight is there without a bias (DINOv3's key
-    projection): a zero bias computes what no bias computes."""
+def complete_attention_biases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with zeros for the bias of a query, key or value projection that lacks one while the others of
+    its block have theirs (DINOv3's key projection): CroprViT gives all three a bias or none, and a zero bias
+    computes what no bias computes."""
     completed = dict(state_dict)
-    for name, tensor in target.items():
-        if name.endswith(".bias") and name not in completed and f"{name[: -len('bias')]}weight" in completed:
-            completed[name] = torch.zeros_like(tensor)
+    for name in [name for name in state_dict if name.endswith(".attention.q_proj.weight")]:
+        prefix = name[: -len("q_proj.weight")]
+        biases = [f"{prefix}{projection}_proj.bias" for projection in "qkv"]
+        if any(bias in completed for bias in biases):
+            for bias in biases:
+                if bias not in completed:
+                    weight = completed[bias[: -len("bias")] + "weight"]
+                    completed[bias] = weight.new_zeros(len(weight))
     return completed
 
 
@@ -930,7 +936,6 @@ def from_backbone(
         target_grid=config.patch_grid,
     )
     state_dict = _without_unused_modules(state_dict, config)
-    state_dict = zero_absent_biases(state_dict, model.base_model.state_dict())
     load_backbone_weights(model.base_model, state_dict, f"the {family.model_type!r} source")
     if head is not None:
         weight, bias = head.classifier(source_model)
@@ -951,6 +956,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "background_label_ids",
     "backbone_family",
+    "complete_attention_biases",
     "convert_backbone_state_dict",
     "cropr_config_from_backbone",
     "from_backbone",
@@ -959,5 +965,4 @@ __all__ = [
     "source_classifier",
     "vision_config",
     "SourceHead",
-    "zero_absent_biases",
 ]

@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTImageProcessorPil
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..conversion import convert_backbone_state_dict, load_backbone_weights, zero_absent_biases
+from ..conversion import convert_backbone_state_dict, load_backbone_weights
 from ..data.images import SAMPLE_PHOTOS, sample_photo
 from ..models.cropr_vit.configuration_cropr_vit import CroprViTConfig
 from ..models.cropr_vit.modeling_cropr_vit import CroprViTForImageClassification, CroprViTModel
@@ -301,7 +301,6 @@ def build_inference_models(options: BenchmarkOptions) -> InferenceModels:
     torch.manual_seed(options.seed)
     hf_model = build_hf_model(preset.family, config).eval()
     backbone_state = convert_backbone_state_dict(hf_model.state_dict(), preset.family)
-    backbone_state = zero_absent_biases(backbone_state, CroprViTModel(config).state_dict())
     models: dict[str, nn.Module] = {}
     configs: dict[str, CroprViTConfig] = {}
     for variant in options.variants:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
@@ -23,6 +24,7 @@ EXPECTED = load_file(FIXTURE / "expected.safetensors")
 REMOTE_CODE_SCRIPT = """
 import json, sys
 sys.modules["cropr"] = None  # a machine without the package: only the checkpoint's own code can load it
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
@@ -66,3 +68,33 @@ def test_checkpoint_of_the_previous_layout_loads_with_its_own_code_and_strips(tm
     model = CroprViTForImageClassification.from_pretrained(stripped)
     assert model.config.inference_only
     torch.testing.assert_close(logits_of(model), EXPECTED["logits"], rtol=0, atol=1e-6)
+
+
+def test_checkpoints_keep_the_query_key_and_value_projections_the_model_runs_as_one(tmp_path):
+    original = load_file(FIXTURE / "full" / "model.safetensors")
+    model = CroprViTForImageClassification.from_pretrained(FIXTURE / "full")
+    for block, layer in enumerate(model.cropr_vit.layers):
+        prefix = f"cropr_vit.layers.{block}.attention."
+        for kind in ("weight", "bias"):
+            three = torch.cat([original[f"{prefix}{projection}_proj.{kind}"] for projection in "qkv"])
+            assert torch.equal(getattr(layer.attention.qkv_proj, kind), three)
+
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    projections = {name for name in original if ".attention." in name}
+    assert projections == {name for name in saved if ".attention." in name}
+    assert all(torch.equal(saved[name], original[name]) for name in projections)
+
+
+def test_torch_load_state_dict_of_the_saved_files_fills_the_fused_projection(tmp_path):
+    """The Trainer resumes a run with torch's `load_state_dict` of the saved files, which bypasses transformers'
+    conversion: the three projections still land in `qkv_proj`, and a file missing one of them is refused."""
+    model = CroprViTForImageClassification.from_pretrained(FIXTURE / "full")
+    saved = load_file(FIXTURE / "full" / "model.safetensors")
+    fresh = CroprViTForImageClassification(model.config)
+    fresh.load_state_dict(saved, strict=True)
+    torch.testing.assert_close(logits_of(fresh), EXPECTED["logits"], rtol=0, atol=1e-6)
+
+    del saved["cropr_vit.layers.1.attention.v_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"layers\.1\.attention\.qkv_proj\.weight"):
+        fresh.load_state_dict(saved, strict=True)

@@ -18,6 +18,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, WeightConverter
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -36,6 +38,20 @@ from .routing_cropr_vit import (
     rank_tokens,
     write_tokens,
 )
+
+
+# Checkpoints hold each block's query, key and value projections as three layers (`attention.q_proj`, `k_proj`,
+# `v_proj`), as transformers' vision models do; the model runs them as one (`attention.qkv_proj`). `from_pretrained`
+# concatenates them and `save_pretrained` splits them again, so every checkpoint, older or newer, has one layout.
+CHECKPOINT_CONVERSION = [
+    WeightConverter(
+        source_patterns=[f"attention.{name}_proj.{kind}" for name in "qkv"],
+        target_patterns=f"attention.qkv_proj.{kind}",
+        operations=[Concatenate(dim=0)],
+    )
+    for kind in ("weight", "bias")
+]
+register_checkpoint_conversion_mapping(CroprViTConfig.model_type, CHECKPOINT_CONVERSION, overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -269,6 +285,16 @@ def eager_attention_forward(
     return output, attention_probs
 
 
+def fuse_checkpoint_projections(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """torch's `load_state_dict` of a checkpoint's three projections (the files `save_pretrained` writes, which the
+    Trainer resumes from and backbone conversion produces) into `qkv_proj`, as `CHECKPOINT_CONVERSION` does for
+    `from_pretrained`."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{projection}_proj.{kind}" for projection in "qkv"]
+        if all(name in state_dict for name in names):
+            state_dict[f"{prefix}qkv_proj.{kind}"] = torch.cat([state_dict.pop(name) for name in names])
+
+
 class CroprViTAttention(nn.Module):
     """Multi-head self-attention through transformers' attention interface (SDPA by default).
 
@@ -283,10 +309,12 @@ class CroprViTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        # One product for the queries, keys and values (rows in that order): on a CPU under bf16 autocast, one
+        # weight cast and one matrix product per block instead of three. Checkpoints keep the three projections
+        # (`CHECKPOINT_CONVERSION`).
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.register_load_state_dict_pre_hook(fuse_checkpoint_projections)
 
     def forward(
         self,
@@ -295,10 +323,8 @@ class CroprViTAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        qkv = self.qkv_proj(hidden_states).view(*input_shape, 3, -1, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if rotary is not None:
             query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
         attention_interface: Callable = eager_attention_forward
