@@ -39,7 +39,6 @@ from .routing_cropr_vit import (
     write_tokens,
 )
 
-
 # Checkpoints hold each block's query, key and value projections as three layers (`attention.q_proj`, `k_proj`,
 # `v_proj`), as transformers' vision models do; the model runs them as one (`attention.qkv_proj`). `from_pretrained`
 # concatenates them and `save_pretrained` splits them again, so every checkpoint, older or newer, has one layout.
