@@ -24,7 +24,7 @@ from cropr.tools.benchmark import (
     parse_args,
     run_benchmark,
 )
-from cropr.tools.timing import interleaved_timings
+from cropr.tools.timing import ALLOCATOR_VARIABLES, interleaved_timings
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +251,21 @@ def test_cpu_clock_run_records_its_clock(tmp_path):
     argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "0", "--no-flop-count"]
     assert main([*argv, "--clock", "cpu", "--output", str(path), "--quiet"]) == 0
     assert json.loads(path.read_text())["environment"]["clock"] == "cpu"
+
+
+def test_the_recorded_command_names_the_allocator_settings_it_ran_under(tmp_path, monkeypatch):
+    """glibc's allocator settings change how often a forward pass page-faults, so they are part of the command."""
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    path, markdown = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batch-sizes", "1", "--repeats", "1"]
+    argv += ["--warmup", "1", "--min-time", "0", "--threads", "1", "--train-batch-size", "0", "--no-flop-count"]
+    assert main([*argv, "--output", str(path), "--markdown", str(markdown), "--quiet"]) == 0
+    settings = json.loads(path.read_text())["environment"]["allocator_settings"]
+    assert settings == {"MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    command = "Command: `MALLOC_TRIM_THRESHOLD_=17179869184 python scripts/benchmark.py --preset tiny"
+    assert command in markdown.read_text()
 
 
 def test_pipeline_option_reports_the_photo_latency(tmp_path):

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -1133,11 +1134,13 @@ def format_markdown(report: dict[str, Any], command: str) -> str:
     """A markdown section for `docs/benchmarks.md`: the command, the machine's state and the table, as measured."""
     env = report["environment"]
     load = env.get("load_average")
+    # The allocator's variables are part of what was run: a run without them is another measurement.
+    settings = "".join(f"{name}={shlex.quote(value)} " for name, value in env.get("allocator_settings", {}).items())
     return "\n".join(
         [
             f"## {report['description']}",
             "",
-            f"Command: `{command}`",
+            f"Command: `{settings}{command}`",
             "",
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average before the run "
             + (", ".join(f"{value:.2f}" for value in load) if load else "unknown")

@@ -117,8 +117,25 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+# Environment variables that change how memory is allocated, and with it the time of a forward pass: glibc returns
+# large freed blocks to the system by default, so every forward pass page-faults its activations in again.
+ALLOCATOR_VARIABLES = (
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+
+
+def allocator_settings() -> dict[str, str]:
+    """The [`ALLOCATOR_VARIABLES`] set in this process's environment."""
+    return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if name in os.environ}
+
+
 def machine_environment() -> dict[str, Any]:
-    """What a measurement ran on: library versions, CPU, cores, torch threads and the load average at the start."""
+    """What a measurement ran on: library versions, CPU, cores, torch threads, the allocator settings and the load
+    average at the start."""
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -127,12 +144,15 @@ def machine_environment() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_cores_available": available_cores(),
         "torch_threads": torch.get_num_threads(),
+        "allocator_settings": allocator_settings(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
 __all__ = [
+    "ALLOCATOR_VARIABLES",
     "CLOCKS",
+    "allocator_settings",
     "available_cores",
     "cpu_model",
     "interleaved_timings",
