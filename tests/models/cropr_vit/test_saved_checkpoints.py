@@ -14,9 +14,11 @@ import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
 import cropr  # noqa: F401  (registers the model family with the Auto classes)
-from cropr import CroprViTForImageClassification
+from cropr import CroprViTConfig, CroprViTForImageClassification
+from cropr.models.cropr_vit.modeling_cropr_vit import CHECKPOINT_CONVERSION
 
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "cropr_vit_0.1.0"
 EXPECTED = load_file(FIXTURE / "expected.safetensors")
@@ -98,3 +100,15 @@ def test_torch_load_state_dict_of_the_saved_files_fills_the_fused_projection(tmp
     del saved["cropr_vit.layers.1.attention.v_proj.weight"]
     with pytest.raises(RuntimeError, match=r"layers\.1\.attention\.qkv_proj\.weight"):
         fresh.load_state_dict(saved, strict=True)
+
+
+def test_projections_a_transformers_left_unfused_are_refused_not_left_random():
+    """Without the registered conversion the three projections would be unexpected keys and `qkv_proj` would keep
+    its random initialisation: loading says so instead."""
+    register_checkpoint_conversion_mapping(CroprViTConfig.model_type, [], overwrite=True)
+    try:
+        with pytest.raises(RuntimeError, match=r"were not fused into `qkv_proj`"):
+            CroprViTForImageClassification.from_pretrained(FIXTURE / "full")
+    finally:
+        register_checkpoint_conversion_mapping(CroprViTConfig.model_type, CHECKPOINT_CONVERSION, overwrite=True)
+    CroprViTForImageClassification.from_pretrained(FIXTURE / "full")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import __version__ as transformers_version
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
@@ -51,6 +52,7 @@ CHECKPOINT_CONVERSION = [
     for kind in ("weight", "bias")
 ]
 register_checkpoint_conversion_mapping(CroprViTConfig.model_type, CHECKPOINT_CONVERSION, overwrite=True)
+UNFUSED_PROJECTION_KEY = re.compile(r"\.attention\.[qkv]_proj\.(?:weight|bias)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -741,7 +743,8 @@ class CroprViTPreTrainedModel(PreTrainedModel):
         caller passes `use_safetensors=False` explicitly) and such a folder raises an `OSError`. A `*.safetensors`
         file that cannot be read (truncated, overwritten) raises an `OSError` naming it. An inference-only checkpoint
         loaded with overrides that add a pruning module raises a `ValueError`: that module's router has no weights
-        and cannot be trained.
+        and cannot be trained. Query, key and value projections left unfused (a transformers without this model's
+        `CHECKPOINT_CONVERSION`) raise a `RuntimeError`.
         """
         kwargs.setdefault("use_safetensors", True)
         output_loading_info = kwargs.pop("output_loading_info", False)
@@ -757,6 +760,14 @@ class CroprViTPreTrainedModel(PreTrainedModel):
                 f"Cannot read {where}: the file is truncated or not a safetensors file ({error}). Save the model "
                 "again with `save_pretrained`, or download the checkpoint again."
             ) from error
+        unfused = sorted(key for key in loading_info["unexpected_keys"] if UNFUSED_PROJECTION_KEY.search(key))
+        if unfused:
+            # Left over, they would leave `qkv_proj` at its random initialisation.
+            raise RuntimeError(
+                f"The checkpoint's query, key and value projections ({unfused[0]}, ...) were not fused into "
+                f"`qkv_proj`: transformers {transformers_version} did not apply CroprViT's `CHECKPOINT_CONVERSION`. "
+                "Upgrade transformers."
+            )
         error = untrained_router_error(model, loading_info["missing_keys"], loading_info["unexpected_keys"])
         if error is not None:
             raise error
