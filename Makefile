@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch first, pinned to the release this machine carries as a CPU wheel; the package's own range (torch>=2.4)
+# torch first, pinned to the release this machine carries as a CPU wheel; the package's own range (torch>=2.6)
 # is then already satisfied, so pip does not pull a multi-GB CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
