@@ -26,7 +26,6 @@ EXPECTED = load_file(FIXTURE / "expected.safetensors")
 REMOTE_CODE_SCRIPT = """
 import json, sys
 sys.modules["cropr"] = None  # a machine without the package: only the checkpoint's own code can load it
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
