@@ -73,7 +73,7 @@ def photo():
 def test_rate_range_ends_at_the_highest_rate_the_config_accepts(overrides, tmp_path):
     checkpoint = DemoCheckpoint(save_checkpoint(build_tiny("classification", **overrides), tmp_path))
     assert checkpoint.trained_rate == 3
-    low, high = checkpoint.rate_range()
+    low, high = checkpoint.config.pruning_rate_range()
     assert low == 0
     CroprViTConfig(**tiny_config_kwargs(**overrides, pruning_rate=high))
     with pytest.raises(ValueError, match="removes"):
@@ -101,7 +101,7 @@ def test_rates_outside_the_range_and_fixed_schedules_are_refused(classification,
         classification.at_rate(8)
     fixed = build_tiny("classification", pruning_schedule=[4, 0, 0, 0])
     checkpoint = DemoCheckpoint(save_checkpoint(fixed, tmp_path))
-    assert checkpoint.rate_range() is None and checkpoint.trained_rate is None
+    assert checkpoint.config.pruning_rate_range() is None and checkpoint.trained_rate is None
     assert checkpoint.at_rate(None) is checkpoint.model
     with pytest.raises(
         DemoError, match=r"only its saved schedule .*no Cropr module after blocks \[1\], where a pruning"
@@ -116,10 +116,10 @@ def test_a_schedule_with_a_module_after_every_block_of_a_rate_gets_the_rates(tmp
     model = build_tiny("classification", pruning_schedule=[3, 4, 0, 0]).strip_training_modules()
     saved_as_rate = build_tiny("classification", pruning_schedule=[4, 3, 0, 0]).strip_training_modules()
     checkpoint = DemoCheckpoint(save_checkpoint(model, tmp_path / "saved"))
-    assert checkpoint.rate_range() == (0, 7) and checkpoint.trained_rate is None
+    assert checkpoint.config.pruning_rate_range() == (0, 7) and checkpoint.trained_rate is None
     assert checkpoint.at_rate(None) is checkpoint.model
     # R=3 removes 3 + 1 (the CLS token's share) + 3 = 7 tokens, as the saved schedule does.
-    assert checkpoint.nearest_rate() == 3
+    assert checkpoint.config.nearest_pruning_rate() == 3
     assert checkpoint.at_rate(3).config.effective_pruning_schedule == [4, 3, 0, 0]
     assert checkpoint.at_rate(2).config.effective_pruning_schedule == [3, 2, 0, 0]
     assert checkpoint.at_rate(0).config.effective_pruning_schedule == [0, 0, 0, 0]
@@ -128,14 +128,14 @@ def test_a_schedule_with_a_module_after_every_block_of_a_rate_gets_the_rates(tmp
     assert "per-block schedule removing about as many tokens as R=3" in settings["label"]
     # A saved schedule that is a rate's own runs on the loaded model at that rate: no second copy of the weights.
     same = DemoCheckpoint(save_checkpoint(saved_as_rate, tmp_path / "same"))
-    assert same.nearest_rate() == 3 and same.at_rate(3) is same.model
+    assert same.config.nearest_pruning_rate() == 3 and same.at_rate(3) is same.model
 
 
 def test_a_checkpoint_without_modules_for_the_rates_offers_none(tmp_path):
     """Saved at rate 0 without Cropr modules: any other rate would need routers it does not have."""
     unpruned = build_tiny("classification", pruning_rate=0).strip_training_modules()
     checkpoint = DemoCheckpoint(save_checkpoint(unpruned, tmp_path))
-    assert checkpoint.rate_range() is None and checkpoint.nearest_rate() is None
+    assert checkpoint.config.pruning_rate_range() is None and checkpoint.config.nearest_pruning_rate() is None
     assert checkpoint.at_rate(None) is checkpoint.model
     with pytest.raises(DemoError, match=r"runs only its saved schedule .*no Cropr module after blocks \[0, 1\]"):
         checkpoint.at_rate(2)

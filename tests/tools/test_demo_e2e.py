@@ -26,7 +26,7 @@ from transformers import ViTConfig
 
 from cropr import CroprViTConfig
 from cropr.data import load_builtin_task
-from cropr.tools.demo import DEFAULT_CHECKPOINT, DemoCheckpoint
+from cropr.tools.demo import DEFAULT_CHECKPOINT
 from cropr.tools.visualization import LEGEND_HEIGHT, MARGIN
 
 CHROMIUM = os.environ.get("CROPR_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -86,7 +86,7 @@ def test_demo_page_in_chromium(tmp_path):
         build_tiny("classification", id2label=NAMES).strip_training_modules().save_pretrained(checkpoint)
         ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
     config = CroprViTConfig.from_pretrained(checkpoint)
-    start_rate = DemoCheckpoint(str(checkpoint)).nearest_rate()
+    start_rate = config.nearest_pruning_rate()
     before = snapshot(cwd)
 
     scene = tmp_path / "scene.png"

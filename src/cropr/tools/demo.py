@@ -116,25 +116,16 @@ class DemoCheckpoint:
     @property
     def trained_rate(self) -> int | None:
         """The pruning rate the checkpoint was saved with, or `None` when no per-block rate sets its schedule."""
-        if self.rate_range() is None or self.config.pruning_schedule is not None:
+        if self.config.pruning_rate_range() is None or self.config.pruning_schedule is not None:
             return None
         return self.config.pruning_rate
 
-    def rate_range(self) -> tuple[int, int] | None:
-        """The pruning rates this checkpoint can run at, `(0, highest)`, or `None` (`pruning_rate_range`)."""
-        return self.config.pruning_rate_range()
-
-    def nearest_rate(self) -> int | None:
-        """The rate the slider starts at: the trained one, or the one nearest a saved schedule
-        (`nearest_pruning_rate`)."""
-        return self.config.nearest_pruning_rate()
-
     def at_rate(self, rate: int | None) -> CroprViTPreTrainedModel:
-        """The model pruning `rate` tokens after each block (`None`: the schedule the checkpoint was saved with); the
-        loaded model itself where that rate runs its saved schedule."""
-        if rate is None or rate == self.trained_rate:
+        """The model pruning `rate` tokens after each block of `config.pruning_rate_range()` (`None`: the schedule the
+        checkpoint was saved with); the loaded model itself where that rate runs its saved schedule."""
+        if rate is None:
             return self.model
-        allowed = self.rate_range()
+        allowed = self.config.pruning_rate_range()
         if allowed is None:
             schedule, missing = self.config.effective_pruning_schedule, self.config.blocks_lacking_rate_modules()
             if missing:

@@ -66,17 +66,17 @@ def launch(checkpoint: str, port: int | None = None) -> None:
 
 def slider_settings(checkpoint: DemoCheckpoint) -> dict[str, Any]:
     """Range, value and label of the pruning-rate slider for `checkpoint` (fixed when it has no rate to change)."""
-    allowed = checkpoint.rate_range()
+    allowed, start = checkpoint.config.pruning_rate_range(), checkpoint.config.nearest_pruning_rate()
     if allowed is None:
         return dict(minimum=0, maximum=1, value=0, interactive=False, label="Pruning rate (fixed schedule)")
     if checkpoint.trained_rate is not None:
         saved = f"trained with {checkpoint.trained_rate}"
     else:
-        saved = f"saved with a per-block schedule removing about as many tokens as R={checkpoint.nearest_rate()}"
+        saved = f"saved with a per-block schedule removing about as many tokens as R={start}"
     return dict(
         minimum=allowed[0],
         maximum=allowed[1],
-        value=checkpoint.nearest_rate(),
+        value=start,
         interactive=True,
         label=f"Pruning rate R: tokens cropped after each block ({saved})",
     )
@@ -142,7 +142,11 @@ def build_app(first: DemoCheckpoint, workdir: str | Path) -> Any:
             kind, value = image_source
             image = load_image(value) if kind == "upload" else example_image(value, loaded)
             comparison = compare(
-                loaded, image, None if loaded.rate_range() is None else int(rate), workdir, repeats=TIMED_CALLS
+                loaded,
+                image,
+                None if loaded.config.pruning_rate_range() is None else int(rate),
+                workdir,
+                repeats=TIMED_CALLS,
             )
         except DemoError as error:  # no result is better than the last image's next to the message
             return [None] * 5 + ["", f"⚠️ {error}"]
