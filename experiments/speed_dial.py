@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, set_seed
 
-from cropr.calibration import calibrate, unpruned
+from cropr.calibration import CONTRAST_WEIGHTS, CalibrationResult, calibrate, unpruned
 from cropr.conversion import cropr_config_from_backbone, from_backbone
 from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTPreTrainedModel
+from cropr.tools.argtypes import parse_shares
 from cropr.tools.timing import interleaved_timings, machine_environment
 from cropr.training.arguments import DataArguments
 from cropr.training.tasks import TASKS, load_task_data
@@ -69,6 +70,7 @@ FROZEN_RECIPE = (
     "head_lr",
     "calibration_epochs",
     "calibration_lr",
+    "contrast_weights",
     "throughput_batch_size",
     "throughput_repeats",
 )
@@ -275,6 +277,7 @@ def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
             learning_rate=args.calibration_lr,
             seed=seed,
             progress=not args.quiet,
+            contrast_weights=args.contrast_weights,
         )
         load_after = os.getloadavg()
         calibrated = calibration.model.eval()
@@ -300,6 +303,7 @@ def run_frozen(args: argparse.Namespace) -> dict[str, Any]:
                 "images": calibration.num_images,
                 "first_loss": calibration.first_loss,
                 "last_loss": calibration.last_loss,
+                **calibration_choice(calibration),
                 "load_average_before": list(load_before),
                 "load_average_after": list(load_after),
             },
@@ -488,6 +492,13 @@ def run_calibration_timing(args: argparse.Namespace) -> dict[str, Any]:
     log(f"calibrated in {calibration.seconds:.0f} s")
     save(results, args)
     return results
+
+
+def calibration_choice(calibration: CalibrationResult) -> dict[str, Any]:
+    """The contrast share of the scorers a calibration kept, and each compared share's divergence, for a results
+    file."""
+    divergences = {str(weight): value for weight, value in calibration.divergences.items()}
+    return {"contrast_weight": calibration.contrast_weight, "divergences": divergences}
 
 
 def selector_variants(calibrated: CroprViTPreTrainedModel, seed: int) -> dict[str, CroprViTPreTrainedModel]:
@@ -1085,6 +1096,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-lr", type=float, default=1e-2)
     parser.add_argument("--calibration-epochs", type=float, default=1.0)
     parser.add_argument("--calibration-lr", type=float, default=5e-3)
+    parser.add_argument(
+        "--contrast-weights",
+        type=parse_shares,
+        default=list(CONTRAST_WEIGHTS),
+        help="shares of the contrast read-out that calibration compares (0,0.5,1)",
+    )
     parser.add_argument("--throughput-batch-size", type=int, default=16)
     parser.add_argument("--throughput-repeats", type=int, default=21)
     parser.add_argument(

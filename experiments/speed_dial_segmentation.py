@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from transformers import set_seed
 
-from cropr.calibration import calibrate, unpruned
+from cropr.calibration import CONTRAST_WEIGHTS, calibrate, unpruned
 from cropr.conversion import background_label_ids
 from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
 from cropr.models.cropr_vit.modeling_cropr_vit import CroprViTForSemanticSegmentation
+from cropr.tools.argtypes import parse_shares
 from cropr.training.metrics import IGNORE_INDEX
 from cropr.training.tasks import resolve_aux_ignored_labels
 from experiments.reproduce import DEFAULT_BACKBONE, portable_command, portable_path
@@ -46,6 +47,7 @@ from experiments.speed_dial import (
     FROZEN_RECIPE,
     RETIME_HELP,
     SELECTORS,
+    calibration_choice,
     draw_dial,
     frozen_model,
     frozen_pruned_rates,
@@ -296,6 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             learning_rate=args.calibration_lr,
             seed=seed,
             progress=not args.quiet,
+            contrast_weights=args.contrast_weights,
         )
         calibrated = calibration.model.eval()
         variants = selector_variants(calibrated, seed)
@@ -308,6 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "images": calibration.num_images,
                 "first_loss": calibration.first_loss,
                 "last_loss": calibration.last_loss,
+                **calibration_choice(calibration),
             },
             "mean_iou": scores,
             "cropr_minus": differences,
@@ -550,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the head")
     parser.add_argument("--calibration-epochs", type=float, default=1.0, help="passes over the training scenes")
     parser.add_argument("--calibration-lr", type=float, default=5e-3, help="learning rate of the calibration")
+    parser.add_argument(
+        "--contrast-weights",
+        type=parse_shares,
+        default=list(CONTRAST_WEIGHTS),
+        help="shares of the contrast read-out that calibration compares",
+    )
     parser.add_argument("--throughput-batch-size", type=int, default=16, help="batch of the timed forward passes")
     parser.add_argument("--throughput-repeats", type=int, default=21, help="timings per (selector, rate)")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000, help="resamplings of the eval scenes")

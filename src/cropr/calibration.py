@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoImageProcessor, PreTrainedModel
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import logging as transformers_logging
 
+from .contrast_readout import ContrastReadout, mixed_query
 from .data.formats import IMAGE_COLUMNS
 from .data.images import to_rgb
 from .models.cropr_vit.configuration_cropr_vit import LEARNED_SELECTORS, CroprViTConfig
@@ -51,7 +52,14 @@ from .models.cropr_vit.modeling_cropr_vit import (
     check_classification_labels,
     check_segmentation_labels,
 )
-from .tools.argtypes import DefaultsHelpFormatter, bounded_int, output_dir, parse_image_size, parse_schedule
+from .tools.argtypes import (
+    DefaultsHelpFormatter,
+    bounded_int,
+    output_dir,
+    parse_image_size,
+    parse_schedule,
+    parse_shares,
+)
 
 STATE_FILE = "calibration_state.safetensors"
 """Written into the output folder every `save_steps` steps, and removed once the calibrated checkpoint is saved."""
@@ -59,12 +67,18 @@ SUMMARY_FILE = "calibration.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Configuration fields that a calibration may change on a CroprViT source (which modules exist and where).
 SCHEDULE_FIELDS = ("pruning_rate", "pruning_schedule")
+CONTRAST_WEIGHTS = (0.0, 0.5, 1.0)
+"""Shares of the contrast read-out ([`ContrastReadout`]) in the scorers that a calibration compares."""
+SELECTION_FRACTIONS = (1 / 3, 2 / 3, 1.0)
+"""Fractions of the calibrated schedule at which the compared scorers prune: the speed dial runs lighter ones too."""
 
 
 @dataclass
 class CalibrationResult:
     """What [`calibrate`] produced: the calibrated model (stripped, eval mode) and its image processor, what the
-    run did, and the mean auxiliary loss of its first and last tenth of steps."""
+    run did, the mean auxiliary loss of its first and last tenth of steps, and the share of the contrast read-out in
+    the scorer it kept, chosen by the divergence of each compared scorer's pruned predictions from the unpruned
+    model's (by share)."""
 
     model: CroprViTPreTrainedModel
     image_processor: ImageProcessingMixin
@@ -74,6 +88,8 @@ class CalibrationResult:
     first_loss: float
     last_loss: float
     output_dir: str | None
+    contrast_weight: float
+    divergences: dict[float, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list, repr=False)
 
 
@@ -263,28 +279,49 @@ def calibration_targets(
             check_classification_labels(labels, kind, config.num_labels, len(pixel_values))
     with unpruned(model):
         output = model(pixel_values, output_hidden_states=True)
-    if kind == "embedding":
-        return output.hidden_states, output.pooler_output, None
-    if kind == "segmentation":
-        probabilities = output.logits.float().softmax(dim=1).flatten(2).transpose(1, 2)  # (B, patches, C)
-        if labels is None:
-            targets = probabilities
-            ignored = torch.tensor(config.aux_ignored_labels or [], device=targets.device)
-            mask = ~torch.isin(probabilities.argmax(-1), ignored)
-        else:
-            ignore_index = config.semantic_loss_ignore_index
-            patch_labels = model._patch_labels(labels, output.logits.shape[-2:], probabilities.shape[1], pixel_values)
-            patch_labels = patch_labels.view(probabilities.shape[:2])
-            mask = patch_labels != ignore_index
-            targets = F.one_hot(patch_labels.masked_fill(~mask, 0), config.num_labels).float()
-        return output.hidden_states, targets, mask
-    if kind == "regression":
-        return output.hidden_states, (output.logits if labels is None else labels.float()), None
-    if kind == "multi_label_classification":
-        return output.hidden_states, (output.logits.sigmoid() if labels is None else labels.float()), None
     if labels is None:
-        return output.hidden_states, output.logits.float().softmax(dim=-1), None
+        targets = model_predictions(model, output)
+        mask = None
+        if kind == "segmentation":
+            ignored = torch.tensor(config.aux_ignored_labels or [], device=targets.device)
+            mask = ~torch.isin(targets.argmax(-1), ignored)
+        return output.hidden_states, targets, mask
+    if kind == "segmentation":
+        ignore_index = config.semantic_loss_ignore_index
+        num_patches = output.logits.shape[-2] * output.logits.shape[-1]
+        patch_labels = model._patch_labels(labels, output.logits.shape[-2:], num_patches, pixel_values)
+        patch_labels = patch_labels.view(len(labels), num_patches)
+        mask = patch_labels != ignore_index
+        return output.hidden_states, F.one_hot(patch_labels.masked_fill(~mask, 0), config.num_labels).float(), mask
+    if kind in ("regression", "multi_label_classification"):
+        return output.hidden_states, labels.float(), None
     return output.hidden_states, F.one_hot(labels.long(), config.num_labels).float(), None
+
+
+def model_predictions(model: CroprViTPreTrainedModel, output: Any) -> torch.Tensor:
+    """What the model predicts in `output`, as calibration targets: softmax probabilities of a classifier (per patch
+    `(B, patches, C)` for a segmenter), sigmoid probabilities for multi-label, the logits of a regressor, the pooled
+    embedding of a bare backbone."""
+    kind = problem_type(model)
+    if kind == "embedding":
+        return output.pooler_output
+    if kind == "segmentation":
+        return output.logits.float().softmax(dim=1).flatten(2).transpose(1, 2)
+    if kind == "regression":
+        return output.logits
+    if kind == "multi_label_classification":
+        return output.logits.sigmoid()
+    return output.logits.float().softmax(dim=-1)
+
+
+def prediction_logits(model: CroprViTPreTrainedModel, output: Any) -> torch.Tensor:
+    """The model's own outputs in an auxiliary head's layout `(B, queries, outputs)`, so that [`auxiliary_loss`]
+    measures how far they are from targets: one query per image, one per patch for a segmenter."""
+    if problem_type(model) == "embedding":
+        return output.pooler_output.unsqueeze(1)
+    if problem_type(model) == "segmentation":
+        return output.logits.flatten(2).transpose(1, 2)
+    return output.logits.unsqueeze(1)
 
 
 def auxiliary_loss(
@@ -309,13 +346,25 @@ def auxiliary_loss(
 @contextlib.contextmanager
 def unpruned(model: CroprViTPreTrainedModel) -> Iterator[CroprViTPreTrainedModel]:
     """`model` with pruning off (its Cropr modules kept) inside the block, at its own schedule again after it."""
-    rate, schedule = model.config.pruning_rate, model.config.pruning_schedule
     if not model.config.pruning_blocks:
         yield model
         return
-    model.set_pruning_rate(0)
+    with _own_schedule_after(model):
+        yield model.set_pruning_rate(0)
+
+
+@contextlib.contextmanager
+def pruning_at(model: CroprViTPreTrainedModel, schedule: list[int]) -> Iterator[CroprViTPreTrainedModel]:
+    """`model` at another schedule of its modules inside the block, at its own schedule again after it."""
+    with _own_schedule_after(model):
+        yield model.set_pruning_schedule(schedule)
+
+
+@contextlib.contextmanager
+def _own_schedule_after(model: CroprViTPreTrainedModel) -> Iterator[None]:
+    rate, schedule = model.config.pruning_rate, model.config.pruning_schedule
     try:
-        yield model
+        yield
     finally:
         if schedule is None:
             model.set_pruning_rate(rate)
@@ -349,9 +398,17 @@ def calibrate(
     save_steps: int = 50,
     resume: bool = True,
     progress: bool = True,
+    contrast_weights: Sequence[float] = CONTRAST_WEIGHTS,
+    selection_images: int = 256,
     **overrides: Any,
 ) -> CalibrationResult:
-    """Train the Cropr modules (queries, aggregators, auxiliary heads) of a frozen model on `images`.
+    """Train the Cropr modules (queries, aggregators, auxiliary heads) of a frozen model on `images`, then choose
+    each module's scorer.
+
+    Two scorers per module come out of the same unpruned forward passes: the query learned through the auxiliary
+    heads, and a linear read-out of patch contrast ([`ContrastReadout`]). Each mix in `contrast_weights` prunes
+    `selection_images` of the images at fractions of the schedule ([`SELECTION_FRACTIONS`]), and the mix whose
+    predictions diverge least from the unpruned model's is kept (the smaller share on a tie).
 
     Args:
         source: a CroprViT model or checkpoint (folder or Hub id), or a backbone or image classifier (folder, Hub id
@@ -373,6 +430,9 @@ def calibrate(
         resume: continue from the state in `output_dir` when one is there (written by an interrupted run with the
             same settings); `False` starts over.
         progress: show a progress bar with the time left.
+        contrast_weights: shares of the contrast read-out to compare, each in [0, 1]; `(0.0,)` keeps the learned
+            queries as they are, with no comparison.
+        selection_images: how many of the images (in the first epoch's order) the comparison runs on.
         **overrides: `pruning_rate` / `pruning_schedule` of the calibrated model, and for a backbone any other
             `from_backbone` option (`image_size`, ...).
 
@@ -390,6 +450,11 @@ def calibrate(
         raise ValueError(f"`epochs` must be > 0, got {epochs}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
+    contrast_weights = tuple(float(weight) for weight in contrast_weights)
+    if not contrast_weights or not all(0.0 <= weight <= 1.0 for weight in contrast_weights):
+        raise ValueError(f"`contrast_weights` must be shares in [0, 1], at least one, got {contrast_weights}")
+    if selection_images < 1:
+        raise ValueError(f"`selection_images` must be >= 1, got {selection_images}")
     data = CalibrationImages(images, label_column)
     source_model, image_processor, overrides = load_for_calibration(source, task, image_processor, **overrides)
     model = with_training_modules(source_model, overrides)
@@ -409,6 +474,8 @@ def calibrate(
     for parameter in trainable:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    config = model.config
+    readout = ContrastReadout(routers, config.hidden_size, config.num_prefix_tokens, config.patch_size_hw)
     # Everything that shapes the run: resuming another one (other rate, learning rate, labels, source) is refused.
     settings = {
         "source": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
@@ -419,23 +486,25 @@ def calibrate(
         "learning_rate": learning_rate,
         "total_steps": total_steps,
         "seed": seed,
+        "contrast_weights": list(contrast_weights),
     }
     state_path = Path(output_dir) / STATE_FILE if output_dir is not None else None
     start, losses = 0, []
     if resume and state_path is not None and state_path.is_file():
-        start, losses = _load_state(state_path, settings, routers, optimizer)
+        start, losses = _load_state(state_path, settings, routers, optimizer, readout)
 
     started = time.perf_counter()
     bar = _progress_bar(total_steps, start, progress)
     with unpruned(model):  # once for the run, rather than at every step's `calibration_targets`
         for step in range(start, total_steps):
-            losses.append(_step(model, data, image_processor, optimizer, step, steps_per_epoch, batch_size, seed))
+            losses.append(
+                _step(model, data, image_processor, optimizer, step, steps_per_epoch, batch_size, seed, readout)
+            )
             bar.update(1)
             bar.set_postfix(aux_loss=f"{losses[-1]:.4f}")
             if state_path is not None and (step + 1) % save_steps == 0 and step + 1 < total_steps:
-                _save_state(state_path, settings, routers, optimizer, step + 1, losses)
+                _save_state(state_path, settings, routers, optimizer, step + 1, losses, readout)
     bar.close()
-    seconds = time.perf_counter() - started
     if all(loss == 0.0 for loss in losses):
         # Only a segmenter's loss is exactly 0, when every patch is masked out; saving would replace the source's
         # routers with untrained ones.
@@ -445,10 +514,15 @@ def calibrate(
             "nothing was calibrated and nothing is saved: calibrate on images in which the model finds objects."
         )
 
-    model.eval().strip_training_modules().requires_grad_(True)
+    model.eval().strip_training_modules()
     if isinstance(model, CroprViTModel):  # the auxiliary heads that needed one output per feature are gone
         model.config.num_labels = source_num_labels
         model._record_config()
+    contrast_weight, divergences = choose_scorers(
+        model, data, image_processor, readout, contrast_weights, selection_images, batch_size, seed, progress
+    )
+    model.requires_grad_(True)
+    seconds = time.perf_counter() - started
     tenth = max(1, len(losses) // 10)
     result = CalibrationResult(
         model=model,
@@ -459,12 +533,17 @@ def calibrate(
         first_loss=float(np.mean(losses[:tenth])),
         last_loss=float(np.mean(losses[-tenth:])),
         output_dir=None if output_dir is None else str(output_dir),
+        contrast_weight=contrast_weight,
+        divergences=divergences,
         losses=losses,
     )
     if output_dir is not None:
         model.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
         summary = {key: getattr(result, key) for key in ("steps", "num_images", "seconds", "first_loss", "last_loss")}
+        summary.update(
+            contrast_weight=contrast_weight, divergences={str(weight): value for weight, value in divergences.items()}
+        )
         summary.update(batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_column=label_column)
         (Path(output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if state_path.is_file():
@@ -473,11 +552,19 @@ def calibrate(
 
 
 def _save_state(
-    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, losses: list
+    path: Path,
+    settings: dict,
+    routers: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    losses: list,
+    readout: ContrastReadout,
 ) -> None:
-    """The Cropr modules and the optimizer after `step` steps, in a safetensors file, written atomically."""
+    """The Cropr modules, the optimizer and the read-out's sums after `step` steps, in a safetensors file, written
+    atomically."""
     optimizer_state = optimizer.state_dict()
     tensors = {f"routers.{key}": value.contiguous() for key, value in routers.state_dict().items()}
+    tensors.update({f"readout.{key}": value.contiguous() for key, value in readout.state_tensors().items()})
     for index, values in optimizer_state["state"].items():
         tensors.update({f"optimizer.{index}.{name}": value.contiguous() for name, value in values.items()})
     metadata = {"settings": settings, "step": step, "losses": losses, "param_groups": optimizer_state["param_groups"]}
@@ -488,7 +575,7 @@ def _save_state(
 
 
 def _load_state(
-    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, settings: dict, routers: torch.nn.Module, optimizer: torch.optim.Optimizer, readout: ContrastReadout
 ) -> tuple[int, list[float]]:
     """Restore what [`_save_state`] wrote; returns the step to continue from and the losses so far."""
     with safe_open(path, framework="pt") as state:
@@ -500,6 +587,9 @@ def _load_state(
             "pass resume=False (--no-resume) to start over"
         )
     routers.load_state_dict({key[len("routers.") :]: value for key, value in tensors.items() if key[:8] == "routers."})
+    readout.load_state_tensors(
+        {key[len("readout.") :]: value for key, value in tensors.items() if key[:8] == "readout."}
+    )
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -518,17 +608,19 @@ def _step(
     steps_per_epoch: int,
     batch_size: int,
     seed: int,
+    readout: ContrastReadout,
 ) -> float:
-    """One optimizer step of the Cropr modules on the step's batch (its images follow the seed and the epoch)."""
-    epoch, position = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(data))
-    indices = order[position * batch_size : (position + 1) * batch_size].tolist()
-    batch_images, batch_labels = data.batch(indices)
-    pixel_values = image_processor(batch_images, return_tensors="pt")["pixel_values"].to(model.device)
+    """One optimizer step of the Cropr modules on the step's batch (its images follow the seed and the epoch), whose
+    unpruned tokens also go into the contrast read-out's sums."""
+    indices = _epoch_order(len(data), seed, step // steps_per_epoch)
+    position = step % steps_per_epoch
+    batch_images, batch_labels = data.batch(indices[position * batch_size : (position + 1) * batch_size])
+    pixel_values = _pixel_values(image_processor, batch_images, model)
     labels = None
     if batch_labels is not None:
         labels = _label_tensor(model, batch_labels, image_processor, batch_images).to(model.device)
     hidden_states, targets, mask = calibration_targets(model, pixel_values, labels)
+    readout.accumulate(hidden_states, pixel_values)
     loss = torch.zeros((), device=model.device)
     for block, router in model.base_model.token_selector.routers.items():
         router.train()
@@ -540,10 +632,89 @@ def _step(
     return loss.item()
 
 
-def _progress_bar(total: int, start: int, enabled: bool):
+def _epoch_order(num_images: int, seed: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, epoch]).permutation(num_images).tolist()
+
+
+def _pixel_values(image_processor: ImageProcessingMixin, images: list, model: CroprViTPreTrainedModel) -> torch.Tensor:
+    return image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
+
+
+@torch.no_grad()
+def choose_scorers(
+    model: CroprViTPreTrainedModel,
+    data: CalibrationImages,
+    image_processor: ImageProcessingMixin,
+    readout: ContrastReadout,
+    contrast_weights: Sequence[float],
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[float, dict[float, float]]:
+    """Give every Cropr module of the stripped `model` the mix of its learned query and its contrast read-out that
+    keeps the pruned predictions closest to the unpruned ones; returns that mix's contrast share and each compared
+    share's divergence ([`auxiliary_loss`] of the pruned predictions from the unpruned ones, over every patch for a
+    segmenter, averaged over the images and the [`SELECTION_FRACTIONS`] of the schedule)."""
+    routers = model.base_model.token_selector.routers
+    learned = {block: router.aggregated_query.clone() for block, router in routers.items()}
+    contrast = readout.queries()
+    candidates = {}
+    for weight in contrast_weights:
+        candidates[weight] = {
+            block: learned[block]
+            if weight == 0.0
+            else mixed_query(
+                learned[block],
+                contrast[block],
+                weight,
+                (readout.score_spread(block, learned[block]), readout.score_spread(block, contrast[block])),
+            )
+            for block in routers
+        }
+    if len(candidates) == 1:
+        ((weight, queries),) = candidates.items()
+        _set_queries(routers, queries)
+        return weight, {}
+    own_schedule = model.config.effective_pruning_schedule
+    schedules = []
+    for fraction in SELECTION_FRACTIONS:
+        schedule = [round(count * fraction) for count in own_schedule]
+        if any(schedule) and schedule not in schedules:
+            schedules.append(schedule)
+    indices = _epoch_order(len(data), seed, 0)[:num_images]
+    totals = dict.fromkeys(candidates, 0.0)
+    batches = range(0, len(indices), batch_size)
+    bar = _progress_bar(len(batches), 0, progress, "choosing scorers", "batch")
+    for start in batches:
+        images, _ = data.batch(indices[start : start + batch_size])
+        pixel_values = _pixel_values(image_processor, images, model)
+        with unpruned(model):
+            targets = model_predictions(model, model(pixel_values))
+        every_patch = torch.ones(targets.shape[:2], device=targets.device) if targets.dim() == 3 else None
+        for weight, queries in candidates.items():
+            _set_queries(routers, queries)
+            for schedule in schedules:
+                with pruning_at(model, schedule):
+                    pruned = prediction_logits(model, model(pixel_values))
+                totals[weight] += len(images) * float(auxiliary_loss(model, pruned, targets, every_patch))
+        bar.update(1)
+    bar.close()
+    divergences = {weight: total / (len(indices) * len(schedules)) for weight, total in totals.items()}
+    chosen = min(divergences, key=lambda weight: (divergences[weight], weight))
+    _set_queries(routers, candidates[chosen])
+    return chosen, divergences
+
+
+def _set_queries(routers: torch.nn.ModuleDict, queries: dict[str, torch.Tensor]) -> None:
+    for block, router in routers.items():
+        router.aggregated_query.copy_(queries[block])
+
+
+def _progress_bar(total: int, start: int, enabled: bool, description: str = "calibrating", unit: str = "step"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="calibrating", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=description, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -591,6 +762,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="tokens removed after each block: 0,16,... (overrides --pruning-rate)",
     )
     parser.add_argument("--image-size", type=parse_image_size, help="backbone sources: the converted model's size")
+    parser.add_argument(
+        "--contrast-weights",
+        type=parse_shares,
+        default=CONTRAST_WEIGHTS,
+        help="shares of the contrast read-out in the scorers compared after training: 0,0.5,1 (0 keeps the "
+        "learned queries)",
+    )
+    parser.add_argument(
+        "--selection-images", type=bounded_int(1), default=256, help="images the scorers are compared on"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -630,13 +811,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_steps=args.save_steps,
             resume=args.resume,
             progress=not args.quiet,
+            contrast_weights=args.contrast_weights,
+            selection_images=args.selection_images,
             **overrides,
         )
     rates = result.model.config.pruning_rate_range()
     dial = f"; it runs pruning rates {rates[0]}..{rates[1]} (pruning_rate=R)" if rates is not None else ""
     print(
         f"Calibrated {result.steps} steps on {result.num_images} images in {result.seconds:.0f} s: auxiliary loss "
-        f"{result.first_loss:.4f} -> {result.last_loss:.4f}. Stripped {type(result.model).__name__} checkpoint and "
+        f"{result.first_loss:.4f} -> {result.last_loss:.4f}; scorers kept: {result.contrast_weight:g} of the "
+        f"contrast read-out. Stripped {type(result.model).__name__} checkpoint and "
         f"image processor saved to {result.output_dir}{dial}"
     )
     return 0
@@ -648,8 +832,10 @@ __all__ = [
     "auxiliary_loss",
     "calibrate",
     "calibration_targets",
+    "choose_scorers",
     "load_for_calibration",
     "problem_type",
+    "pruning_at",
     "unpruned",
     "with_training_modules",
 ]

@@ -105,6 +105,17 @@ parse_schedule = int_list(0)
 """Tokens removed after each block, comma-separated: `0,0,0,0,0,50,0,...`."""
 
 
+def parse_shares(text: str) -> list[float]:
+    """An argparse `type` for a comma-separated list of shares in [0, 1], e.g. `0,0.5,1`."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= value <= 1.0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares in [0, 1], got {text!r}")
+    return values
+
+
 def load_id2label(value: str) -> dict[int, str]:
     """A JSON object `{"0": "cat", ...}` given inline or as the path of a JSON file."""
     path = Path(value)
