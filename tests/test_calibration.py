@@ -193,8 +193,82 @@ def test_the_saved_checkpoint_reloads_and_runs_in_a_pipeline(image_folder, tmp_p
     assert len(classifier(image, top_k=5)) == 5
 
 
-def test_an_interrupted_calibration_resumes_where_it_stopped(image_folder, tmp_path, monkeypatch):
-    settings = dict(image_processor=processor_for("classification"), max_steps=6, batch_size=8, save_steps=2)
+@pytest.mark.parametrize("head", HEADS)
+def test_the_kept_scorers_are_the_compared_mix_closest_to_the_unpruned_predictions(head, image_folder):
+    result = calibrate(
+        tiny(head),
+        image_folder,
+        image_processor=processor_for(head),
+        max_steps=3,
+        batch_size=8,
+        contrast_weights=(0.0, 0.5, 1.0),
+        selection_images=16,
+        progress=False,
+    )
+    assert set(result.divergences) == {0.0, 0.5, 1.0}
+    assert result.divergences[result.contrast_weight] == min(result.divergences.values())
+    assert len(set(result.divergences.values())) == 3  # the mixes prune differently
+    # Measured again on the kept model as documented: the same 16 images (the first epoch's first ones), each
+    # fraction of the schedule, against the unpruned predictions over every patch.
+    model, data = result.model, calibration.CalibrationImages(image_folder)
+    images, _ = data.batch(calibration._epoch_order(len(data), 0, 0)[:16])
+    x = processor_for(head)(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad(), calibration.unpruned(model):
+        targets = calibration.model_predictions(model, model(x))
+    every_patch = torch.ones(targets.shape[:2]) if head == "segmentation" else None
+    divergences = []
+    for fraction in (1 / 3, 2 / 3, 1.0):
+        schedule = [round(count * fraction) for count in model.config.effective_pruning_schedule]
+        with torch.no_grad(), calibration.pruning_at(model, schedule):
+            pruned = calibration.prediction_logits(model, model(x))
+        divergences.append(float(calibration.auxiliary_loss(model, pruned, targets, every_patch)))
+    assert sum(divergences) / 3 == pytest.approx(result.divergences[result.contrast_weight], rel=1e-5)
+
+
+def test_a_zero_share_alone_keeps_the_learned_queries_without_a_comparison(image_folder, monkeypatch):
+    learned = {}
+    choose_scorers = calibration.choose_scorers
+
+    def recording(model, *args):
+        learned.update({block: router.aggregated_query.clone() for block, router in routers_of(model).items()})
+        return choose_scorers(model, *args)
+
+    monkeypatch.setattr(calibration, "choose_scorers", recording)
+    result = calibrate(
+        tiny("classification"),
+        image_folder,
+        image_processor=processor_for("classification"),
+        max_steps=2,
+        batch_size=8,
+        contrast_weights=(0.0,),
+        progress=False,
+    )
+    assert result.contrast_weight == 0.0 and result.divergences == {}
+    for block, router in routers_of(result.model).items():
+        assert torch.equal(router.aggregated_query, learned[block])
+    with pytest.raises(ValueError, match="shares in"):
+        calibrate(
+            tiny("classification"),
+            image_folder,
+            image_processor=processor_for("classification"),
+            contrast_weights=(0.0, 1.5),
+        )
+
+
+def routers_of(model):
+    return model.base_model.token_selector.routers
+
+
+@pytest.mark.parametrize("contrast_weights", [(0.0, 0.5, 1.0), (1.0,)])
+def test_an_interrupted_calibration_resumes_where_it_stopped(contrast_weights, image_folder, tmp_path, monkeypatch):
+    """With the contrast read-out alone, the kept scorers depend only on its sums, which must resume too."""
+    settings = dict(
+        image_processor=processor_for("classification"),
+        max_steps=6,
+        batch_size=8,
+        save_steps=2,
+        contrast_weights=contrast_weights,
+    )
     uninterrupted = calibrate(tiny("classification"), image_folder, tmp_path / "full", progress=False, **settings)
 
     step = calibration._step
@@ -217,9 +291,9 @@ def test_an_interrupted_calibration_resumes_where_it_stopped(image_folder, tmp_p
     with pytest.raises(KeyboardInterrupt):
         calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings)
     monkeypatch.setattr(calibration, "_step", step)
-    for other in ({"seed": 1}, {"learning_rate": 1e-2}, {"pruning_rate": 2}):
+    for other in ({"seed": 1}, {"learning_rate": 1e-2}, {"pruning_rate": 2}, {"contrast_weights": (0.0, 0.25)}):
         with pytest.raises(ValueError, match="other settings"):
-            calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings, **other)
+            calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **{**settings, **other})
 
 
 def tiny_vit_backbone(path):
@@ -239,9 +313,13 @@ def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(
     output_dir = tmp_path / "calibrated"
     argv = ["calibrate", str(source), "--images", str(image_folder), "--output-dir", str(output_dir)]
     capsys.readouterr()
-    assert cli_main([*argv, "--max-steps", "2", "--batch-size", "8", "--pruning-rate", "3", "--quiet"]) == 0
+    options = ["--max-steps", "2", "--batch-size", "8", "--pruning-rate", "3", "--contrast-weights", "0,1", "--quiet"]
+    assert cli_main([*argv, *options, "--selection-images", "8"]) == 0
     printed = capsys.readouterr()
     assert "Calibrated 2 steps on 24 images" in printed.out
+    summary = json.loads((output_dir / "calibration.json").read_text())
+    assert set(summary["divergences"]) == {"0.0", "1.0"} and summary["contrast_weight"] in (0.0, 1.0)
+    assert f"scorers kept: {summary['contrast_weight']:g} of the contrast read-out" in printed.out
     assert "Stripped CroprViTModel checkpoint" in printed.out
     assert printed.out.rstrip().endswith("; it runs pruning rates 0..7 (pruning_rate=R)")  # 16 patches, 2 modules
     # --quiet silences transformers' loading and saving bars too, for this run only.

@@ -4,8 +4,10 @@ The routers of a CroprViT never change the backbone (they read its tokens throug
 trained after the fact on a frozen model: each image runs once through the model with pruning off, under
 `torch.no_grad()`, and every Cropr module learns, through its auxiliary head, to predict from the tokens of its block
 what the whole model predicts (soft class probabilities for classification and multi-label, each patch's class
-probabilities for segmentation, the pooled embedding for a bare backbone), or the labels when the data has them. No
-backward pass enters the backbone or the head; their weights stay bit-identical. The result is saved as a stripped
+probabilities for segmentation, the pooled embedding for a bare backbone), or the labels when the data has them. The
+same passes fit each module a second scorer, a linear read-out of patch contrast ([`ContrastReadout`]); after training,
+mixes of the two prune some of the images, and the mix whose predictions stay closest to the unpruned model's is kept.
+No backward pass enters the backbone or the head; their weights stay bit-identical. The result is saved as a stripped
 inference checkpoint.
 
 ```python
@@ -724,7 +726,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cropr calibrate",
         description="Train only the Cropr modules of a frozen model on its own unpruned predictions (no labels "
-        "needed), and save the stripped checkpoint. Resumes an interrupted run in --output-dir.",
+        "needed), keep the mix of their learned queries and a read-out of patch contrast whose pruned predictions "
+        "stay closest to the unpruned ones, and save the stripped checkpoint. Resumes an interrupted run in "
+        "--output-dir.",
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -765,9 +769,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--contrast-weights",
         type=parse_shares,
-        default=CONTRAST_WEIGHTS,
-        help="shares of the contrast read-out in the scorers compared after training: 0,0.5,1 (0 keeps the "
-        "learned queries)",
+        default=",".join(f"{weight:g}" for weight in CONTRAST_WEIGHTS),
+        help="shares of the contrast read-out in the scorers compared after training (0 alone keeps the learned "
+        "queries)",
     )
     parser.add_argument(
         "--selection-images", type=bounded_int(1), default=256, help="images the scorers are compared on"

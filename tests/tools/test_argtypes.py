@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from cropr.tools.argtypes import DefaultsHelpFormatter
+from cropr.tools.argtypes import DefaultsHelpFormatter, parse_shares
 
 
 def _help_text(parser: argparse.ArgumentParser) -> str:
@@ -34,3 +34,10 @@ def test_calibrate_help_shows_its_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "images per step (default: 32)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_shares_are_comma_separated_numbers_from_zero_to_one():
+    assert parse_shares("0, 0.5,1") == [0.0, 0.5, 1.0]
+    for text in ("", "0,1.5", "-0.1", "half", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="shares in"):
+            parse_shares(text)
