@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, set_seed
 
-from cropr.calibration import CONTRAST_WEIGHTS, CalibrationResult, calibrate, unpruned
+from cropr.calibration import CONTRAST_WEIGHTS, SELECTION_IMAGES, CalibrationResult, calibrate, unpruned
 from cropr.conversion import cropr_config_from_backbone, from_backbone
 from cropr.data import id2label as builtin_id2label
 from cropr.data import load_builtin_task
@@ -501,6 +501,23 @@ def calibration_choice(calibration: CalibrationResult) -> dict[str, Any]:
     return {"contrast_weight": calibration.contrast_weight, "divergences": divergences}
 
 
+def scorer_choice_sentence(results: dict[str, Any]) -> str:
+    """What the calibrations kept of the contrast read-out, seed by seed, followed by a space (empty for a run that
+    did not compare)."""
+    weights = results["settings"].get("contrast_weights")
+    if not weights or len(weights) < 2:
+        return ""
+    kept = ", ".join(
+        f"seed {seed} {stored['calibration']['contrast_weight']:g}" for seed, stored in results["seeds"].items()
+    )
+    shares = ", ".join(f"{weight:g}" for weight in weights)
+    return (
+        "After training, each calibration compared mixes of its learned queries and the contrast read-out (shares "
+        f"{shares}) by how far their pruned predictions on {SELECTION_IMAGES} training images diverge from the "
+        f"unpruned model's, and kept the closest; share kept: {kept}. "
+    )
+
+
 def selector_variants(calibrated: CroprViTPreTrainedModel, seed: int) -> dict[str, CroprViTPreTrainedModel]:
     """The frozen model with each of `SELECTORS`, on the same weights, in eval mode; the random one draws from
     `seed`."""
@@ -933,7 +950,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"A frozen DINOv2-S/14 at {settings['image_size']} px with a linear head trained on its unpruned features "
         f"({settings['num_train']} built-in cluttered scenes), then its Cropr modules calibrated without labels on "
         f"the same {settings['num_train']} images ({settings['calibration_epochs']} epoch(s), batch "
-        f"{settings['batch_size']}). The same weights run at every rate R (tokens removed after each of the 10 "
+        f"{settings['batch_size']}). {scorer_choice_sentence(results)}The same weights run at every rate R (tokens "
+        "removed after each of the 10 "
         "per-block modules, Last Layer Fusion) with the calibrated routers and with the training-free selectors; "
         f"top-1 accuracy on {settings['num_eval']} eval scenes, median [min, max] over seeds "
         f"{', '.join(seeds)}. {timing_sentence(results)}"

@@ -58,6 +58,7 @@ from experiments.speed_dial import (
     preprocess,
     rate_table,
     retime,
+    scorer_choice_sentence,
     selector_curves,
     selector_table,
     selector_variants,
@@ -464,7 +465,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"steps), then its Cropr modules (one query per patch) calibrated without labels on the same images, with the "
         f"unpruned model's per-patch predictions as targets, the per-patch auxiliary loss skipping "
         f"{ignored_classes(settings)} ({settings['calibration_epochs']} epoch(s), batch "
-        f"{settings['batch_size']}, learning rate {settings['calibration_lr']}). The same frozen model then runs at "
+        f"{settings['batch_size']}, learning rate {settings['calibration_lr']}). {scorer_choice_sentence(results)}"
+        "The same frozen model then runs at "
         "every rate R (tokens removed after each of the 10 modules, Last Layer Fusion restoring them before the last "
         "block) with the calibrated routers and with each training-free selector. Mean IoU on the same "
         f"{settings['num_eval']} eval scenes for every model; median [min, max] over seeds "

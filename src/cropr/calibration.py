@@ -71,6 +71,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 SCHEDULE_FIELDS = ("pruning_rate", "pruning_schedule")
 CONTRAST_WEIGHTS = (0.0, 0.5, 1.0)
 """Shares of the contrast read-out ([`ContrastReadout`]) in the scorers that a calibration compares."""
+SELECTION_IMAGES = 256
+"""Images (the first epoch's first ones) on which the mixes are compared, by default."""
 SELECTION_FRACTIONS = (1 / 3, 2 / 3, 1.0)
 """Fractions of the calibrated schedule at which the compared scorers prune: the speed dial runs lighter ones too."""
 
@@ -401,7 +403,7 @@ def calibrate(
     resume: bool = True,
     progress: bool = True,
     contrast_weights: Sequence[float] = CONTRAST_WEIGHTS,
-    selection_images: int = 256,
+    selection_images: int = SELECTION_IMAGES,
     **overrides: Any,
 ) -> CalibrationResult:
     """Train the Cropr modules (queries, aggregators, auxiliary heads) of a frozen model on `images`, then choose
@@ -774,7 +776,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "queries)",
     )
     parser.add_argument(
-        "--selection-images", type=bounded_int(1), default=256, help="images the scorers are compared on"
+        "--selection-images", type=bounded_int(1), default=SELECTION_IMAGES, help="images the scorers are compared on"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

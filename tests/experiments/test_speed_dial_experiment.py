@@ -36,6 +36,8 @@ def fake_results() -> dict:
         "images": 2000,
         "first_loss": 25.0,
         "last_loss": 16.0,
+        "contrast_weight": 0.5,
+        "divergences": {"0.0": 0.9, "0.5": 0.8, "1.0": 0.85},
         "load_average_before": [8.0, 8.0, 8.0],
         "load_average_after": [9.0, 9.0, 9.0],
     }
@@ -58,6 +60,7 @@ def fake_results() -> dict:
             "num_train": 2000,
             "num_eval": 100,
             "calibration_epochs": 1.0,
+            "contrast_weights": [0.0, 0.5, 1.0],
             "batch_size": 16,
             "throughput_batch_size": 16,
             "throughput_repeats": 3,
@@ -76,6 +79,14 @@ def test_findings_name_the_rates_where_calibrated_cropr_is_below_a_baseline():
     )
     assert lines[1].endswith("at or above it at every rate.")
     assert "Calibration on 2000 images took 5.0 to 5.0 min" in lines[-1]
+
+
+def test_the_report_names_the_share_of_the_contrast_read_out_each_calibration_kept():
+    results = fake_results()
+    assert "(shares 0, 0.5, 1) by how far their pruned predictions" in speed_dial.markdown(results)
+    assert "share kept: seed 0 0.5. The same weights run" in speed_dial.markdown(results)
+    results["settings"]["contrast_weights"] = [0.0]  # nothing compared: nothing to say
+    assert "contrast read-out" not in speed_dial.markdown(results)
 
 
 def test_paired_difference_averages_each_scene_over_the_seeds_and_its_interval_spans_the_scenes():

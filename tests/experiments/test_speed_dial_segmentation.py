@@ -43,7 +43,15 @@ def fake_results() -> dict:
             }
             for selector in ("random", "variance", "attention")
         }
-        calibration = {"seconds": 90.0, "steps": 125, "images": 2000, "first_loss": 2.0, "last_loss": 1.5}
+        calibration = {
+            "seconds": 90.0,
+            "steps": 125,
+            "images": 2000,
+            "first_loss": 2.0,
+            "last_loss": 1.5,
+            "contrast_weight": 1.0,
+            "divergences": {"0.0": 0.9, "0.5": 0.8, "1.0": 0.7},
+        }
         # The last module's kept patches per kind (background, edge, inside) of 10 eval patches: 3, 5, 2.
         kept = {"cropr": [0, 2, 2], "random": [1, 2, 1], "variance": [0, 4, 0], "attention": [2, 1, 1]}
         last_module_kept = {selector: {"1": counts, "2": counts} for selector, counts in kept.items()}
@@ -69,6 +77,7 @@ def fake_results() -> dict:
             "head_steps": 300,
             "calibration_epochs": 1.0,
             "calibration_lr": 5e-3,
+            "contrast_weights": [0.0, 0.5, 1.0],
             "batch_size": 16,
             "throughput_batch_size": 16,
             "throughput_repeats": 3,
@@ -99,6 +108,8 @@ def test_findings_say_where_the_gap_is_beyond_the_scenes_noise():
     assert "| variance | +0.0 (0 below, 0 above) | -10.0 (2 below, 0 above) |" in report
     assert "30 / 50 / 20 % of the 10 patches" in report
     assert "| attention | 50 / 25 / 25 | 50 / 25 / 25 |" in report
+    assert "(shares 0, 0.5, 1) by how far their pruned predictions on 256 training images diverge" in report
+    assert "share kept: seed 0 1, seed 1 1. The same frozen model" in report
 
 
 def test_a_run_stored_before_the_kept_patches_were_recorded_renders_without_them():
@@ -181,6 +192,8 @@ def test_run_stores_each_seed_continues_and_writes_its_section_after_the_speed_d
         set(rows) == {"0", "1"} and all(0 <= v <= 1 for v in rows.values()) for rows in seed["mean_iou"].values()
     )
     assert len({rows["0"] for rows in seed["mean_iou"].values()}) == 1  # R=0 is one network, whatever the selector
+    assert seed["calibration"]["contrast_weight"] in (0.0, 0.5, 1.0)
+    assert set(seed["calibration"]["divergences"]) == {"0.0", "0.5", "1.0"}
     difference = seed["cropr_minus"]["variance"]["1"]
     assert difference["mean"] == pytest.approx(seed["mean_iou"]["cropr"]["1"] - seed["mean_iou"]["variance"]["1"])
     assert difference["low"] <= difference["high"]
