@@ -656,8 +656,9 @@ def choose_scorers(
     seed: int,
     progress: bool = False,
 ) -> tuple[float, dict[float, float]]:
-    """Give every Cropr module of the stripped `model` the mix of its learned query and its contrast read-out that
-    keeps the pruned predictions closest to the unpruned ones; returns that mix's contrast share and each compared
+    """Give every Cropr module of the stripped `model` the mix of its learned query and its contrast read-out, at
+    the one share for all modules that keeps the pruned predictions closest to the unpruned ones; returns that share
+    and each compared
     share's divergence ([`auxiliary_loss`] of the pruned predictions from the unpruned ones, over every patch for a
     segmenter, averaged over the images and the [`SELECTION_FRACTIONS`] of the schedule)."""
     routers = model.base_model.token_selector.routers

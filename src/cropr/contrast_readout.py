@@ -37,12 +37,13 @@ class ContrastReadout:
         and the pixels it ran on."""
         ranks = patch_pixel_variance(pixel_values, self.patch_size).argsort(dim=1).argsort(dim=1).double()
         ranks = ranks / ranks.shape[1]
-        ranks = (ranks - ranks.mean(dim=1, keepdim=True)).flatten().cpu()
+        ranks = (ranks - ranks.mean(dim=1, keepdim=True)).flatten()
+        # The products run on the model's device; only their (D, D) and (D,) results move to the sums.
         for block in self.gram:
-            tokens = hidden_states[int(block) + 1][:, self.num_prefix_tokens :].double().cpu()
+            tokens = hidden_states[int(block) + 1][:, self.num_prefix_tokens :].double()
             tokens = (tokens - tokens.mean(dim=1, keepdim=True)).flatten(0, 1)
-            self.gram[block] += tokens.T @ tokens
-            self.moment[block] += tokens.T @ ranks
+            self.gram[block] += (tokens.T @ tokens).cpu()
+            self.moment[block] += (tokens.T @ ranks.to(tokens.device)).cpu()
         self.count += ranks.numel()
 
     def queries(self) -> dict[str, torch.Tensor]:
