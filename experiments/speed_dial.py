@@ -495,10 +495,10 @@ def run_calibration_timing(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def calibration_choice(calibration: CalibrationResult) -> dict[str, Any]:
-    """The contrast share of the scorers a calibration kept, and each compared share's divergence, for a results
-    file."""
-    divergences = {str(weight): value for weight, value in calibration.divergences.items()}
-    return {"contrast_weight": calibration.contrast_weight, "divergences": divergences}
+    """The contrast share of the scorers a calibration kept, and each compared share's change of predictions, for a
+    results file."""
+    changes = {str(weight): value for weight, value in calibration.prediction_changes.items()}
+    return {"contrast_weight": calibration.contrast_weight, "prediction_changes": changes}
 
 
 def scorer_choice_sentence(results: dict[str, Any]) -> str:
@@ -513,8 +513,8 @@ def scorer_choice_sentence(results: dict[str, Any]) -> str:
     shares = ", ".join(f"{weight:g}" for weight in weights)
     return (
         "After training, each calibration compared mixes of its learned queries and the contrast read-out (shares "
-        f"{shares}) by how far their pruned predictions on {SELECTION_IMAGES} training images diverge from the "
-        f"unpruned model's, and kept the closest; share kept: {kept}. "
+        f"{shares}) by the share of the unpruned model's predictions on {SELECTION_IMAGES} training images that "
+        f"their pruning changes, and kept the mix that changes fewest; share kept: {kept}. "
     )
 
 

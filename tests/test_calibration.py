@@ -205,24 +205,35 @@ def test_the_kept_scorers_are_the_compared_mix_closest_to_the_unpruned_predictio
         selection_images=16,
         progress=False,
     )
-    assert set(result.divergences) == {0.0, 0.5, 1.0}
-    assert result.divergences[result.contrast_weight] == min(result.divergences.values())
-    assert len(set(result.divergences.values())) == 3  # the mixes prune differently
+    assert set(result.prediction_changes) == {0.0, 0.5, 1.0}
+    assert result.prediction_changes[result.contrast_weight] == min(result.prediction_changes.values())
     # Measured again on the kept model as documented: the same 16 images (the first epoch's first ones), each
-    # fraction of the schedule, against the unpruned predictions over every patch.
+    # fraction of the schedule, against the unpruned predictions.
     model, data = result.model, calibration.CalibrationImages(image_folder)
     images, _ = data.batch(calibration._epoch_order(len(data), 0, 0)[:16])
     x = processor_for(head)(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad(), calibration.unpruned(model):
         targets = calibration.model_predictions(model, model(x))
-    every_patch = torch.ones(targets.shape[:2]) if head == "segmentation" else None
-    divergences = []
+    changes = []
     for fraction in (1 / 3, 2 / 3, 1.0):
         schedule = [round(count * fraction) for count in model.config.effective_pruning_schedule]
         with torch.no_grad(), calibration.pruning_at(model, schedule):
-            pruned = calibration.prediction_logits(model, model(x))
-        divergences.append(float(calibration.auxiliary_loss(model, pruned, targets, every_patch)))
-    assert sum(divergences) / 3 == pytest.approx(result.divergences[result.contrast_weight], rel=1e-5)
+            changes.append(float(calibration.prediction_change(model, model(x), targets).mean()))
+    assert sum(changes) / 3 == pytest.approx(result.prediction_changes[result.contrast_weight], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("head", "decisions"),
+    [("classification", "the class"), ("multi_label", "each label"), ("segmentation", "each patch's class")],
+)
+def test_a_prediction_change_is_the_share_of_changed_decisions(head, decisions):
+    model = tiny(head)
+    with torch.no_grad():
+        output = model(pixels())
+    targets = calibration.model_predictions(model, output)
+    assert torch.equal(calibration.prediction_change(model, output, targets), torch.zeros(len(targets)))
+    flipped = type(output)(logits=-output.logits)  # every decision reversed (a class of highest score becomes lowest)
+    assert torch.equal(calibration.prediction_change(model, flipped, targets), torch.ones(len(targets))), decisions
 
 
 def test_a_zero_share_alone_keeps_the_learned_queries_without_a_comparison(image_folder, monkeypatch):
@@ -243,7 +254,7 @@ def test_a_zero_share_alone_keeps_the_learned_queries_without_a_comparison(image
         contrast_weights=(0.0,),
         progress=False,
     )
-    assert result.contrast_weight == 0.0 and result.divergences == {}
+    assert result.contrast_weight == 0.0 and result.prediction_changes == {}
     for block, router in routers_of(result.model).items():
         assert torch.equal(router.aggregated_query, learned[block])
     with pytest.raises(ValueError, match="shares in"):
@@ -318,7 +329,7 @@ def test_a_backbone_is_calibrated_on_its_pooled_embedding_from_the_command_line(
     printed = capsys.readouterr()
     assert "Calibrated 2 steps on 24 images" in printed.out
     summary = json.loads((output_dir / "calibration.json").read_text())
-    assert set(summary["divergences"]) == {"0.0", "1.0"} and summary["contrast_weight"] in (0.0, 1.0)
+    assert set(summary["prediction_changes"]) == {"0.0", "1.0"} and summary["contrast_weight"] in (0.0, 1.0)
     assert f"scorers kept: {summary['contrast_weight']:g} of the contrast read-out" in printed.out
     assert "Stripped CroprViTModel checkpoint" in printed.out
     assert printed.out.rstrip().endswith("; it runs pruning rates 0..7 (pruning_rate=R)")  # 16 patches, 2 modules

@@ -80,9 +80,9 @@ SELECTION_FRACTIONS = (1 / 3, 2 / 3, 1.0)
 @dataclass
 class CalibrationResult:
     """What [`calibrate`] produced: the calibrated model (stripped, eval mode) and its image processor, what the
-    run did, the mean auxiliary loss of its first and last tenth of steps, and the share of the contrast read-out in
-    the scorer it kept, chosen by the divergence of each compared scorer's pruned predictions from the unpruned
-    model's (by share)."""
+    run did, the mean auxiliary loss of its first and last tenth of steps, the share of the contrast read-out in the
+    scorers it kept, and how far each compared share's pruned predictions moved from the unpruned ones
+    ([`prediction_change`], by share)."""
 
     model: CroprViTPreTrainedModel
     image_processor: ImageProcessingMixin
@@ -93,7 +93,7 @@ class CalibrationResult:
     last_loss: float
     output_dir: str | None
     contrast_weight: float
-    divergences: dict[float, float] = field(default_factory=dict)
+    prediction_changes: dict[float, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list, repr=False)
 
 
@@ -318,14 +318,19 @@ def model_predictions(model: CroprViTPreTrainedModel, output: Any) -> torch.Tens
     return output.logits.float().softmax(dim=-1)
 
 
-def prediction_logits(model: CroprViTPreTrainedModel, output: Any) -> torch.Tensor:
-    """The model's own outputs in an auxiliary head's layout `(B, queries, outputs)`, so that [`auxiliary_loss`]
-    measures how far they are from targets: one query per image, one per patch for a segmenter."""
-    if problem_type(model) == "embedding":
-        return output.pooler_output.unsqueeze(1)
-    if problem_type(model) == "segmentation":
-        return output.logits.flatten(2).transpose(1, 2)
-    return output.logits.unsqueeze(1)
+def prediction_change(model: CroprViTPreTrainedModel, output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """How far the predictions in `output` moved from the unpruned ones, `targets` ([`model_predictions`]), per image:
+    the share of the model's decisions that changed (the class, each patch's class, each label's yes or no), or the
+    mean squared difference of a bare backbone's embedding or a regressor's outputs."""
+    kind = problem_type(model)
+    if kind in ("embedding", "regression"):
+        outputs = output.pooler_output if kind == "embedding" else output.logits
+        return (outputs.float() - targets.float()).pow(2).flatten(1).mean(dim=1)
+    if kind == "multi_label_classification":
+        return ((output.logits > 0) != (targets > 0.5)).float().mean(dim=1)
+    if kind == "segmentation":
+        return (output.logits.argmax(dim=1).flatten(1) != targets.argmax(dim=-1)).float().mean(dim=1)
+    return (output.logits.argmax(dim=-1) != targets.argmax(dim=-1)).float()
 
 
 def auxiliary_loss(
@@ -412,7 +417,8 @@ def calibrate(
     Two scorers per module come out of the same unpruned forward passes: the query learned through the auxiliary
     heads, and a linear read-out of patch contrast ([`ContrastReadout`]). Each mix in `contrast_weights` prunes
     `selection_images` of the images at fractions of the schedule ([`SELECTION_FRACTIONS`]), and the mix whose
-    predictions diverge least from the unpruned model's is kept (the smaller share on a tie).
+    predictions change least from the unpruned model's ([`prediction_change`]: mostly, the share of changed
+    decisions) is kept (the smaller share on a tie).
 
     Args:
         source: a CroprViT model or checkpoint (folder or Hub id), or a backbone or image classifier (folder, Hub id
@@ -522,7 +528,7 @@ def calibrate(
     if isinstance(model, CroprViTModel):  # the auxiliary heads that needed one output per feature are gone
         model.config.num_labels = source_num_labels
         model._record_config()
-    contrast_weight, divergences = choose_scorers(
+    contrast_weight, prediction_changes = choose_scorers(
         model, data, image_processor, readout, contrast_weights, selection_images, batch_size, seed, progress
     )
     model.requires_grad_(True)
@@ -538,16 +544,15 @@ def calibrate(
         last_loss=float(np.mean(losses[-tenth:])),
         output_dir=None if output_dir is None else str(output_dir),
         contrast_weight=contrast_weight,
-        divergences=divergences,
+        prediction_changes=prediction_changes,
         losses=losses,
     )
     if output_dir is not None:
         model.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
         summary = {key: getattr(result, key) for key in ("steps", "num_images", "seconds", "first_loss", "last_loss")}
-        summary.update(
-            contrast_weight=contrast_weight, divergences={str(weight): value for weight, value in divergences.items()}
-        )
+        changes = {str(weight): value for weight, value in prediction_changes.items()}
+        summary.update(contrast_weight=contrast_weight, prediction_changes=changes)
         summary.update(batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_column=label_column)
         (Path(output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if state_path.is_file():
@@ -659,8 +664,7 @@ def choose_scorers(
     """Give every Cropr module of the stripped `model` the mix of its learned query and its contrast read-out, at
     the one share for all modules that keeps the pruned predictions closest to the unpruned ones; returns that share
     and each compared
-    share's divergence ([`auxiliary_loss`] of the pruned predictions from the unpruned ones, over every patch for a
-    segmenter, averaged over the images and the [`SELECTION_FRACTIONS`] of the schedule)."""
+    share's [`prediction_change`], averaged over the images and the [`SELECTION_FRACTIONS`] of the schedule."""
     routers = model.base_model.token_selector.routers
     learned = {block: router.aggregated_query.clone() for block, router in routers.items()}
     contrast = readout.queries()
@@ -696,19 +700,17 @@ def choose_scorers(
         pixel_values = _pixel_values(image_processor, images, model)
         with unpruned(model):
             targets = model_predictions(model, model(pixel_values))
-        every_patch = torch.ones(targets.shape[:2], device=targets.device) if targets.dim() == 3 else None
         for weight, queries in candidates.items():
             _set_queries(routers, queries)
             for schedule in schedules:
                 with pruning_at(model, schedule):
-                    pruned = prediction_logits(model, model(pixel_values))
-                totals[weight] += len(images) * float(auxiliary_loss(model, pruned, targets, every_patch))
+                    totals[weight] += float(prediction_change(model, model(pixel_values), targets).sum())
         bar.update(1)
     bar.close()
-    divergences = {weight: total / (len(indices) * len(schedules)) for weight, total in totals.items()}
-    chosen = min(divergences, key=lambda weight: (divergences[weight], weight))
+    changes = {weight: total / (len(indices) * len(schedules)) for weight, total in totals.items()}
+    chosen = min(changes, key=lambda weight: (changes[weight], weight))
     _set_queries(routers, candidates[chosen])
-    return chosen, divergences
+    return chosen, changes
 
 
 def _set_queries(routers: torch.nn.ModuleDict, queries: dict[str, torch.Tensor]) -> None:
@@ -840,6 +842,7 @@ __all__ = [
     "calibrate",
     "calibration_targets",
     "choose_scorers",
+    "prediction_change",
     "load_for_calibration",
     "problem_type",
     "pruning_at",

@@ -37,7 +37,7 @@ def fake_results() -> dict:
         "first_loss": 25.0,
         "last_loss": 16.0,
         "contrast_weight": 0.5,
-        "divergences": {"0.0": 0.9, "0.5": 0.8, "1.0": 0.85},
+        "prediction_changes": {"0.0": 0.9, "0.5": 0.8, "1.0": 0.85},
         "load_average_before": [8.0, 8.0, 8.0],
         "load_average_after": [9.0, 9.0, 9.0],
     }
@@ -83,7 +83,7 @@ def test_findings_name_the_rates_where_calibrated_cropr_is_below_a_baseline():
 
 def test_the_report_names_the_share_of_the_contrast_read_out_each_calibration_kept():
     results = fake_results()
-    assert "(shares 0, 0.5, 1) by how far their pruned predictions" in speed_dial.markdown(results)
+    assert "(shares 0, 0.5, 1) by the share of the unpruned model's predictions" in speed_dial.markdown(results)
     assert "share kept: seed 0 0.5. The same weights run" in speed_dial.markdown(results)
     results["settings"]["contrast_weights"] = [0.0]  # nothing compared: nothing to say
     assert "contrast read-out" not in speed_dial.markdown(results)

@@ -50,7 +50,7 @@ def fake_results() -> dict:
             "first_loss": 2.0,
             "last_loss": 1.5,
             "contrast_weight": 1.0,
-            "divergences": {"0.0": 0.9, "0.5": 0.8, "1.0": 0.7},
+            "prediction_changes": {"0.0": 0.9, "0.5": 0.8, "1.0": 0.7},
         }
         # The last module's kept patches per kind (background, edge, inside) of 10 eval patches: 3, 5, 2.
         kept = {"cropr": [0, 2, 2], "random": [1, 2, 1], "variance": [0, 4, 0], "attention": [2, 1, 1]}
@@ -108,7 +108,7 @@ def test_findings_say_where_the_gap_is_beyond_the_scenes_noise():
     assert "| variance | +0.0 (0 below, 0 above) | -10.0 (2 below, 0 above) |" in report
     assert "30 / 50 / 20 % of the 10 patches" in report
     assert "| attention | 50 / 25 / 25 | 50 / 25 / 25 |" in report
-    assert "(shares 0, 0.5, 1) by how far their pruned predictions on 256 training images diverge" in report
+    assert "(shares 0, 0.5, 1) by the share of the unpruned model's predictions on 256 training images that" in report
     assert "share kept: seed 0 1, seed 1 1. The same frozen model" in report
 
 
@@ -193,7 +193,7 @@ def test_run_stores_each_seed_continues_and_writes_its_section_after_the_speed_d
     )
     assert len({rows["0"] for rows in seed["mean_iou"].values()}) == 1  # R=0 is one network, whatever the selector
     assert seed["calibration"]["contrast_weight"] in (0.0, 0.5, 1.0)
-    assert set(seed["calibration"]["divergences"]) == {"0.0", "0.5", "1.0"}
+    assert set(seed["calibration"]["prediction_changes"]) == {"0.0", "0.5", "1.0"}
     difference = seed["cropr_minus"]["variance"]["1"]
     assert difference["mean"] == pytest.approx(seed["mean_iou"]["cropr"]["1"] - seed["mean_iou"]["variance"]["1"])
     assert difference["low"] <= difference["high"]
