@@ -79,6 +79,8 @@ SHARED_SETTINGS = ("backbone", "image_size", "canvas_size", "num_train", "data_s
 """Settings that the fine-tuned part must share with the frozen run it is compared with."""
 RUN_KEYS = ("command", "started", "environment", "settings", "seeds", "wall_seconds")
 """What a stored run of a frozen part holds; a superseded run keeps all of it."""
+RETIMED = "retimed"
+"""The record of the last `--retime` of a stored run (when, where, by which command)."""
 ELASTIC = "elastic"
 RETIME_HELP = (
     "time every (selector, rate) of the stored frozen run again (--throughput-repeats interleaved timings each) and "
@@ -179,12 +181,15 @@ def frozen_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def start_run(results: dict[str, Any], settings: dict[str, Any], recipe: Sequence[str], command: str) -> bool:
     """Continue the stored run when its `recipe` settings equal `settings` (returns True); otherwise move a run that
-    has seeds to `superseded` and start anew (returns False)."""
+    has seeds to `superseded`, with the record of its last `--retime` when it has one, and start anew (returns
+    False)."""
     stored = results.get("settings", {})
     if "seeds" in results and all(stored.get(key) == settings[key] for key in recipe):
         return True
+    retimed = results.pop(RETIMED, None)  # it timed the stored run, never the new one
     if results.get("seeds"):
-        results.setdefault("superseded", []).append({key: results.pop(key) for key in RUN_KEYS})
+        run = {key: results.pop(key) for key in RUN_KEYS}
+        results.setdefault("superseded", []).append(run if retimed is None else {**run, RETIMED: retimed})
     results.update(
         command=command,
         started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -545,7 +550,7 @@ def retime(results: dict[str, Any], model: CroprViTPreTrainedModel, processor, t
     throughput = measure(selector_variants(model.strip_training_modules().eval(), 0), pixel_values, args)
     results["seeds"][timed_seed(results)]["throughput"] = throughput
     results["settings"]["throughput_repeats"] = args.throughput_repeats
-    results["retimed"] = {
+    results[RETIMED] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command,
         "environment": machine_environment(),
@@ -561,7 +566,7 @@ def timing_sentence(results: dict[str, Any]) -> str:
         f"batch {settings['throughput_batch_size']}, median of {settings['throughput_repeats']} interleaved timings "
         "per (selector, rate)"
     )
-    retimed = results.get("retimed")
+    retimed = results.get(RETIMED)
     if retimed is None:
         return f"Images/s: {timed}, on seed {timed_seed(results)}'s models."
     env = retimed["environment"]

@@ -180,9 +180,11 @@ def test_a_frozen_run_of_another_recipe_is_superseded_and_one_of_the_same_contin
     results["settings"] = speed_dial.frozen_settings(build_parser().parse_args(["--rates", "0", "1", "2"]))
     start_frozen_run(results, build_parser().parse_args(["--rates", "0", "1", "2", "--seeds", "3"]))
     assert list(results["seeds"]) == ["0"] and results["settings"]["seeds"] == [0, 1, 2, 3]
+    results["retimed"] = {"date": "yesterday"}  # the stored run was timed again: a record that goes with it
     start_frozen_run(results, build_parser().parse_args(["--rates", "0", "1", "2", "--num-eval", "1000"]))
     assert results["seeds"] == {} and results["settings"]["num_eval"] == 1000
     assert [run["settings"]["num_eval"] for run in results["superseded"]] == [256]
+    assert "retimed" not in results and results["superseded"][0]["retimed"] == {"date": "yesterday"}
     assert "## Appendix: superseded runs" not in speed_dial.markdown(fake_results())
 
 
