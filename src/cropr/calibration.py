@@ -6,7 +6,7 @@ trained after the fact on a frozen model: each image runs once through the model
 what the whole model predicts (soft class probabilities for classification and multi-label, each patch's class
 probabilities for segmentation, the pooled embedding for a bare backbone), or the labels when the data has them. The
 same passes fit each module a second scorer, a linear read-out of patch contrast ([`ContrastReadout`]); after training,
-mixes of the two prune some of the images, and the mix whose predictions stay closest to the unpruned model's is kept.
+mixes of the two prune some of the images, and the mix that changes fewest of the unpruned model's predictions is kept.
 No backward pass enters the backbone or the head; their weights stay bit-identical. The result is saved as a stripped
 inference checkpoint.
 
@@ -662,9 +662,9 @@ def choose_scorers(
     progress: bool = False,
 ) -> tuple[float, dict[float, float]]:
     """Give every Cropr module of the stripped `model` the mix of its learned query and its contrast read-out, at
-    the one share for all modules that keeps the pruned predictions closest to the unpruned ones; returns that share
-    and each compared
-    share's [`prediction_change`], averaged over the images and the [`SELECTION_FRACTIONS`] of the schedule."""
+    the one share for all modules whose pruning changes the unpruned predictions least; returns that share and each
+    compared share's [`prediction_change`], averaged over the images and the [`SELECTION_FRACTIONS`] of the
+    schedule."""
     routers = model.base_model.token_selector.routers
     learned = {block: router.aggregated_query.clone() for block, router in routers.items()}
     contrast = readout.queries()
@@ -731,8 +731,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cropr calibrate",
         description="Train only the Cropr modules of a frozen model on its own unpruned predictions (no labels "
-        "needed), keep the mix of their learned queries and a read-out of patch contrast whose pruned predictions "
-        "stay closest to the unpruned ones, and save the stripped checkpoint. Resumes an interrupted run in "
+        "needed), keep the mix of their learned queries and a read-out of patch contrast whose pruning changes the "
+        "fewest of the unpruned predictions, and save the stripped checkpoint. Resumes an interrupted run in "
         "--output-dir.",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -842,8 +842,8 @@ __all__ = [
     "calibrate",
     "calibration_targets",
     "choose_scorers",
-    "prediction_change",
     "load_for_calibration",
+    "prediction_change",
     "problem_type",
     "pruning_at",
     "unpruned",

@@ -6,7 +6,7 @@ signal from its block's tokens, where context sharpens it: per module, a ridge r
 ranks by pixel variance on the patch tokens (both centred per image, since only the order within an image counts).
 The sums it needs are gathered on the unpruned forward passes that calibration runs anyway, so it costs no extra
 pass; [`calibrate`](cropr.calibration.calibrate) then mixes it with the query learned through the auxiliary heads and
-keeps the mix whose pruned predictions stay closest to the unpruned model's.
+keeps the mix whose pruning changes the fewest of the unpruned model's predictions.
 """
 
 from __future__ import annotations
