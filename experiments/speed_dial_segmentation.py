@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--contrast-weights",
         type=parse_shares,
         default=list(CONTRAST_WEIGHTS),
-        help="shares of the contrast read-out that calibration compares",
+        help="comma-separated shares of the contrast read-out that calibration compares (default: 0,0.5,1)",
     )
     parser.add_argument("--throughput-batch-size", type=int, default=16, help="batch of the timed forward passes")
     parser.add_argument("--throughput-repeats", type=int, default=21, help="timings per (selector, rate)")
