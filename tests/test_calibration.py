@@ -52,6 +52,12 @@ def tiny(head: str):
     return model
 
 
+def calibrate_tiny(head: str, image_folder, output_dir=None, **options):
+    """`calibrate` on the tiny `head` model with its processor: 8 images a step, no progress bar, unless told."""
+    options = {"batch_size": 8, "progress": False, **options}
+    return calibrate(tiny(head), image_folder, output_dir, image_processor=processor_for(head), **options)
+
+
 def pixels(batch_size: int = 4) -> torch.Tensor:
     return torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -139,15 +145,7 @@ def test_labels_the_model_cannot_learn_are_refused_by_name(head, labels, message
 
 
 def test_twenty_steps_on_tiny_data_lower_the_auxiliary_loss(image_folder):
-    result = calibrate(
-        tiny("classification"),
-        image_folder,
-        image_processor=processor_for("classification"),
-        max_steps=20,
-        batch_size=8,
-        learning_rate=1e-2,
-        progress=False,
-    )
+    result = calibrate_tiny("classification", image_folder, max_steps=20, learning_rate=1e-2)
     assert len(result.losses) == 20
     assert result.last_loss < 0.5 * result.first_loss
 
@@ -173,15 +171,7 @@ def test_a_segmenter_that_sees_only_skipped_classes_is_refused_and_nothing_is_sa
 
 def test_the_saved_checkpoint_reloads_and_runs_in_a_pipeline(image_folder, tmp_path):
     output_dir = tmp_path / "calibrated"
-    result = calibrate(
-        tiny("classification"),
-        image_folder,
-        output_dir,
-        image_processor=processor_for("classification"),
-        max_steps=2,
-        batch_size=8,
-        progress=False,
-    )
+    result = calibrate_tiny("classification", image_folder, output_dir, max_steps=2)
     assert not (output_dir / STATE_FILE).exists()
     assert json.loads((output_dir / "calibration.json").read_text())["steps"] == 2
     reloaded = CroprViTForImageClassification.from_pretrained(output_dir)
@@ -195,16 +185,7 @@ def test_the_saved_checkpoint_reloads_and_runs_in_a_pipeline(image_folder, tmp_p
 
 @pytest.mark.parametrize("head", HEADS)
 def test_the_kept_scorers_are_the_compared_mix_closest_to_the_unpruned_predictions(head, image_folder):
-    result = calibrate(
-        tiny(head),
-        image_folder,
-        image_processor=processor_for(head),
-        max_steps=3,
-        batch_size=8,
-        contrast_weights=(0.0, 0.5, 1.0),
-        selection_images=16,
-        progress=False,
-    )
+    result = calibrate_tiny(head, image_folder, max_steps=3, contrast_weights=(0.0, 0.5, 1.0), selection_images=16)
     assert set(result.prediction_changes) == {0.0, 0.5, 1.0}
     assert result.prediction_changes[result.contrast_weight] == min(result.prediction_changes.values())
     # Measured again on the kept model as documented: the same 16 images (the first epoch's first ones), each
@@ -245,25 +226,12 @@ def test_a_zero_share_alone_keeps_the_learned_queries_without_a_comparison(image
         return choose_scorers(model, *args)
 
     monkeypatch.setattr(calibration, "choose_scorers", recording)
-    result = calibrate(
-        tiny("classification"),
-        image_folder,
-        image_processor=processor_for("classification"),
-        max_steps=2,
-        batch_size=8,
-        contrast_weights=(0.0,),
-        progress=False,
-    )
+    result = calibrate_tiny("classification", image_folder, max_steps=2, contrast_weights=(0.0,))
     assert result.contrast_weight == 0.0 and result.prediction_changes == {}
     for block, router in routers_of(result.model).items():
         assert torch.equal(router.aggregated_query, learned[block])
     with pytest.raises(ValueError, match="shares in"):
-        calibrate(
-            tiny("classification"),
-            image_folder,
-            image_processor=processor_for("classification"),
-            contrast_weights=(0.0, 1.5),
-        )
+        calibrate_tiny("classification", image_folder, contrast_weights=(0.0, 1.5))
 
 
 def routers_of(model):
@@ -273,14 +241,8 @@ def routers_of(model):
 @pytest.mark.parametrize("contrast_weights", [(0.0, 0.5, 1.0), (1.0,)])
 def test_an_interrupted_calibration_resumes_where_it_stopped(contrast_weights, image_folder, tmp_path, monkeypatch):
     """With the contrast read-out alone, the kept scorers depend only on its sums, which must resume too."""
-    settings = dict(
-        image_processor=processor_for("classification"),
-        max_steps=6,
-        batch_size=8,
-        save_steps=2,
-        contrast_weights=contrast_weights,
-    )
-    uninterrupted = calibrate(tiny("classification"), image_folder, tmp_path / "full", progress=False, **settings)
+    settings = dict(max_steps=6, save_steps=2, contrast_weights=contrast_weights)
+    uninterrupted = calibrate_tiny("classification", image_folder, tmp_path / "full", **settings)
 
     step = calibration._step
 
@@ -291,20 +253,20 @@ def test_an_interrupted_calibration_resumes_where_it_stopped(contrast_weights, i
 
     monkeypatch.setattr(calibration, "_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(tiny("classification"), image_folder, tmp_path / "resumed", progress=False, **settings)
+        calibrate_tiny("classification", image_folder, tmp_path / "resumed", **settings)
     assert (tmp_path / "resumed" / STATE_FILE).is_file()
     monkeypatch.setattr(calibration, "_step", step)
-    resumed = calibrate(tiny("classification"), image_folder, tmp_path / "resumed", progress=False, **settings)
+    resumed = calibrate_tiny("classification", image_folder, tmp_path / "resumed", **settings)
     assert resumed.losses == uninterrupted.losses
     for key, value in uninterrupted.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
     monkeypatch.setattr(calibration, "_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **settings)
+        calibrate_tiny("classification", image_folder, tmp_path / "other", **settings)
     monkeypatch.setattr(calibration, "_step", step)
     for other in ({"seed": 1}, {"learning_rate": 1e-2}, {"pruning_rate": 2}, {"contrast_weights": (0.0, 0.25)}):
         with pytest.raises(ValueError, match="other settings"):
-            calibrate(tiny("classification"), image_folder, tmp_path / "other", progress=False, **{**settings, **other})
+            calibrate_tiny("classification", image_folder, tmp_path / "other", **{**settings, **other})
 
 
 def tiny_vit_backbone(path):

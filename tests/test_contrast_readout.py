@@ -60,6 +60,7 @@ def test_a_mix_weighs_each_scorer_on_a_common_scale():
     learned, contrast = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 10.0])
     torch.testing.assert_close(mixed_query(learned, contrast, 0.5, (2.0, 10.0)), torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(mixed_query(learned, contrast, 1.0, (2.0, 10.0)), torch.tensor([0.0, 1.0]))
+    assert mixed_query(learned, contrast, 0.0, (2.0, 10.0)).equal(learned)  # the learned query as it was
     # a scorer without spread (nothing learned, no contrast in the images) adds nothing
     torch.testing.assert_close(mixed_query(learned, contrast, 0.5, (2.0, 0.0)), torch.tensor([0.5, 0.0]))
     assert mixed_query(learned.half(), contrast, 0.5, (2.0, 10.0)).dtype == torch.float16

@@ -668,19 +668,14 @@ def choose_scorers(
     routers = model.base_model.token_selector.routers
     learned = {block: router.aggregated_query.clone() for block, router in routers.items()}
     contrast = readout.queries()
-    candidates = {}
-    for weight in contrast_weights:
-        candidates[weight] = {
-            block: learned[block]
-            if weight == 0.0
-            else mixed_query(
-                learned[block],
-                contrast[block],
-                weight,
-                (readout.score_spread(block, learned[block]), readout.score_spread(block, contrast[block])),
-            )
-            for block in routers
-        }
+    spreads = {
+        block: (readout.score_spread(block, learned[block]), readout.score_spread(block, contrast[block]))
+        for block in routers
+    }
+    candidates = {
+        weight: {block: mixed_query(learned[block], contrast[block], weight, spreads[block]) for block in routers}
+        for weight in contrast_weights
+    }
     if len(candidates) == 1:
         ((weight, queries),) = candidates.items()
         _set_queries(routers, queries)
@@ -700,10 +695,10 @@ def choose_scorers(
         pixel_values = _pixel_values(image_processor, images, model)
         with unpruned(model):
             targets = model_predictions(model, model(pixel_values))
-        for weight, queries in candidates.items():
-            _set_queries(routers, queries)
-            for schedule in schedules:
-                with pruning_at(model, schedule):
+        for schedule in schedules:
+            with pruning_at(model, schedule):
+                for weight, queries in candidates.items():
+                    _set_queries(routers, queries)
                     totals[weight] += float(prediction_change(model, model(pixel_values), targets).sum())
         bar.update(1)
     bar.close()

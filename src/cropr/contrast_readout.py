@@ -82,8 +82,11 @@ def mixed_query(
     learned: torch.Tensor, contrast: torch.Tensor, weight: float, spreads: tuple[float, float]
 ) -> torch.Tensor:
     """`(1 - weight)` of the learned query plus `weight` of the contrast read-out, each divided by its score
-    spread; a scorer with no spread (nothing learned or no contrast) counts as zero."""
-    mixed = torch.zeros_like(learned, dtype=torch.float64)
+    spread; a scorer with no spread (nothing learned or no contrast) counts as zero. A weight of 0 is the learned
+    query itself, unscaled."""
+    if weight == 0.0:
+        return learned.clone()
+    mixed = torch.zeros(learned.shape, dtype=torch.float64)
     for query, share, spread in ((learned, 1.0 - weight, spreads[0]), (contrast, weight, spreads[1])):
         if share > 0 and spread > 0:
             mixed += share * query.double().cpu() / spread
